@@ -1,0 +1,91 @@
+"""cli layer: one small function per `deim-ray` command (parse result in, one call down, text out)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "shapes.yml"
+
+
+def _load(args: argparse.Namespace):
+    from deim_ray.config.loader import load_config
+
+    return load_config(args.config, args.update)
+
+
+def _run(args: argparse.Namespace, cfg) -> int:
+    from deim_ray.driver.run import RunRequest, run_training
+    from deim_ray.storage import format_resolution
+
+    manifest = run_training(RunRequest(cfg=cfg, storage_uri=args.storage, name=args.name, workers=args.workers,
+                                       gpu=args.gpu, max_failures=args.max_failures, restart=args.restart,
+                                       cpus_per_worker=args.cpus_per_worker))
+    print(epoch_table(args.storage, args.name))
+    print(format_resolution(manifest))
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    return _run(args, _load(args))
+
+
+def demo(args: argparse.Namespace) -> int:
+    if args.config is None:
+        if not DEMO_CONFIG.exists():
+            raise FileNotFoundError(f"demo config {DEMO_CONFIG} is missing; run from a deim_ray checkout or pass -c")
+        args.config = str(DEMO_CONFIG)
+    return _run(args, _load(args))
+
+
+def epoch_table(storage_uri: str, name: str) -> str:
+    """The per-epoch table printed at the end of a run (from its metrics.jsonl)."""
+    from deim_ray.storage import RunStore, open_storage
+
+    store = RunStore(open_storage(storage_uri), name)
+    if not store.exists("metrics.jsonl"):
+        return "(no metrics recorded)"
+    rows = [json.loads(line) for line in store.read_text("metrics.jsonl").splitlines() if line.strip()]
+    lines = [f"{'epoch':>5}  {'stage':>5}  {'loss':>8}  {'AP':>7}  {'AP50':>7}  {'lr':>9}  note"]
+    for r in rows:
+        note = "restart from best_stg1" if r.get("restarted_from_stg1") else ""
+        lines.append(f"{r['epoch']:>5}  {r['stage']:>5}  {r['loss']:>8.4f}  {r['ap']:>7.4f}  "
+                     f"{r['coco_stats'][1]:>7.4f}  {r['lr']:>9.2e}  {note}")
+    return "\n".join(lines)
+
+
+def resolve(args: argparse.Namespace) -> int:
+    from deim_ray.storage import describe_run
+
+    print(describe_run(args.run))
+    return 0
+
+
+def fetch(args: argparse.Namespace) -> int:
+    from deim_ray.storage.retrieve import fetch as fetch_artifact
+
+    path = fetch_artifact(args.run, which=args.which, out_dir=args.output)
+    print(f"{args.which}: {path} (sha256 verified)")
+    return 0
+
+
+def ls(args: argparse.Namespace) -> int:
+    from deim_ray.storage.retrieve import list_runs
+
+    runs = list_runs(args.root)
+    if not runs:
+        print(f"no runs under {args.root}")
+        return 0
+    print(f"{'name':<28} {'state':<15} {'final AP':>8}  updated")
+    for r in runs:
+        ap = f"{r.final_ap:.4f}" if r.final_ap is not None else "-"
+        print(f"{r.name:<28} {r.state:<15} {ap:>8}  {r.updated_at or '-'}")
+    return 0
+
+
+def info(args: argparse.Namespace) -> int:
+    from deim_ray.driver.info import describe_config
+
+    print(describe_config(_load(args)))
+    return 0

@@ -1,0 +1,92 @@
+"""cli layer: `deim-ray` argument parsing; each command calls one function of the layers below.
+
+Errors a user can fix (bad config, bad storage URI, refused resume, too few resources, ...) end as one line on
+stderr, `deim-ray: error: <what is wrong and how to fix it>`, with exit status 2; nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from deim_ray.cli import commands
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from deim_ray.config.loader import ConfigError
+    from deim_ray.driver.ray_stage import ClusterTooSmall
+    from deim_ray.driver.run import RunError
+    from deim_ray.engine.state import CheckpointError
+    from deim_ray.storage import StorageError
+
+    return (ConfigError, StorageError, RunError, CheckpointError, ClusterTooSmall, FileNotFoundError)
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("-c", "--config", required=required, help="YAML config (ours or an upstream DEIMv2 file)")
+    p.add_argument("-u", "--update", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config keys, e.g. -u schedule.epochs=20 optimizer.lr=1e-3")
+
+
+def _add_run_args(p: argparse.ArgumentParser, default_name: str | None) -> None:
+    p.add_argument("--storage", default="./runs", help="run storage: a directory or s3://bucket/prefix (default ./runs)")
+    p.add_argument("--name", default=default_name, required=default_name is None, help="run name (same name resumes)")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, AMP per config")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
+    p.add_argument("--max-failures", type=int, default=3, help="worker failures to survive per stage (default 3)")
+    p.add_argument("--restart", action="store_true", help="start this run name over instead of resuming it")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deim-ray", description=__doc__.splitlines()[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="two-stage training on Ray Train")
+    _add_config_args(p)
+    _add_run_args(p, default_name=None)
+    p.set_defaults(func=commands.train)
+
+    p = sub.add_parser("demo", help="the full two-stage job on synthetic shapes, local Ray, 2 CPU workers")
+    _add_config_args(p, required=False)
+    _add_run_args(p, default_name="demo")
+    p.set_defaults(func=commands.demo)
+
+    p = sub.add_parser("resolve", help="print a run's final artifact and why it was chosen")
+    p.add_argument("run", help="run directory or s3://bucket/prefix/NAME")
+    p.set_defaults(func=commands.resolve)
+
+    p = sub.add_parser("fetch", help="download a run's artifact and verify its sha256")
+    p.add_argument("run", help="run directory or s3://bucket/prefix/NAME")
+    p.add_argument("-o", "--output", default=".", help="output directory (default .)")
+    p.add_argument("--which", default="final", choices=["final", "best_stg1", "best_stg2", "last"])
+    p.set_defaults(func=commands.fetch)
+
+    p = sub.add_parser("ls", help="list runs under a storage root with state and final AP")
+    p.add_argument("root", help="storage root: a directory or s3://bucket/prefix")
+    p.set_defaults(func=commands.ls)
+
+    p = sub.add_parser("info", help="model size and the whole schedule, phase by phase")
+    _add_config_args(p)
+    p.set_defaults(func=commands.info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"deim-ray: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deim-ray: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

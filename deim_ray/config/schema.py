@@ -1,0 +1,219 @@
+"""config layer: the typed, frozen configuration tree.
+
+Every section is a small frozen dataclass with its defaults and a comment per field.
+`deim_ray.config.loader` turns YAML (with `__include__` and `-u` overrides) into one `Config`;
+nothing else in the project reads YAML. Schedule values (epoch gates, stop_epoch, LR phases)
+live here, never in a collate function.
+
+Epochs are 0-based. Stage 1 is `[0, stop_epoch)`, stage 2 is `[stop_epoch, epochs)`. Epoch
+ranges written as `[a, b]` mean `a <= epoch < b` (inclusive lower, exclusive upper), as upstream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    variant: str = "atto"
+    """DEIMv2 size: tiny (tests), atto, femto, pico, n (HGNetV2); s, m, l, x (DINOv3)."""
+    num_queries: int | None = None
+    """Override the variant's number of decoder queries (None keeps the variant's)."""
+    decoder_layers: int | None = None
+    """Override the variant's decoder depth."""
+    num_denoising: int | None = None
+    """Override the number of contrastive denoising queries (0 disables denoising)."""
+    focal_loss_gamma: float = 1.5
+    """MAL gamma; upstream DEIMCriterion uses 1.5 (transformers' default is 2.0)."""
+    prior_prob: float = 0.01
+    """Initial class prior of the score heads (upstream 0.01; transformers' default 1/(C+1) learns slower)."""
+    pretrained: str | None = None
+    """Weights to fine-tune from: a hub id, a local `from_pretrained` directory, or a `.pth` file.
+    Tensors whose shape matches are loaded; the rest (e.g. class heads) are re-initialised and reported."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further `Deimv2Config` keyword arguments, applied last."""
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    img_folder: str = ""
+    """Folder of images; a relative path resolves against the working directory (as upstream)."""
+    ann_file: str = ""
+    """COCO-format annotation JSON."""
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """When present, `data.train`/`data.val` are generated (seeded shapes) if they do not exist yet."""
+
+    num_train: int = 256
+    num_val: int = 64
+    image_size: int = 256
+    """Side of the generated square images, in pixels."""
+    num_classes: int = 3
+    max_objects: int = 4
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: SplitConfig = field(default_factory=SplitConfig)
+    val: SplitConfig = field(default_factory=SplitConfig)
+    synthetic: SyntheticConfig | None = None
+    image_size: tuple[int, int] = (640, 640)
+    """[height, width] for the training resize, stage 2 and evaluation (upstream eval_spatial_size).
+    Both must be multiples of 32."""
+    total_batch_size: int = 32
+    """Training batch over all workers; must divide by the number of workers."""
+    val_batch_size: int = 64
+    """Evaluation batch over all workers."""
+    num_workers: int = 2
+    """DataLoader worker processes per training worker (rank)."""
+    normalize: bool = False
+    """Apply ImageNet mean/std after scaling to [0,1] (upstream does this for DINOv3 variants)."""
+
+
+@dataclass(frozen=True)
+class MosaicConfig:
+    output_size: int = 320
+    """Each of the four tiles is resized to this shorter side before pasting."""
+    rotation_range: float = 10.0
+    translation_range: tuple[float, float] = (0.1, 0.1)
+    scaling_range: tuple[float, float] = (0.5, 1.5)
+    use_cache: bool = True
+    """Draw the three partner images from a per-loader-worker cache (DEIMv2) instead of the dataset (DEIM)."""
+    max_cached_images: int = 50
+    random_pop: bool = True
+    """When the cache is full, evict a random entry (never the newest) instead of the oldest."""
+
+
+@dataclass(frozen=True)
+class CopyBlendConfig:
+    area_threshold: float = 100.0
+    """Objects with a smaller pixel area are not copied."""
+    num_objects: int = 3
+    with_expand: bool = True
+    expand_ratios: tuple[float, float] = (0.1, 0.25)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    policy_epoch: tuple[int, ...] = (4, 78, 148)
+    """Three epochs [e0, e1, e2]: policy ops off before e0; Mosaic (with mosaic_prob) or ZoomOut/IoUCrop in
+    [e0, e1); no Mosaic in [e1, e2); all policy ops off from e2. A single epoch E: policy ops run while epoch < E."""
+    policy_ops: tuple[str, ...] = ("Mosaic", "RandomPhotometricDistort", "RandomZoomOut", "RandomIoUCrop")
+    """Ops gated by policy_epoch; other ops always run in stage 1."""
+    mosaic_prob: float = 0.5
+    mosaic: MosaicConfig = field(default_factory=MosaicConfig)
+    photometric_p: float = 0.5
+    zoom_out_p: float = 0.5
+    zoom_out_side_range: tuple[float, float] = (1.0, 4.0)
+    iou_crop_p: float = 0.8
+    flip_p: float = 0.5
+    mixup_prob: float = 0.5
+    mixup_epochs: tuple[int, int] = (4, 78)
+    copyblend_prob: float = 0.5
+    copyblend_epochs: tuple[int, int] = (4, 78)
+    """CopyBlend runs on a batch only when MixUp was not applied to it."""
+    copyblend: CopyBlendConfig = field(default_factory=CopyBlendConfig)
+    base_size: int | None = None
+    """Multi-scale centre size (defaults to data.image_size[0])."""
+    base_size_repeat: int | None = None
+    """Multi-scale while epoch < stop_epoch; None disables multi-scale (upstream DEIMv2 N default)."""
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    epochs: int = 160
+    """Total epochs (upstream spelling `epoches` is accepted)."""
+    stop_epoch: int = 148
+    """First stage-2 epoch: strong augmentation ends, stage 2 restarts from best_stg1."""
+    ema_restart_decay: float = 0.9999
+    """EMA decay used from stop_epoch on (takes effect, unlike upstream)."""
+    stage2_restart: bool = True
+    """In stage 2, an epoch that does not beat the best so far restarts from best_stg1 (upstream behaviour)."""
+    matcher_change_epoch: int | None = None
+    """Upstream switches the matcher cost here; recorded and validated, see docs for the model's support."""
+
+
+@dataclass(frozen=True)
+class LRSchedulerConfig:
+    type: str = "flatcosine"
+    """flatcosine (per-iteration warmup, flat, cosine, flat tail) or constant (warmup then flat)."""
+    warmup_iter: int = 2000
+    flat_epoch: int = 78
+    no_aug_epoch: int = 12
+    lr_gamma: float = 1.0
+    """Minimum LR as a fraction of each group's base LR."""
+
+
+@dataclass(frozen=True)
+class ParamGroupConfig:
+    params: str = ""
+    """Regex searched in parameter names; each trainable parameter must match at most one group."""
+    lr: float | None = None
+    weight_decay: float | None = None
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    type: str = "AdamW"
+    lr: float = 8e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 1e-4
+    params: tuple[ParamGroupConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.9999
+    warmups: int = 1000
+    """Effective decay = decay * (1 - exp(-updates / warmups)); 0 means constant decay."""
+    start: int = 0
+    """Skip this many updates before the EMA starts following the model."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    clip_max_norm: float = 0.1
+    use_amp: bool = True
+    """Mixed precision on GPU (ignored on CPU). YAML decides; there is no CLI flag overriding it."""
+    amp_dtype: str = "bfloat16"
+    """bfloat16 (no GradScaler) or float16 (with GradScaler)."""
+    keep_checkpoints: int = 2
+    """Ray checkpoints kept per stage (the latest is always kept too)."""
+    print_freq: int = 10
+    """Log a progress line every this many iterations."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    num_top_queries: int = 300
+    """Detections kept per image (top-k over queries x classes)."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    endpoint_url: str | None = None
+    """S3-compatible endpoint override (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / profile)."""
+    region: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    lr_scheduler: LRSchedulerConfig = field(default_factory=LRSchedulerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    source: str = ""
+    """Path of the YAML file this config was loaded from (set by the loader)."""

@@ -1,0 +1,81 @@
+"""driver layer: one stage as one Ray Train (V2) `TorchTrainer` run.
+
+Ray's own storage lives in the run directory (`<storage>/<name>/ray/stage<N>-a<attempt>`), so a worker failure
+resumes from the latest committed checkpoint of the current stage on any node, and re-running the driver with
+the same name resumes the same Ray run. Workers get S3 settings from their environment, never pickled secrets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from deim_ray.engine.stages import Stage
+from deim_ray.storage import RunStore
+
+log = logging.getLogger("deim_ray.driver")
+
+# Ray polls worker reports every 2 s by default; a report waits for that poll, which dominates short epochs.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
+class StageRunFailed(RuntimeError):
+    pass
+
+
+class ClusterTooSmall(RuntimeError):
+    pass
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to the cluster (RAY_ADDRESS / `ray job submit`) or start a local Ray instance."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:  # a cluster (or `ray job submit`): its runtime_env stays in charge
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    ray.init(logging_level=logging.WARNING, runtime_env={"env_vars": {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}})
+
+
+def check_capacity(workers: int, gpu: bool, cpus_per_worker: float) -> None:
+    """Fail fast instead of waiting forever for workers the cluster cannot place."""
+    total = ray.cluster_resources()
+    need = {"CPU": workers * cpus_per_worker} | ({"GPU": float(workers)} if gpu else {})
+    for res, amount in need.items():
+        have = total.get(res, 0.0)
+        if have < amount:
+            raise ClusterTooSmall(
+                f"--workers {workers} needs {amount:g} {res} but the Ray cluster has {have:g}; lower --workers"
+                + ("" if gpu else " or --cpus-per-worker") + " or add nodes")
+
+
+def run_stage(*, stage: Stage, args: dict, store: RunStore, attempt: int, workers: int, gpu: bool,
+              max_failures: int, cpus_per_worker: float, keep_checkpoints: int) -> ray.train.Result:
+    from deim_ray.driver.worker import train_stage  # the worker module imports torch-heavy layers
+
+    ensure_ray()
+    check_capacity(workers, gpu, cpus_per_worker)
+    storage_path, filesystem = store.ray_storage("ray")
+    trainer = TorchTrainer(
+        train_stage,
+        train_loop_config=args,
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker} | ({"GPU": 1} if gpu else {})),
+        run_config=RunConfig(
+            name=f"stage{int(stage)}-a{attempt}", storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(keep_checkpoints, 1))),
+    )
+    log.info("stage %d: starting %d worker(s) (%s)", int(stage), workers, "GPU/NCCL" if gpu else "CPU/gloo")
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise StageRunFailed(str(e).strip().splitlines()[0][:300]) from e

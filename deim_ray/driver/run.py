@@ -1,0 +1,147 @@
+"""driver layer: the two-stage run as a state machine persisted in the run's manifest.json.
+
+    NEW -> STAGE1_RUNNING -> STAGE1_DONE -> STAGE2_RUNNING -> DONE      (any failure -> FAILED)
+
+Stage 1 and stage 2 are two Ray Train runs. Between them the driver verifies best_stg1 in storage (sha256),
+records the switch, and starts stage 2 from exactly that object. After stage 2 it resolves the final artifact
+and writes `final.pth` (EMA weights + rebuild metadata). Re-running the same command continues from whatever
+the manifest says: a finished stage is never retrained and a finished run only reports its result.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deim_ray.config.loader import config_sha256, config_to_dict, diff_configs, dump_yaml, load_config_text
+from deim_ray.config.schema import Config
+from deim_ray.config.validate import validate
+from deim_ray.driver.ray_stage import StageRunFailed, run_stage
+from deim_ray.engine.stages import Stage
+from deim_ray.engine.state import load_train_state
+from deim_ray.models.export import make_final_checkpoint
+from deim_ray.storage import (BEST_STG1, FINAL, Manifest, RunState, RunStore, open_storage, resolve_final)
+
+log = logging.getLogger("deim_ray.driver")
+
+CONFIG_FILE = "config.yaml"
+
+
+class RunError(RuntimeError):
+    """A run cannot start or continue; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    cfg: Config
+    storage_uri: str = "./runs"
+    name: str = "run"
+    workers: int = 2
+    gpu: bool = False
+    max_failures: int = 3
+    restart: bool = False
+    cpus_per_worker: float = 1.0
+
+
+def _stored_config(store: RunStore) -> Config | None:
+    return load_config_text(store.read_text(CONFIG_FILE)) if store.exists(CONFIG_FILE) else None
+
+
+def open_run(req: RunRequest, store: RunStore) -> Manifest:
+    """The run's manifest: new, continued (same config), or refused (different config under the same name)."""
+    sha = config_sha256(req.cfg)
+    manifest = store.read_manifest()
+    if manifest is not None and not req.restart:
+        if manifest.config_sha256 != sha:
+            old = _stored_config(store)
+            keys = ", ".join(diff_configs(old, req.cfg)[:8]) if old else "unknown keys"
+            raise RunError(f"run `{req.name}` in {store.uri} was started with another config (differs in: {keys}); "
+                           "use a new --name, or --restart to start this name over")
+        return manifest
+    attempt = (manifest.attempt + 1) if manifest is not None else 1
+    manifest = Manifest.new(name=req.name, config_sha256=sha, epochs=req.cfg.schedule.epochs,
+                            stop_epoch=req.cfg.schedule.stop_epoch, attempt=attempt)
+    store.write_text(CONFIG_FILE, dump_yaml(req.cfg))
+    store.write_manifest(manifest)
+    log.info("run %s: new (attempt %d) in %s", req.name, attempt, store.uri)
+    return manifest
+
+
+def _stage_args(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | None) -> dict:
+    return {"config": config_to_dict(req.cfg), "config_sha256": config_sha256(req.cfg), "stage": int(stage),
+            "storage_uri": store.storage.uri, "run_name": req.name, "best_stg1_sha256": stg1_sha}
+
+
+def _run_stage(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | None = None) -> None:
+    manifest = store.read_manifest()
+    try:
+        run_stage(stage=stage, args=_stage_args(req, store, stage, stg1_sha), store=store,
+                  attempt=manifest.attempt, workers=req.workers, gpu=req.gpu,
+                  max_failures=req.max_failures, cpus_per_worker=req.cpus_per_worker,
+                  keep_checkpoints=req.cfg.train.keep_checkpoints)
+    except StageRunFailed as e:
+        store.transition(RunState.FAILED, note=f"stage {int(stage)}: {e}")
+        raise RunError(f"stage {int(stage)} of run `{req.name}` failed: {e}. Fix the cause and re-run the same "
+                       "command to resume from the last checkpoint") from None
+
+
+def _switch(store: RunStore, stop_epoch: int) -> str:
+    """Verify best_stg1 in storage and record the switch; returns the sha256 stage 2 must start from."""
+    record = store.verify_artifact(BEST_STG1)
+    manifest = store.read_manifest()
+    manifest.switch = {"epoch": stop_epoch, "from": BEST_STG1, "sha256": record.sha256,
+                       "best_stg1_epoch": record.epoch, "best_stg1_ap": record.ap}
+    store.write_manifest(manifest)
+    store.transition(RunState.STAGE1_DONE, note=f"best_stg1 epoch {record.epoch} AP {record.ap:.4f} verified")
+    return record.sha256
+
+
+def _write_final(store: RunStore, cfg: Config) -> Manifest:
+    manifest = store.read_manifest()
+    resolution = resolve_final(manifest.artifacts)
+    with tempfile.TemporaryDirectory(prefix="deim_ray_final_") as tmp:
+        state = load_train_state(store.open_artifact(resolution.artifact, tmp))
+        meta = state["extra"]
+        weights = state["ema"]["module"] if state.get("ema") else state["model"]
+        final = make_final_checkpoint(weights, cfg.model, num_classes=meta["num_classes"],
+                                      category_ids=meta["category_ids"], class_names=meta["class_names"],
+                                      image_size=tuple(meta["image_size"]),
+                                      extra_meta={"source": resolution.artifact, "epoch": resolution.epoch,
+                                                  "stage": resolution.stage, "ap": resolution.ap,
+                                                  "config_sha256": manifest.config_sha256})
+        path = Path(tmp) / "final.pth"
+        torch.save(final, path)
+        record = store.put_artifact(FINAL, path, epoch=resolution.epoch, stage=resolution.stage, ap=resolution.ap)
+    manifest = store.read_manifest()
+    manifest.final = {"artifact": resolution.artifact, "uri": record.uri, "sha256": record.sha256,
+                      "ap": resolution.ap, "epoch": resolution.epoch, "stage": resolution.stage,
+                      "reason": resolution.reason}
+    store.write_manifest(manifest)
+    return store.transition(RunState.DONE, note=resolution.reason)
+
+
+def run_training(req: RunRequest) -> Manifest:
+    """Run (or continue) the two-stage training named `req.name` in `req.storage_uri`; returns the DONE manifest."""
+    validate(req.cfg, workers=req.workers)
+    store = RunStore(open_storage(req.storage_uri, req.cfg.storage), req.name)
+    manifest = open_run(req, store)
+    state = manifest.state
+    if state is RunState.DONE:
+        log.info("run %s is already DONE; nothing to train (use --restart to train again)", req.name)
+        return manifest
+    if state is RunState.FAILED:
+        state = RunState.STAGE1_DONE if manifest.switch else RunState.NEW
+    if state in (RunState.NEW, RunState.STAGE1_RUNNING):
+        store.transition(RunState.STAGE1_RUNNING, note="stage 1 started")
+        _run_stage(req, store, Stage.ONE)
+        _switch(store, req.cfg.schedule.stop_epoch)
+        state = RunState.STAGE1_DONE
+    if state in (RunState.STAGE1_DONE, RunState.STAGE2_RUNNING):
+        stg1_sha = store.read_manifest().switch["sha256"]
+        store.transition(RunState.STAGE2_RUNNING, note=f"stage 2 starts from best_stg1 {stg1_sha[:12]}")
+        _run_stage(req, store, Stage.TWO, stg1_sha)
+    return _write_final(store, req.cfg)

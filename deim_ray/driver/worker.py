@@ -1,0 +1,81 @@
+"""driver layer: the function every Ray Train worker runs for one stage.
+
+It rebuilds the config, picks the stage's starting state (Ray's latest committed checkpoint after a worker
+failure; otherwise, for stage 2, the verified best_stg1 that every rank reads from storage), and runs the
+engine's `Trainer` with the hooks that connect it to Ray and to the run's storage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+
+from deim_ray.config.loader import config_from_dict
+from deim_ray.driver.hooks import FaultHook, RayReportHook, RunSyncHook
+from deim_ray.engine.hooks import ProgressHook
+from deim_ray.engine.stages import Stage
+from deim_ray.engine.state import load_train_state
+from deim_ray.engine.trainer import StageStart, Trainer
+from deim_ray.storage import BEST_STG1, RunStore, open_storage
+
+log = logging.getLogger("deim_ray.worker")
+
+CKPT_FILE = "state.pt"
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """What the driver hands every worker (plain data: it is pickled to the workers; never secrets)."""
+
+    config: dict
+    config_sha256: str
+    stage: int
+    storage_uri: str
+    run_name: str
+    best_stg1_sha256: str | None = None
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _resume_state(sha: str) -> dict | None:
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        return None
+    with ckpt.as_directory() as d:
+        state = load_train_state(Path(d) / CKPT_FILE, expected_config_sha256=sha)
+    log.info("resuming stage %d after epoch %d from Ray checkpoint %s", state["stage"], state["last_epoch"], ckpt.path)
+    return state
+
+
+def _read_best_stg1(store: RunStore, expected_sha256: str, sha: str) -> dict:
+    """Every rank reads the same verified object from storage (no node-local path, no shared filesystem)."""
+    with tempfile.TemporaryDirectory(prefix="deim_ray_stg1_") as tmp:
+        path = store.open_artifact(BEST_STG1, tmp)
+        record = store.read_manifest().artifacts[BEST_STG1]
+        if record.sha256 != expected_sha256:
+            raise RuntimeError(f"best_stg1 changed after the switch was recorded ({record.sha256[:12]} != "
+                               f"{expected_sha256[:12]}); re-run the command to resume from the manifest")
+        return load_train_state(path, expected_config_sha256=sha)
+
+
+def train_stage(args_dict: dict) -> None:
+    """Ray Train entry point (`train_loop_per_worker`)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = WorkerArgs(**args_dict)
+    cfg = config_from_dict(args.config)
+    stage = Stage(args.stage)
+    store = RunStore(open_storage(args.storage_uri, cfg.storage), args.run_name)
+    resume = _resume_state(args.config_sha256)
+    stage1_best = _read_best_stg1(store, args.best_stg1_sha256, args.config_sha256) if stage is Stage.TWO else None
+    scratch = Path(tempfile.mkdtemp(prefix="deim_ray_scratch_"))
+    sync = RunSyncHook(store, scratch)
+    hooks = [ProgressHook(), sync, RayReportHook(sync, CKPT_FILE), FaultHook.from_env(os.environ)]
+    trainer = Trainer(cfg, args.config_sha256, device=ray.train.torch.get_device(), hooks=[h for h in hooks if h])
+    trainer.run_stage(StageStart(stage=stage, resume=resume, stage1_best=stage1_best))

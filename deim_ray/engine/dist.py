@@ -1,0 +1,97 @@
+"""engine layer: every piece of rank logic in one place.
+
+Works the same in a single process (tests), under `torchrun`, and inside a Ray Train worker (Ray sets up the
+process group before the engine runs; the engine never imports ray). A function here that calls a collective
+must be called on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+T = TypeVar("T")
+
+
+def is_distributed() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def rank() -> int:
+    return tdist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def local_device() -> torch.device:
+    """The device of this process: the LOCAL rank's GPU (upstream used the global rank, which breaks on node 2)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if is_distributed():
+        tdist.barrier()
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Send rank `src`'s Python object to every rank (identity without a process group)."""
+    if not is_distributed():
+        return obj
+    box = [obj if rank() == src else None]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's object, in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean over ranks of scalar tensors, in one collective; returns host floats."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    stacked = torch.stack([values[k].detach().float() for k in keys])
+    if is_distributed():
+        tdist.all_reduce(stacked, op=tdist.ReduceOp.SUM)
+        stacked /= world_size()
+    return dict(zip(keys, stacked.cpu().tolist()))
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP-wrap `model` when a process group exists; the plain module otherwise."""
+    model.to(device)
+    if world_size() <= 1:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Make every rank's parameters and buffers bit-identical to rank `src`'s."""
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in list(module.state_dict().values()):
+            tdist.broadcast(tensor, src=src)

@@ -1,0 +1,114 @@
+"""engine layer: `train_one_epoch` and `evaluate`, two plain functions with explicit arguments.
+
+Per iteration: LR for the global iteration, forward + loss (under autocast on GPU with AMP), backward (scaled for
+fp16), gradient clipping, optimizer step, EMA update. Loss values stay on the device and are reduced across
+ranks once per epoch; the only per-step host sync is the progress line every `print_freq` iterations on rank 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from deim_ray.engine import dist
+from deim_ray.engine.ema import ModelEMA
+from deim_ray.engine.evaluator import DetectionCollector, evaluate_distributed
+from deim_ray.engine.lr import LRSchedule
+from deim_ray.models.build import forward_loss
+from deim_ray.models.postprocess import postprocess
+
+log = logging.getLogger("deim_ray.engine")
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    """None runs in float32; otherwise autocast to this dtype (GPU only)."""
+    clip_max_norm: float
+    print_freq: int
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _autocast(settings: StepSettings):
+    if settings.amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=settings.device.type, dtype=settings.amp_dtype)
+
+
+def _to_device(targets: list[dict], device: torch.device) -> list[dict]:
+    return [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+
+
+def _optimizer_step(model, optimizer, loss, scaler, clip_max_norm: float) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if clip_max_norm > 0:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        return
+    loss.backward()
+    if clip_max_norm > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+    optimizer.step()
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, epoch: int,
+                    lr_schedule: LRSchedule, ema: ModelEMA | None, scaler, settings: StepSettings,
+                    on_step: Callable[[int], None] | None = None) -> dict[str, float]:
+    """One pass over `loader`; returns rank-averaged mean losses plus `lr` (group 0, last iteration)."""
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    n_iters = len(loader)
+    started = time.monotonic()
+    lr = optimizer.param_groups[0]["lr"]
+    for i, (images, targets) in enumerate(loader):
+        lr = lr_schedule.set_iteration(epoch, i)
+        images = images.to(settings.device, non_blocking=True)
+        targets = _to_device(targets, settings.device)
+        with _autocast(settings):
+            loss, loss_dict = forward_loss(model, images, targets)
+        _optimizer_step(model, optimizer, loss.float(), scaler, settings.clip_max_norm)
+        if ema is not None:
+            ema.update(model)
+        for k, v in {"loss": loss, **loss_dict}.items():
+            sums[k] = sums.get(k, 0.0) + v.detach().float()
+        if dist.is_main() and settings.print_freq and (i % settings.print_freq == 0 or i == n_iters - 1):
+            log.info("epoch %d  iter %d/%d  loss %.4f  lr %.2e  %.1fs", epoch, i + 1, n_iters, loss.item(), lr,
+                     time.monotonic() - started)
+        if on_step is not None:
+            on_step(i)
+    means = dist.all_reduce_mean({k: v / max(n_iters, 1) for k, v in sums.items()})
+    if not math.isfinite(means.get("loss", 0.0)):
+        raise NonFiniteLossError(f"mean loss of epoch {epoch} is not finite; lower the LR or check the annotations")
+    means["lr"] = lr
+    return means
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, coco_gt, category_ids: list[int], device: torch.device,
+             num_top_queries: int, amp_dtype: torch.dtype | None = None) -> list[float]:
+    """Collective: COCO bbox stats of `model` over the whole val set (each rank runs its own shard)."""
+    model.eval()
+    collector = DetectionCollector(category_ids)
+    ctx = _autocast(StepSettings(device, amp_dtype, 0.0, 0))
+    for images, targets in loader:
+        with ctx:
+            out = model(pixel_values=images.to(device, non_blocking=True))
+        orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
+        results = postprocess(out.logits.float(), out.pred_boxes.float(), orig_sizes, num_top_queries)
+        collector.add([int(t["image_id"]) for t in targets], results)
+    return evaluate_distributed(collector, coco_gt)

@@ -1,0 +1,87 @@
+"""engine layer: the one checkpoint contract, `TrainState`.
+
+A checkpoint is a plain dict of tensors and primitives so `torch.load(weights_only=True)` reads it:
+model, EMA (weights, update count, decay), optimizer, AMP scaler, the last completed epoch, its stage, the
+best-metric tracker and the config hash. The upstream key names `model`, `ema.module`, `ema.updates`,
+`optimizer` and `last_epoch` are kept.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "deim_ray.train_state/1"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def make_train_state(*, model: dict, ema: dict | None, optimizer: dict, scaler: dict | None, epoch: int,
+                     stage: int, best: dict, config_sha256: str, extra: dict | None = None) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "model": model,
+        "ema": ema,
+        "optimizer": optimizer,
+        "scaler": scaler,
+        "last_epoch": int(epoch),
+        "stage": int(stage),
+        "best": best,
+        "config_sha256": config_sha256,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "extra": extra or {},
+    }
+
+
+def save_train_state(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def state_to_bytes(state: dict[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def load_train_state(source: str | os.PathLike | bytes, expected_config_sha256: str | None = None) -> dict[str, Any]:
+    """Load with `weights_only=True`; a truncated file, a pickle payload or a foreign dict is a CheckpointError."""
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        f = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+        with f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {name} does not exist; check the path") from None
+    except Exception as e:  # torch raises several types for truncated zips and refused pickles
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {name} cannot be loaded safely ({first[:160]}); it is truncated, corrupt or not a "
+            "weights-only checkpoint — re-fetch it or point to another file") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{name} is not a deim_ray training checkpoint (no format {FORMAT!r})")
+    if expected_config_sha256 and state.get("config_sha256") != expected_config_sha256:
+        raise CheckpointError(
+            f"checkpoint {name} was written with another config (hash {str(state.get('config_sha256'))[:12]} != "
+            f"{expected_config_sha256[:12]}); resume with the original config or start a new run name")
+    return state

@@ -1,0 +1,188 @@
+"""engine layer: one worker's training of one stage.
+
+`Trainer` builds the model, EMA, optimizer, scaler, loaders and evaluator from the config, loads whatever state
+the stage starts from (a resume checkpoint, or best_stg1 at the stage switch), and runs the stage's epochs:
+
+    for epoch in stage epochs:
+        train_one_epoch -> evaluate EMA -> best rule -> hooks (artifacts, reports) -> maybe restart from best_stg1
+
+It never imports ray; the driver reaches it through hooks and through the states it passes in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from deim_ray.config.schema import Config
+from deim_ray.engine import dist
+from deim_ray.engine.ema import ModelEMA
+from deim_ray.engine.hooks import EpochRecord, Hook
+from deim_ray.engine.loop import StepSettings, evaluate, train_one_epoch
+from deim_ray.engine.lr import LRSchedule
+from deim_ray.engine.optim import build_optimizer
+from deim_ray.engine.stages import BestTracker, Stage, stage_epochs
+from deim_ray.engine.state import make_train_state
+from deim_ray.engine.data import DataBundle, build_data
+from deim_ray.models.build import build_model
+
+log = logging.getLogger("deim_ray.engine")
+
+
+class StageStartError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class StageStart:
+    """Where a stage begins. Stage 2 without `resume` starts from `stage1_best`; a `resume` state wins."""
+
+    stage: Stage
+    resume: dict | None = None
+    stage1_best: dict | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """sha256 over a module's state_dict tensors, in key order (equal digests = bit-identical weights)."""
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
+
+
+def _amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    if not cfg.train.use_amp or device.type != "cuda":
+        return None
+    return torch.float16 if cfg.train.amp_dtype == "float16" else torch.bfloat16
+
+
+class Trainer:
+    def __init__(self, cfg: Config, config_sha256: str, *, device: torch.device | None = None,
+                 hooks: Sequence[Hook] = (), data: DataBundle | None = None):
+        self.cfg = cfg
+        self.config_sha256 = config_sha256
+        self.device = device or dist.local_device()
+        self.hooks = list(hooks)
+        self.rank, self.world_size = dist.rank(), dist.world_size()
+        self.is_main = self.rank == 0
+        seed_everything(cfg.train.seed)  # identical initial weights on every rank
+        self.data = data or build_data(cfg, self.rank, self.world_size)
+        self.model = build_model(cfg.model, self.data.num_classes).to(self.device)
+        self.ema = ModelEMA(self.model, cfg.ema.decay, cfg.ema.warmups, cfg.ema.start) if cfg.ema.enabled else None
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.amp_dtype = _amp_dtype(cfg, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.lr_schedule = LRSchedule(self.optimizer, cfg.lr_scheduler, cfg.schedule.epochs,
+                                      len(self.data.train_loader))
+        self.tracker = BestTracker()
+        self.epoch = -1
+        self.stage = Stage.ONE
+        self.stage_start_digests: list[str] = []
+        seed_everything(cfg.train.seed + self.rank)
+
+    # ---- state -------------------------------------------------------------------------------------------
+    def state_dict(self, extra: dict | None = None) -> dict[str, Any]:
+        return make_train_state(
+            model=dist.unwrap(self.model).state_dict(),
+            ema=self.ema.state_dict() if self.ema else None,
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler else None,
+            epoch=self.epoch, stage=int(self.stage), best=self.tracker.state_dict(),
+            config_sha256=self.config_sha256, extra=extra)
+
+    def load_weights(self, state: dict, ema_decay: float | None = None) -> None:
+        """Model, EMA, optimizer and scaler from a TrainState (not the epoch or the tracker)."""
+        dist.unwrap(self.model).load_state_dict(state["model"])
+        if self.ema is not None:
+            if state.get("ema") is not None:
+                self.ema.load_state_dict(state["ema"], decay=ema_decay)
+            else:
+                self.ema.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group in self.optimizer.param_groups:  # the LR is recomputed from the iteration anyway
+            group.setdefault("initial_lr", group["lr"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+    def load_state(self, state: dict) -> None:
+        """Everything, for a resume: weights, epoch, stage, tracker."""
+        self.load_weights(state, ema_decay=self._ema_decay_for(Stage(state["stage"])))
+        self.epoch = int(state["last_epoch"])
+        self.stage = Stage(state["stage"])
+        self.tracker = BestTracker.from_state(state["best"])
+
+    def _ema_decay_for(self, stage: Stage) -> float:
+        return self.cfg.schedule.ema_restart_decay if stage is Stage.TWO else self.cfg.ema.decay
+
+    # ---- stage -------------------------------------------------------------------------------------------
+    def _begin(self, start: StageStart) -> range:
+        sched = self.cfg.schedule
+        epochs = stage_epochs(start.stage, sched.epochs, sched.stop_epoch)
+        if start.resume is not None:
+            self.load_state(start.resume)
+        elif start.stage is Stage.TWO:
+            if start.stage1_best is None:
+                raise StageStartError("stage 2 needs best_stg1; the driver did not provide it")
+            self.load_weights(start.stage1_best, ema_decay=sched.ema_restart_decay)
+            self.tracker = BestTracker.from_state(start.stage1_best["best"])
+            self.epoch = sched.stop_epoch - 1
+        self.stage = start.stage
+        self.model = dist.wrap_ddp(dist.unwrap(self.model), self.device)
+        self._check_identical_start()
+        return range(max(epochs.start, self.epoch + 1), epochs.stop)
+
+    def _check_identical_start(self) -> None:
+        """Collective: every rank must start the stage from bit-identical model and EMA weights."""
+        mine = state_digest(dist.unwrap(self.model)) + (state_digest(self.ema.module) if self.ema else "")
+        self.stage_start_digests = dist.all_gather_objects(hashlib.sha256(mine.encode()).hexdigest())
+        if len(set(self.stage_start_digests)) != 1:
+            raise StageStartError(f"ranks start stage {int(self.stage)} from different weights: "
+                                  f"{self.stage_start_digests}")
+
+    def run_stage(self, start: StageStart) -> BestTracker:
+        """Run the remaining epochs of `start.stage`; returns the best tracker."""
+        epochs = self._begin(start)
+        for hook in self.hooks:
+            hook.before_stage(self)
+        for epoch in epochs:
+            self._run_epoch(epoch, start.stage1_best)
+        for hook in self.hooks:
+            hook.after_stage(self)
+        return self.tracker
+
+    def _run_epoch(self, epoch: int, stage1_best: dict | None) -> None:
+        settings = StepSettings(self.device, self.amp_dtype, self.cfg.train.clip_max_norm, self.cfg.train.print_freq)
+        self.data.train_loader.set_epoch(epoch)
+        t0 = time.monotonic()
+        losses = train_one_epoch(self.model, self.data.train_loader, self.optimizer, epoch=epoch,
+                                 lr_schedule=self.lr_schedule, ema=self.ema, scaler=self.scaler, settings=settings,
+                                 on_step=lambda i: [h.on_step(self, epoch, i) for h in self.hooks])
+        t1 = time.monotonic()
+        stats = evaluate(self.ema.module if self.ema else self.model, self.data.val_loader,
+                         coco_gt=self.data.coco_gt, category_ids=self.data.category_ids, device=self.device,
+                         num_top_queries=self.cfg.eval.num_top_queries, amp_dtype=self.amp_dtype)
+        self.epoch = epoch
+        decision = self.tracker.update(epoch, stats[0], self.stage, self.cfg.schedule.stage2_restart)
+        record = EpochRecord(epoch=epoch, stage=int(self.stage), ap=stats[0], coco_stats=stats,
+                             loss=losses.pop("loss"), lr=losses.pop("lr"), losses=losses,
+                             epoch_time_s=t1 - t0, eval_time_s=time.monotonic() - t1,
+                             restarted_from_stg1=decision.restart_from_stg1)
+        if decision.restart_from_stg1:
+            # the state saved for this epoch must already be the one the next epoch starts from
+            self.load_weights(stage1_best, ema_decay=self.cfg.schedule.ema_restart_decay)
+        for hook in self.hooks:
+            hook.after_epoch(self, record, decision)

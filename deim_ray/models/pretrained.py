@@ -1,0 +1,157 @@
+"""models layer: fine-tune from other weights (upstream `-t/--tuning` semantics).
+
+`model.pretrained` may name:
+
+- a folder written by transformers' `save_pretrained` (config.json with model_type "deimv2" + safetensors);
+- a hub id in the same transformers layout, e.g. the checkpoint transformers' own docs use,
+  `harshaljanjani/DEIMv2_HGNetv2_N_COCO_Transformers` (downloaded once into the Hugging Face cache; needs network
+  or a pre-filled cache);
+- a `.pth` file: a deim_ray `final.pth` or training checkpoint, a plain state dict, or an upstream DEIMv2
+  checkpoint dict (`ema.module` preferred over `model`, as upstream's tuning loader does).
+
+Only tensors whose name AND shape equal the built model's are copied; everything else keeps its fresh
+initialisation (e.g. class heads for another class count) and is listed in the returned `PretrainedReport`.
+Weights must be in transformers' key layout: the `Intellindust/DEIMv2_*_COCO` hub repos and upstream `.pth`
+files use the original layout and need transformers' `convert_deimv2_original_pytorch_checkpoint_to_hf.py`
+(GitHub source, not shipped in the wheel) first; a source of which nothing matches is an error, never a
+silent from-scratch run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file as load_safetensors
+from torch import nn
+from transformers import Deimv2ForObjectDetection, PreTrainedConfig
+
+from deim_ray.models.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PretrainedReport:
+    """What `load_pretrained` did; keys are the model's `state_dict` names."""
+
+    source: str
+    loaded: tuple[str, ...]
+    reinitialised: tuple[str, ...]
+    """Model tensors that kept their fresh initialisation (absent from the source or of another shape)."""
+    shape_mismatch: tuple[str, ...]
+    """The subset of `reinitialised` that the source has with a different shape (typically the class heads)."""
+    unused: tuple[str, ...]
+    """Source tensors with no counterpart in the model."""
+
+    def summary(self) -> str:
+        total = len(self.loaded) + len(self.reinitialised)
+        examples = ", ".join(self.shape_mismatch[:3]) or ", ".join(self.reinitialised[:3]) or "-"
+        return (f"pretrained {self.source}: loaded {len(self.loaded)}/{total} tensors; re-initialised "
+                f"{len(self.reinitialised)} ({len(self.shape_mismatch)} with another shape, e.g. {examples}); "
+                f"{len(self.unused)} source tensors unused")
+
+
+def load_pretrained(model: nn.Module, source: str) -> PretrainedReport:
+    """Copy every tensor of `source` whose name and shape match into `model` (in place) and report."""
+    source_sd = read_state_dict(source)
+    report = _copy_matching(model, source_sd, source)
+    if not report.loaded:
+        raise ModelError(f"no tensor of {source} matches the model by name and shape; give a DEIMv2 checkpoint "
+                         "in transformers layout (convert upstream weights with transformers' "
+                         "convert_deimv2_original_pytorch_checkpoint_to_hf.py)")
+    if len(report.loaded) < len(report.reinitialised):
+        log.warning("only %d of %d tensors came from %s: is model.variant the size these weights were "
+                    "trained with?", len(report.loaded), len(report.loaded) + len(report.reinitialised), source)
+    return report
+
+
+def read_state_dict(source: str) -> dict[str, torch.Tensor]:
+    """The weights named by `source` (folder, `.pth`/`.pt`/`.safetensors` file, or hub id), on CPU."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _from_transformers(str(path), source)
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return load_safetensors(str(path))
+        return _from_torch_file(path)
+    if _looks_like_hub_id(source):
+        return _from_transformers(source, source)
+    raise ModelError(f"model.pretrained {source!r} is not an existing file or folder, nor a hub id like "
+                     "'owner/name'; fix the path")
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and "\\" not in source \
+        and not source.endswith((".pth", ".pt", ".safetensors"))
+
+
+def _from_transformers(location: str, source: str) -> dict[str, torch.Tensor]:
+    """Load through `from_pretrained`, keeping only tensors the checkpoint really provided."""
+    try:
+        raw, _ = PreTrainedConfig.get_config_dict(location)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot read a transformers config from {source} ({_first_line(e)}); check the id "
+                         "or folder, and the network or HF cache for hub ids") from None
+    if raw.get("model_type") != "deimv2":
+        raise ModelError(f"{source} is not a transformers DEIMv2 checkpoint (config model_type "
+                         f"{raw.get('model_type')!r}); convert original DEIMv2 weights with transformers' "
+                         "convert_deimv2_original_pytorch_checkpoint_to_hf.py first")
+    try:
+        src, info = Deimv2ForObjectDetection.from_pretrained(location, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelError(f"cannot load weights from {source} ({_first_line(e)}); check the checkpoint") from None
+    missing = set(info.get("missing_keys", ()))
+    return {k: v for k, v in src.state_dict().items() if k not in missing}
+
+
+def _from_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt files and refused pickles
+        raise ModelError(f"cannot load {path} with weights_only=True ({_first_line(e)}); give a plain "
+                         "state-dict checkpoint") from None
+    state = _pick_state_dict(obj)
+    if state is None:
+        raise ModelError(f"{path} holds no state dict (looked for ema.module, model, or a dict of tensors); "
+                         "give a model checkpoint")
+    if state and all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _pick_state_dict(obj: object) -> dict[str, torch.Tensor] | None:
+    """EMA weights first (what upstream deploys and tunes from), then raw model weights, then a bare dict."""
+    if not isinstance(obj, dict):
+        return None
+    ema = obj.get("ema")
+    if isinstance(ema, dict) and isinstance(ema.get("module"), dict):
+        return ema["module"]
+    if isinstance(obj.get("model"), dict):
+        return obj["model"]
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    return None
+
+
+def _copy_matching(model: nn.Module, source_sd: dict[str, torch.Tensor], source: str) -> PretrainedReport:
+    target = model.state_dict()
+    take = {k: v for k, v in source_sd.items() if k in target and v.shape == target[k].shape}
+    with torch.no_grad():
+        model.load_state_dict(take, strict=False)
+    mismatch = tuple(k for k in target if k in source_sd and k not in take)
+    return PretrainedReport(
+        source=source,
+        loaded=tuple(k for k in target if k in take),
+        reinitialised=tuple(k for k in target if k not in take),
+        shape_mismatch=mismatch,
+        unused=tuple(k for k in source_sd if k not in target),
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]

@@ -1,0 +1,95 @@
+"""Distributed COCO evaluation: an uneven val split over 2 gloo ranks gives exactly the single-process stats."""
+
+import os
+import random
+import socket
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.multiprocessing as mp
+from faster_coco_eval import COCO
+
+from deim_ray.engine.evaluator import DetectionCollector, coco_stats, evaluate_distributed, merge_detections
+
+
+def _gt(n_images=7, seed=0):
+    rng = random.Random(seed)
+    images, anns = [], []
+    for i in range(n_images):
+        images.append({"id": 100 + i, "width": 64, "height": 48, "file_name": f"{i}.png"})
+        for _ in range(rng.randint(1, 3)):
+            x, y = rng.uniform(0, 40), rng.uniform(0, 30)
+            w, h = rng.uniform(6, 20), rng.uniform(6, 16)
+            anns.append({"id": len(anns) + 1, "image_id": 100 + i, "category_id": rng.choice([3, 7]),
+                         "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+    return {"images": images, "annotations": anns, "categories": [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}]}
+
+
+def _results(gt, seed=1):
+    """Noisy detections as the model's postprocess would give them (xyxy, contiguous labels)."""
+    rng = random.Random(seed)
+    out = {}
+    for img in gt["images"]:
+        boxes, scores, labels = [], [], []
+        for a in (a for a in gt["annotations"] if a["image_id"] == img["id"]):
+            x, y, w, h = a["bbox"]
+            j = rng.uniform(-3, 3)
+            boxes.append([x + j, y + j, x + w + j, y + h - j])
+            scores.append(rng.uniform(0.3, 1.0))
+            labels.append(0 if a["category_id"] == 3 else 1)
+        boxes.append([1, 1, 10, 10]); scores.append(0.2); labels.append(0)  # a false positive
+        out[img["id"]] = {"boxes": torch.tensor(boxes), "scores": torch.tensor(scores), "labels": torch.tensor(labels)}
+    return out
+
+
+def _worker(rank, world, port, q):
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    gt = _gt()
+    res = _results(gt)
+    ids = sorted(res)[rank::world]  # uneven shards: 4 and 3 images, no padding
+    col = DetectionCollector([3, 7])
+    col.add(ids, [res[i] for i in ids])
+    q.put((rank, evaluate_distributed(col, COCO(gt))))
+    tdist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_uneven_split_equals_single_process():
+    gt = _gt()
+    res = _results(gt)
+    col = DetectionCollector([3, 7])
+    col.add(sorted(res), [res[i] for i in sorted(res)])
+    single = coco_stats(COCO(gt), merge_detections([col.by_image]))
+    assert 0.0 < single[0] < 1.0
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert got[0] == got[1] == pytest.approx(single, abs=1e-12)
+
+
+def test_duplicate_images_across_ranks_count_once():
+    gt = _gt()
+    res = _results(gt)
+    col = DetectionCollector([3, 7])
+    col.add(sorted(res), [res[i] for i in sorted(res)])
+    padded = dict(col.by_image)
+    first = sorted(res)[0]
+    dup = {first: padded[first]}  # what a padding sampler would hand a second rank
+    assert coco_stats(COCO(gt), merge_detections([padded, dup])) == coco_stats(COCO(gt), merge_detections([padded]))
+    assert len(merge_detections([padded, dup])) == len(merge_detections([padded]))
+
+
+def test_no_detections_gives_zero_ap():
+    assert coco_stats(COCO(_gt()), [])[0] == 0.0
