@@ -55,6 +55,18 @@ def epoch_table(storage_uri: str, name: str) -> str:
     return "\n".join(lines)
 
 
+def tune(args: argparse.Namespace) -> int:
+    from deim_ray.driver.tune import format_summary, run_tune
+    from deim_ray.driver.tune_space import load_space
+
+    summary = run_tune(args.config, args.update, load_space(args.space), args.samples, scheduler=args.scheduler,
+                       max_concurrent=args.max_concurrent, storage_uri=args.storage, name=args.name,
+                       workers_per_trial=args.workers_per_trial, gpu=args.gpu,
+                       cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
+    print(format_summary(summary))
+    return 0 if summary.best else 1
+
+
 def resolve(args: argparse.Namespace) -> int:
     from deim_ray.storage import describe_run
 

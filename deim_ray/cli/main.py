@@ -17,10 +17,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from deim_ray.config.loader import ConfigError
     from deim_ray.driver.ray_stage import ClusterTooSmall
     from deim_ray.driver.run import RunError
+    from deim_ray.driver.tune import TuneError
     from deim_ray.engine.state import CheckpointError
     from deim_ray.storage import StorageError
 
-    return (ConfigError, StorageError, RunError, CheckpointError, ClusterTooSmall, FileNotFoundError)
+    return (ConfigError, StorageError, RunError, TuneError, CheckpointError, ClusterTooSmall, FileNotFoundError)
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -53,6 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, required=False)
     _add_run_args(p, default_name="demo")
     p.set_defaults(func=commands.demo)
+
+    p = sub.add_parser("tune", help="hyperparameter search with Ray Tune; every trial is a full two-stage run")
+    _add_config_args(p)
+    p.add_argument("--space", required=True, help="YAML: dotted config key -> {loguniform|uniform|quniform|"
+                   "randint|choice|grid: [...]}")
+    p.add_argument("--samples", type=int, default=4, help="trials to sample (each grid point repeats; default 4)")
+    p.add_argument("--scheduler", default="asha", choices=["asha", "fifo"],
+                   help="asha stops weak trials early, by epoch AP (default asha)")
+    p.add_argument("--max-concurrent", type=int, default=2, help="trials running at once (default 2)")
+    p.add_argument("--storage", default="./runs", help="run storage: a directory or s3://bucket/prefix (default ./runs)")
+    p.add_argument("--name", default="tune", help="search name; trials are <storage>/<name>/trial-<id> (default tune)")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default 1)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, AMP per config")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
+    p.add_argument("--max-failures", type=int, default=3, help="worker failures each stage survives (default 3)")
+    p.set_defaults(func=commands.tune)
 
     p = sub.add_parser("resolve", help="print a run's final artifact and why it was chosen")
     p.add_argument("run", help="run directory or s3://bucket/prefix/NAME")

@@ -135,7 +135,9 @@ class ScheduleConfig:
     stage2_restart: bool = True
     """In stage 2, an epoch that does not beat the best so far restarts from best_stg1 (upstream behaviour)."""
     matcher_change_epoch: int | None = None
-    """Upstream switches the matcher cost here; recorded and validated, see docs for the model's support."""
+    """From this epoch on the Hungarian matcher's cost is -(score * IoU^iou_order_alpha) (upstream DEIM)."""
+    iou_order_alpha: float = 4.0
+    """Exponent of the IoU-order matcher cost used from matcher_change_epoch."""
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,8 @@ class LRSchedulerConfig:
 @dataclass(frozen=True)
 class ParamGroupConfig:
     params: str = ""
-    """Regex searched in parameter names; each trainable parameter must match at most one group."""
+    """Regex searched (`re.search`) in the transformers parameter names (`model.conv_encoder.*` is the backbone,
+    `model.conv_encoder.backbone.*` the DINOv3 ViT); each trainable parameter must match at most one group."""
     lr: float | None = None
     weight_decay: float | None = None
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import ray
 import ray.train
@@ -32,15 +35,19 @@ class ClusterTooSmall(RuntimeError):
     pass
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to the cluster (RAY_ADDRESS / `ray job submit`) or start a local Ray instance."""
+def ensure_ray(address: str | None = None, resources: dict[str, float] | None = None) -> None:
+    """Connect to the cluster (RAY_ADDRESS / `ray job submit`) or start a local Ray instance.
+
+    `resources` are custom resources of a local instance (e.g. `train_driver` for Tune's trial drivers);
+    a cluster declares its own with `ray start --resources`.
+    """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:  # a cluster (or `ray job submit`): its runtime_env stays in charge
         ray.init(address=address, logging_level=logging.WARNING)
         return
-    ray.init(logging_level=logging.WARNING, runtime_env={"env_vars": {
+    ray.init(logging_level=logging.WARNING, resources=resources, runtime_env={"env_vars": {
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}})
 
 
@@ -54,6 +61,21 @@ def check_capacity(workers: int, gpu: bool, cpus_per_worker: float) -> None:
             raise ClusterTooSmall(
                 f"--workers {workers} needs {amount:g} {res} but the Ray cluster has {have:g}; lower --workers"
                 + ("" if gpu else " or --cpus-per-worker") + " or add nodes")
+
+
+# Ray Train `UserCallback`s for every stage run started in this thread (Tune's TuneReportCallback); set by
+# `stage_callbacks` so `run_training` needs no knowledge of Tune.
+_STAGE_CALLBACKS: ContextVar[tuple] = ContextVar("deim_ray_stage_callbacks", default=())
+
+
+@contextmanager
+def stage_callbacks(callbacks: Sequence[ray.train.UserCallback]) -> Iterator[None]:
+    """Add `callbacks` to the RunConfig of every stage run started inside this block (same thread)."""
+    token = _STAGE_CALLBACKS.set(tuple(callbacks))
+    try:
+        yield
+    finally:
+        _STAGE_CALLBACKS.reset(token)
 
 
 def run_stage(*, stage: Stage, args: dict, store: RunStore, attempt: int, workers: int, gpu: bool,
@@ -72,7 +94,8 @@ def run_stage(*, stage: Stage, args: dict, store: RunStore, attempt: int, worker
         run_config=RunConfig(
             name=f"stage{int(stage)}-a{attempt}", storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=max(keep_checkpoints, 1))),
+            checkpoint_config=CheckpointConfig(num_to_keep=max(keep_checkpoints, 1)),
+            callbacks=list(_STAGE_CALLBACKS.get())),
     )
     log.info("stage %d: starting %d worker(s) (%s)", int(stage), workers, "GPU/NCCL" if gpu else "CPU/gloo")
     try:

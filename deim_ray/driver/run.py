@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
-from deim_ray.config.loader import config_sha256, config_to_dict, diff_configs, dump_yaml, load_config_text
+from deim_ray.config.loader import config_from_dict, config_sha256, config_to_dict, diff_configs, dump_yaml
 from deim_ray.config.schema import Config
 from deim_ray.config.validate import validate
 from deim_ray.driver.ray_stage import StageRunFailed, run_stage
@@ -48,7 +49,7 @@ class RunRequest:
 
 
 def _stored_config(store: RunStore) -> Config | None:
-    return load_config_text(store.read_text(CONFIG_FILE)) if store.exists(CONFIG_FILE) else None
+    return config_from_dict(yaml.safe_load(store.read_text(CONFIG_FILE))) if store.exists(CONFIG_FILE) else None
 
 
 def open_run(req: RunRequest, store: RunStore) -> Manifest:
@@ -72,14 +73,17 @@ def open_run(req: RunRequest, store: RunStore) -> Manifest:
 
 
 def _stage_args(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | None) -> dict:
-    return {"config": config_to_dict(req.cfg), "config_sha256": config_sha256(req.cfg), "stage": int(stage),
+    tree = config_to_dict(req.cfg)
+    tree.pop("source", None)
+    return {"config": tree, "config_sha256": config_sha256(req.cfg), "stage": int(stage),
             "storage_uri": store.storage.uri, "run_name": req.name, "best_stg1_sha256": stg1_sha}
 
 
-def _run_stage(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | None = None) -> None:
+def _run_stage(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | None = None) -> list[str]:
+    """Run one stage to its end; returns the per-worker digests of the weights the stage started from."""
     manifest = store.read_manifest()
     try:
-        run_stage(stage=stage, args=_stage_args(req, store, stage, stg1_sha), store=store,
+        result = run_stage(stage=stage, args=_stage_args(req, store, stage, stg1_sha), store=store,
                   attempt=manifest.attempt, workers=req.workers, gpu=req.gpu,
                   max_failures=req.max_failures, cpus_per_worker=req.cpus_per_worker,
                   keep_checkpoints=req.cfg.train.keep_checkpoints)
@@ -87,6 +91,8 @@ def _run_stage(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | N
         store.transition(RunState.FAILED, note=f"stage {int(stage)}: {e}")
         raise RunError(f"stage {int(stage)} of run `{req.name}` failed: {e}. Fix the cause and re-run the same "
                        "command to resume from the last checkpoint") from None
+    digests = (result.metrics or {}).get("start_digests", "")
+    return digests.split(",") if digests else []
 
 
 def _switch(store: RunStore, stop_epoch: int) -> str:
@@ -112,7 +118,8 @@ def _write_final(store: RunStore, cfg: Config) -> Manifest:
                                       image_size=tuple(meta["image_size"]),
                                       extra_meta={"source": resolution.artifact, "epoch": resolution.epoch,
                                                   "stage": resolution.stage, "ap": resolution.ap,
-                                                  "config_sha256": manifest.config_sha256})
+                                                  "config_sha256": manifest.config_sha256,
+                                                  "normalize": cfg.data.normalize})
         path = Path(tmp) / "final.pth"
         torch.save(final, path)
         record = store.put_artifact(FINAL, path, epoch=resolution.epoch, stage=resolution.stage, ap=resolution.ap)
@@ -143,5 +150,8 @@ def run_training(req: RunRequest) -> Manifest:
     if state in (RunState.STAGE1_DONE, RunState.STAGE2_RUNNING):
         stg1_sha = store.read_manifest().switch["sha256"]
         store.transition(RunState.STAGE2_RUNNING, note=f"stage 2 starts from best_stg1 {stg1_sha[:12]}")
-        _run_stage(req, store, Stage.TWO, stg1_sha)
+        digests = _run_stage(req, store, Stage.TWO, stg1_sha)
+        manifest = store.read_manifest()
+        manifest.switch["worker_start_digests"] = digests  # equal on every worker, checked before training
+        store.write_manifest(manifest)
     return _write_final(store, req.cfg)

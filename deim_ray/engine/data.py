@@ -12,6 +12,7 @@ from typing import Any
 
 from deim_ray.config.schema import Config
 from deim_ray.data.coco import CocoDetection
+from deim_ray.data.errors import DataError
 from deim_ray.data.loader import build_train_loader, build_val_loader
 from deim_ray.data.synthetic import ensure_dataset
 from deim_ray.data.transforms import build_train_transforms, build_val_transforms
@@ -31,12 +32,12 @@ class DataBundle:
 
 
 def build_data(cfg: Config, rank: int, world_size: int) -> DataBundle:
-    ensure_dataset(cfg.data)
-    train_set = CocoDetection(cfg.data.train.img_folder, cfg.data.train.ann_file, build_train_transforms(cfg))
-    val_set = CocoDetection(cfg.data.val.img_folder, cfg.data.val.ann_file, build_val_transforms(cfg))
+    data = ensure_dataset(cfg.data)
+    train_set = CocoDetection(data.train.img_folder, data.train.ann_file, build_train_transforms(cfg))
+    val_set = CocoDetection(data.val.img_folder, data.val.ann_file, build_val_transforms(cfg))
     if train_set.categories.ids != val_set.categories.ids:
-        raise ValueError(f"train and val annotation files list different categories "
-                         f"({cfg.data.train.ann_file} vs {cfg.data.val.ann_file}); use one category list")
+        raise DataError(f"train and val annotation files list different categories "
+                        f"({data.train.ann_file} vs {data.val.ann_file}); use one category list")
     return DataBundle(
         train_loader=build_train_loader(cfg, train_set, rank, world_size, cfg.train.seed),
         val_loader=build_val_loader(cfg, val_set, rank, world_size),

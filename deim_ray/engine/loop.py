@@ -21,7 +21,7 @@ from deim_ray.engine import dist
 from deim_ray.engine.ema import ModelEMA
 from deim_ray.engine.evaluator import DetectionCollector, evaluate_distributed
 from deim_ray.engine.lr import LRSchedule
-from deim_ray.models.build import forward_loss
+from deim_ray.models.loss import forward_loss
 from deim_ray.models.postprocess import postprocess
 
 log = logging.getLogger("deim_ray.engine")

@@ -32,6 +32,7 @@ from deim_ray.engine.stages import BestTracker, Stage, stage_epochs
 from deim_ray.engine.state import make_train_state
 from deim_ray.engine.data import DataBundle, build_data
 from deim_ray.models.build import build_model
+from deim_ray.models.loss import set_matcher_epoch
 
 log = logging.getLogger("deim_ray.engine")
 
@@ -60,7 +61,7 @@ def state_digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for k, v in module.state_dict().items():
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -167,6 +168,8 @@ class Trainer:
     def _run_epoch(self, epoch: int, stage1_best: dict | None) -> None:
         settings = StepSettings(self.device, self.amp_dtype, self.cfg.train.clip_max_norm, self.cfg.train.print_freq)
         self.data.train_loader.set_epoch(epoch)
+        sched = self.cfg.schedule
+        set_matcher_epoch(dist.unwrap(self.model), epoch, sched.matcher_change_epoch, sched.iou_order_alpha)
         t0 = time.monotonic()
         losses = train_one_epoch(self.model, self.data.train_loader, self.optimizer, epoch=epoch,
                                  lr_schedule=self.lr_schedule, ema=self.ema, scaler=self.scaler, settings=settings,

@@ -27,6 +27,7 @@ import logging
 from dataclasses import fields
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import Deimv2Config, Deimv2ForObjectDetection
 
@@ -58,8 +59,9 @@ def build_model_config(cfg: ModelConfig, num_classes: int) -> Deimv2Config:
     kwargs["num_labels"] = num_classes
     try:
         return Deimv2Config(**kwargs)
-    except (ValueError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except (ValueError, TypeError, StrictDataclassError) as e:
+        reason = str(e.__cause__ or e).strip()  # the validator's own message, not the dataclass wrapper
+        first = reason.splitlines()[0] if reason else type(e).__name__
         raise ModelError(f"invalid model config for variant {cfg.variant!r}: {first}; fix model.extra or the "
                          "model overrides") from None
 

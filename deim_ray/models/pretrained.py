@@ -9,12 +9,26 @@
 - a `.pth` file: a deim_ray `final.pth` or training checkpoint, a plain state dict, or an upstream DEIMv2
   checkpoint dict (`ema.module` preferred over `model`, as upstream's tuning loader does).
 
+Fine-tuning a COCO-trained model on your own classes (README snippet)::
+
+    model:
+      variant: n                      # must be the size the weights were trained with
+      pretrained: harshaljanjani/DEIMv2_HGNetv2_N_COCO_Transformers
+
+    # clusters without internet: download once, then point at the folder on every node
+    #   huggingface-cli download harshaljanjani/DEIMv2_HGNetv2_N_COCO_Transformers --local-dir weights/deimv2-n
+    #   model.pretrained: weights/deimv2-n
+
+For 3 classes the log then says "loaded 670/685 tensors; re-initialised 15 (15 with another shape, e.g.
+model.denoising_class_embed.weight, ...)": backbone, encoder and decoder come from COCO, the class heads (and the
+denoising label embedding) start fresh for your class count.
+
 Only tensors whose name AND shape equal the built model's are copied; everything else keeps its fresh
 initialisation (e.g. class heads for another class count) and is listed in the returned `PretrainedReport`.
-Weights must be in transformers' key layout: the `Intellindust/DEIMv2_*_COCO` hub repos and upstream `.pth`
-files use the original layout and need transformers' `convert_deimv2_original_pytorch_checkpoint_to_hf.py`
-(GitHub source, not shipped in the wheel) first; a source of which nothing matches is an error, never a
-silent from-scratch run.
+Weights must be in transformers' key layout: upstream `.pth` files, and the `Intellindust/DEIMv2_*_COCO` hub
+repos as transformers' conversion script reads them, use the original layout and need transformers'
+`convert_deimv2_original_pytorch_checkpoint_to_hf.py` (GitHub source, not shipped in the wheel) first; a source
+of which nothing matches is an error, never a silent from-scratch run.
 """
 
 from __future__ import annotations

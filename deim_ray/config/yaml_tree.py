@@ -1,0 +1,183 @@
+"""config layer: YAML files to one plain, merged tree.
+
+Implements the DEIM include/override semantics on plain dicts, before any typing:
+
+- `__include__` is a list of paths (a single string is accepted too); `~` is expanded and a relative
+  path resolves against the directory of the file that contains the include. Includes load depth-first
+  in list order; later ones override earlier ones and the file's own keys override all its includes.
+- Merging is recursive for dict over dict; anything else (lists, scalars, null) replaces the old value.
+- `-u a.b.c=value` splits on the first `=`, parses the value as YAML and deep-merges `{a: {b: {c: value}}}`
+  over the resolved tree.
+
+Every call builds fresh dicts (upstream's loader shares a mutable default accumulator between loads).
+Alongside the tree we keep `origins`: for each key path, the file (or `-u` string) that last set it,
+so later errors can name the right file.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deim_ray.config.errors import ConfigError
+
+KeyPath = tuple[str, ...]
+Origins = dict[KeyPath, str]
+
+INCLUDE_KEY = "__include__"
+_KEY_SEGMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `2e-3` as a float.
+
+    PyYAML follows YAML 1.1, where an exponent without a dot is a string; DEIM users write
+    learning rates that way, and a string `lr` would only fail later with a confusing type error.
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """A path as users should read it in messages: relative to the working directory when inside it."""
+    absolute = os.path.abspath(os.fspath(path))
+    relative = os.path.relpath(absolute, os.getcwd())
+    return absolute if relative.startswith("..") else relative
+
+
+def parse_yaml_text(text: str, where: str) -> Any:
+    """Parse YAML text; a syntax error becomes a ConfigError naming `where` and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"malformed YAML in {where}{line}: {problem}; fix the syntax at that line") from None
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """Read one YAML file whose top level must be a mapping (an empty file is an empty mapping)."""
+    where = display_path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {where}; check the path (working dir: {os.getcwd()})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path {where} is a directory; pass a .yml file") from None
+    data = parse_yaml_text(text, where)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must hold a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge `update` into `base` in place: dict over dict recurses, anything else replaces; returns `base`."""
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            deep_merge(base[key], value)
+        else:
+            # Copy so YAML anchors or a caller's objects are never shared with the tree.
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def key_paths(tree: Mapping[str, Any], prefix: KeyPath = ()) -> Iterable[KeyPath]:
+    """Every key path in a nested mapping, parents before children."""
+    for key, value in tree.items():
+        path = (*prefix, str(key))
+        yield path
+        if isinstance(value, Mapping):
+            yield from key_paths(value, path)
+
+
+def resolve_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Origins]:
+    """Load `path` with its `__include__` chain resolved; returns (tree, origins)."""
+    return _resolve(Path(os.path.expanduser(os.fspath(path))), ())
+
+
+def _resolve(path: Path, stack: tuple[str, ...]) -> tuple[dict[str, Any], Origins]:
+    real = os.path.realpath(path)
+    if real in stack:
+        chain = " -> ".join(display_path(p) for p in (*stack[stack.index(real):], real))
+        raise ConfigError(f"include cycle: {chain}; remove one of these __include__ entries")
+    own = read_yaml_mapping(path)
+    includes = _include_list(own.pop(INCLUDE_KEY, None), path)
+    tree: dict[str, Any] = {}
+    origins: Origins = {}
+    for include in includes:
+        sub_tree, sub_origins = _resolve(include, (*stack, real))
+        deep_merge(tree, sub_tree)
+        origins.update(sub_origins)
+    deep_merge(tree, own)
+    where = display_path(path)
+    origins.update({key_path: where for key_path in key_paths(own)})
+    return tree, origins
+
+
+def _include_list(value: Any, path: Path) -> list[Path]:
+    where = display_path(path)
+    if value is None:
+        return []
+    entries = [value] if isinstance(value, str) else value
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise ConfigError(f"{INCLUDE_KEY} in {where} must be a list of file paths, got {value!r}")
+    resolved = []
+    for entry in entries:
+        target = Path(os.path.expanduser(entry))
+        if not target.is_absolute():
+            target = path.parent / target
+        if not target.is_file():
+            raise ConfigError(
+                f"{INCLUDE_KEY} entry {entry!r} in {where} not found (looked for {display_path(target)}); "
+                f"relative include paths start from the directory of {where}"
+            )
+        resolved.append(target)
+    return resolved
+
+
+def parse_override(text: str) -> tuple[KeyPath, Any]:
+    """Parse one `-u key.sub=value` string into (key path, typed value)."""
+    key, sep, raw_value = str(text).partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"bad override {text!r}: expected key=value, e.g. -u optimizer.lr=0.001")
+    path = tuple(key.split("."))
+    if not all(_KEY_SEGMENT.match(segment) for segment in path) or INCLUDE_KEY in path:
+        raise ConfigError(f"bad override {text!r}: the key must be dotted names like schedule.stop_epoch")
+    return path, parse_yaml_text(raw_value, f"override {text!r}")
+
+
+def apply_overrides(tree: dict[str, Any], origins: Origins, overrides: Sequence[str]) -> None:
+    """Deep-merge each `-u` override over `tree` (in place), recording its origin."""
+    for text in overrides:
+        path, value = parse_override(text)
+        nested: Any = value
+        for segment in reversed(path):
+            nested = {segment: nested}
+        deep_merge(tree, nested)
+        label = f"-u {text}"
+        origins.update({path[:i]: label for i in range(1, len(path) + 1)})
+        if isinstance(value, Mapping):
+            origins.update({(*path, *sub): label for sub in key_paths(value)})
+
+
+def origin_of(origins: Mapping[KeyPath, str], path: KeyPath, default: str) -> str:
+    """The origin recorded for `path` or its nearest recorded ancestor."""
+    for cut in range(len(path), 0, -1):
+        if path[:cut] in origins:
+            return origins[path[:cut]]
+    return default

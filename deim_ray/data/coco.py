@@ -1,0 +1,361 @@
+"""data layer: the COCO-format detection dataset and the category id <-> class index map.
+
+Label semantics. Annotation `category_id`s may be any integers (1..N, sparse, COCO's 1..90). `CategoryMap`
+maps them to contiguous class indices 0..C-1 in ascending id order, so a model has exactly C =
+len(categories) classes and predictions are mapped back to the original ids for evaluation. (Upstream used
+the raw id as the class index, so `num_classes` had to exceed max(category_id), a frequent user trap.)
+
+Loading happens once, when the dataset object is built:
+- crowd annotations (iscrowd=1) are left out of training targets; they stay in `coco_gt`, as COCO
+  evaluation expects;
+- xywh boxes become xyxy clamped to the image; boxes left without width or height are dropped and counted;
+- images without annotations are kept;
+- image files that are missing, unreadable or truncated are SKIPPED with one warning and a count. The check
+  is cheap (header parse plus the JPEG/PNG end-of-file marker; a file without the marker is decoded once to
+  decide), so a 100k-image folder is checked in seconds. A file that passes it but fails to decode later
+  raises DataError naming it. Skipped images are also left out of `coco_gt`, so evaluation covers exactly
+  the images the dataset serves.
+Bad annotation files (missing, not JSON, not COCO, unknown category, no usable image) raise DataError.
+
+Items. `load_item(i)` gives the raw `(PIL image, target)`; `dataset[i]` or `dataset[(i, epoch)]` runs the
+transforms, which receive the epoch that travels with the index (see `deim_ray.data.loader`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+
+from deim_ray.data.errors import DataError
+
+log = logging.getLogger("deim_ray.data")
+
+PER_BOX_FIELDS = ("labels", "area", "iscrowd", "ann_id")
+"""Target fields with one entry per box; every op keeps them aligned with `boxes`."""
+
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+class CategoryMap:
+    """COCO category ids of any value <-> contiguous class indices 0..C-1 (ascending id order) and names."""
+
+    def __init__(self, ids: list[int], names: list[str]):
+        order = sorted(range(len(ids)), key=lambda i: ids[i])
+        self.ids: tuple[int, ...] = tuple(int(ids[i]) for i in order)
+        self.names: tuple[str, ...] = tuple(str(names[i]) for i in order)
+        self._index = {cat_id: i for i, cat_id in enumerate(self.ids)}
+
+    @classmethod
+    def from_coco(cls, categories: list[dict], source: str) -> CategoryMap:
+        if not isinstance(categories, list) or not categories:
+            raise DataError(f"{source} lists no categories; add a `categories` entry per class")
+        try:
+            ids = [int(c["id"]) for c in categories]
+            names = [str(c.get("name", c["id"])) for c in categories]
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"{source} has a category without an integer `id`; give every category one") from None
+        if len(set(ids)) != len(ids):
+            raise DataError(f"{source} repeats a category id; make every category id unique")
+        return cls(ids, names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, category_id: object) -> bool:
+        return category_id in self._index
+
+    def to_index(self, category_id: int) -> int:
+        try:
+            return self._index[int(category_id)]
+        except KeyError:
+            raise DataError(f"category id {category_id} is not one of {list(self.ids)}") from None
+
+    def to_id(self, index: int) -> int:
+        if not 0 <= int(index) < len(self.ids):
+            raise DataError(f"class index {index} is outside 0..{len(self.ids) - 1}")
+        return self.ids[int(index)]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CategoryMap) and (self.ids, self.names) == (other.ids, other.names)
+
+    def __repr__(self) -> str:
+        return f"CategoryMap({dict(zip(self.ids, self.names))})"
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One usable image and its training boxes (crowd and degenerate boxes already removed)."""
+
+    image_id: int
+    path: str
+    width: int
+    height: int
+    boxes: np.ndarray
+    """float32 [N, 4] xyxy pixels, clamped to the image."""
+    labels: np.ndarray
+    """int64 [N] contiguous class indices."""
+    ann_ids: np.ndarray
+    """int64 [N] annotation ids (to trace boxes through transforms)."""
+
+
+@dataclass
+class LoadReport:
+    """What loading dropped, for the one summary line and for tests."""
+
+    skipped_images: dict[str, list[str]] = field(default_factory=dict)
+    """reason ('missing', 'unreadable', 'truncated') -> file names."""
+    crowd: int = 0
+    degenerate: int = 0
+    size_mismatch: int = 0
+    """Images whose file size differs from the annotation's width/height (the file's size is used)."""
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(len(v) for v in self.skipped_images.values())
+
+
+def _read_annotations(ann_file: Path) -> dict:
+    if not ann_file.is_file():
+        raise DataError(f"annotation file {ann_file} does not exist; check data.train/val.ann_file")
+    try:
+        raw = json.loads(ann_file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"annotation file {ann_file} is not valid JSON ({e}); repair or re-export it") from None
+    if not isinstance(raw, dict) or not all(isinstance(raw.get(k), list)
+                                            for k in ("images", "annotations", "categories")):
+        raise DataError(f"annotation file {ann_file} is not COCO detection format (needs `images`, `annotations` "
+                        f"and `categories` lists); re-export it")
+    return raw
+
+
+def _has_end_marker(path: Path, fmt: str | None) -> bool:
+    marker = _END_MARKERS.get(fmt or "")
+    if marker is None:
+        return True
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - len(marker)))
+        return f.read() == marker
+
+
+def check_image(path: Path) -> tuple[str | None, tuple[int, int]]:
+    """(None, (width, height)) for a usable image file, else (reason, (0, 0))."""
+    try:
+        with Image.open(path) as im:
+            size, fmt = im.size, im.format
+    except FileNotFoundError:
+        return "missing", (0, 0)
+    except Exception:  # PIL raises many types for garbage files; all mean the same here
+        return "unreadable", (0, 0)
+    if _has_end_marker(path, fmt):
+        return None, size
+    try:  # no end marker: trailing bytes after it, or a truncated file; decoding decides
+        with Image.open(path) as im:
+            im.load()
+    except Exception:
+        return "truncated", (0, 0)
+    return None, size
+
+
+def _image_entries(raw: dict, source: Path) -> list[dict]:
+    images = raw["images"]
+    if not images:
+        raise DataError(f"annotation file {source} lists no images; it must describe at least one image")
+    for im in images:
+        if not isinstance(im, dict) or not isinstance(im.get("id"), int) or not isinstance(im.get("file_name"), str):
+            raise DataError(f"annotation file {source} has an image without an integer `id` and a `file_name` "
+                            f"({str(im)[:80]}); fix the `images` list")
+    if len({im["id"] for im in images}) != len(images):
+        raise DataError(f"annotation file {source} repeats an image id; make image ids unique")
+    return images
+
+
+def _check_images(folder: Path, images: list[dict], report: LoadReport) -> dict[int, tuple[str, int, int]]:
+    """image_id -> (path, width, height) of the usable files; the rest are counted in `report`."""
+    paths = [folder / str(im["file_name"]) for im in images]
+    with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
+        results = list(pool.map(check_image, paths))
+    usable = {}
+    for im, path, (problem, (w, h)) in zip(images, paths, results):
+        if problem is not None:
+            report.skipped_images.setdefault(problem, []).append(str(im["file_name"]))
+            continue
+        if (im.get("width"), im.get("height")) not in ((w, h), (None, None)):
+            report.size_mismatch += 1
+        usable[int(im["id"])] = (str(path), w, h)
+    return usable
+
+
+def _annotation_table(raw: dict, source: Path, image_ids: set[int], cats: CategoryMap) -> dict[str, np.ndarray]:
+    """All annotations (crowd included) as arrays; raises DataError on a malformed entry."""
+    anns = raw["annotations"]
+    ints = np.zeros((len(anns), 4), dtype=np.int64)  # id, image_id, category_id, iscrowd
+    floats = np.zeros((len(anns), 5), dtype=np.float64)  # x, y, w, h, area
+    for i, a in enumerate(anns):
+        try:
+            x, y, w, h = (float(v) for v in a["bbox"])
+            ints[i] = (int(a["id"]), int(a["image_id"]), int(a["category_id"]), int(bool(a.get("iscrowd", 0))))
+            floats[i] = (x, y, w, h, float(a.get("area", w * h)))
+        except (KeyError, TypeError, ValueError):
+            raise DataError(f"annotation #{i} in {source} needs integer `id`, `image_id`, `category_id` and a "
+                            f"4-number `bbox`; fix that entry") from None
+        if ints[i, 1] not in image_ids:
+            raise DataError(f"annotation {ints[i, 0]} in {source} refers to image_id {ints[i, 1]}, which is not in "
+                            f"`images`; fix the annotation or add the image")
+        if int(ints[i, 2]) not in cats:
+            raise DataError(f"annotation {ints[i, 0]} in {source} has category_id {ints[i, 2]}, which is not in "
+                            f"`categories` {list(cats.ids)}; add the category or fix the annotation")
+    if len(np.unique(ints[:, 0])) != len(anns):
+        raise DataError(f"annotation file {source} repeats an annotation id; make annotation ids unique")
+    return {"ints": ints, "floats": floats}
+
+
+def _training_boxes(table: dict[str, np.ndarray], sizes: dict[int, tuple[str, int, int]], cats: CategoryMap,
+                    report: LoadReport) -> dict[int, np.ndarray]:
+    """image_id -> row indices of its non-crowd, non-degenerate annotations on usable images.
+
+    Adds `xyxy` (boxes clamped to the image) and `labels` (class indices) to `table`, one row per annotation."""
+    ints, floats = table["ints"], table["floats"]
+    wh = np.array([sizes.get(int(i), ("", 0, 0))[1:] for i in ints[:, 1]], dtype=np.float64).reshape(-1, 2)
+    x0 = np.clip(floats[:, 0], 0, wh[:, 0])
+    y0 = np.clip(floats[:, 1], 0, wh[:, 1])
+    x1 = np.clip(floats[:, 0] + floats[:, 2], 0, wh[:, 0])
+    y1 = np.clip(floats[:, 1] + floats[:, 3], 0, wh[:, 1])
+    table["xyxy"] = np.stack([x0, y0, x1, y1], axis=1).astype(np.float32)
+    on_usable = np.array([int(i) in sizes for i in ints[:, 1]], dtype=bool)
+    crowd = ints[:, 3] == 1
+    degenerate = (x1 <= x0) | (y1 <= y0)
+    report.crowd = int((crowd & on_usable).sum())
+    report.degenerate = int((~crowd & degenerate & on_usable).sum())
+    keep = np.flatnonzero(on_usable & ~crowd & ~degenerate)
+    by_image: dict[int, list[int]] = {}
+    for row in keep:
+        by_image.setdefault(int(ints[row, 1]), []).append(int(row))
+    table["labels"] = np.array([cats.to_index(c) for c in ints[:, 2]], dtype=np.int64)
+    return {k: np.asarray(v, dtype=np.int64) for k, v in by_image.items()}
+
+
+def _log_report(report: LoadReport, ann_file: Path, n_images: int) -> None:
+    if report.num_skipped:
+        detail = ", ".join(f"{len(v)} {k} (e.g. {v[0]})" for k, v in sorted(report.skipped_images.items()))
+        log.warning("%s: skipped %d image file(s): %s; fix or remove them to silence this", ann_file,
+                    report.num_skipped, detail)
+    if report.size_mismatch:
+        log.warning("%s: %d image(s) differ in size from their annotation's width/height; using the files' sizes",
+                    ann_file, report.size_mismatch)
+    log.info("%s: %d images, %d crowd and %d degenerate boxes left out of training targets", ann_file, n_images,
+             report.crowd, report.degenerate)
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """A COCO-format detection dataset (see the module docstring for what loading drops and why).
+
+    Args:
+        img_folder: folder the annotation's `file_name`s are relative to.
+        ann_file: COCO JSON with `images`, `annotations` and `categories`.
+        transforms: called as `transforms(image, target, epoch=epoch, dataset=self)` and returning
+            `(image, target)`; None returns the raw item.
+    """
+
+    def __init__(self, img_folder: str | Path, ann_file: str | Path, transforms: Callable | None = None):
+        self.img_folder, self.ann_file = Path(img_folder), Path(ann_file)
+        if not self.img_folder.is_dir():
+            raise DataError(f"image folder {self.img_folder} does not exist; check data.train/val.img_folder")
+        raw = _read_annotations(self.ann_file)
+        self.categories = CategoryMap.from_coco(raw["categories"], str(self.ann_file))
+        self._categories_raw = [dict(c) for c in raw["categories"]]
+        self.report = LoadReport()
+        images = _image_entries(raw, self.ann_file)
+        sizes = _check_images(self.img_folder, images, self.report)
+        self._gt_table = _annotation_table(raw, self.ann_file, {int(im["id"]) for im in images}, self.categories)
+        rows = _training_boxes(self._gt_table, sizes, self.categories, self.report)
+        self.records = [self._record(image_id, sizes[image_id], rows.get(image_id)) for image_id in sizes]
+        if not self.records:
+            raise DataError(f"no usable image in {self.ann_file} (all {len(images)} files in {self.img_folder} are "
+                            f"missing or corrupt); check data.train/val.img_folder")
+        _log_report(self.report, self.ann_file, len(self.records))
+        self.transforms = transforms
+
+    def _record(self, image_id: int, size: tuple[str, int, int], rows: np.ndarray | None) -> ImageRecord:
+        rows = np.zeros(0, dtype=np.int64) if rows is None else rows
+        return ImageRecord(image_id=image_id, path=size[0], width=size[1], height=size[2],
+                           boxes=self._gt_table["xyxy"][rows].reshape(-1, 4),
+                           labels=self._gt_table["labels"][rows], ann_ids=self._gt_table["ints"][rows, 0])
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [r.image_id for r in self.records]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load_item(self, idx: int) -> tuple[Image.Image, dict[str, Any]]:
+        """The raw image and its target (xyxy pixel `BoundingBoxes`, per-box fields, image_id, orig_size)."""
+        rec = self.records[idx]
+        image = self._decode(rec)
+        n = len(rec.labels)
+        boxes = torch.from_numpy(rec.boxes.copy())
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(rec.height, rec.width)),
+            "labels": torch.from_numpy(rec.labels.copy()),
+            "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+            "iscrowd": torch.zeros(n, dtype=torch.int64),
+            "ann_id": torch.from_numpy(rec.ann_ids.copy()),
+            "image_id": torch.tensor(rec.image_id, dtype=torch.int64),
+            "orig_size": torch.tensor([rec.width, rec.height], dtype=torch.int64),
+            "ops": (),
+        }
+        return image, target
+
+    def _decode(self, rec: ImageRecord) -> Image.Image:
+        try:
+            with Image.open(rec.path) as im:
+                image = im.convert("RGB")
+        except Exception as e:
+            raise DataError(f"image {rec.path} could not be decoded ({e}); re-encode it or remove it from "
+                            f"{self.ann_file}") from None
+        if image.size != (rec.width, rec.height):
+            raise DataError(f"image {rec.path} changed size since the dataset was loaded; rebuild the dataset")
+        return image
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        idx, epoch = key if isinstance(key, tuple) else (key, None)
+        image, target = self.load_item(int(idx))
+        if self.transforms is None:
+            return image, target
+        image, target = self.transforms(image, target, epoch=epoch, dataset=self)
+        target["epoch"] = epoch
+        return image, target
+
+    @cached_property
+    def coco_gt(self):
+        """A faster_coco_eval `COCO` of the usable images and ALL their annotations (crowd included)."""
+        from faster_coco_eval import COCO
+
+        return COCO(self._gt_dict(), print_function=lambda *a, **k: None)
+
+    def _gt_dict(self) -> dict:
+        ints, floats = self._gt_table["ints"], self._gt_table["floats"]
+        kept = {r.image_id for r in self.records}
+        images = [{"id": r.image_id, "file_name": Path(r.path).name, "width": r.width, "height": r.height}
+                  for r in self.records]
+        anns = [{"id": int(i[0]), "image_id": int(i[1]), "category_id": int(i[2]), "iscrowd": int(i[3]),
+                 "bbox": [float(v) for v in f[:4]], "area": float(f[4])}
+                for i, f in zip(ints, floats) if int(i[1]) in kept]
+        return {"images": images, "annotations": anns, "categories": [dict(c) for c in self._categories_raw]}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("coco_gt", None)  # rebuilt on demand; loader workers never need it
+        return state

@@ -1,0 +1,169 @@
+"""data layer: the per-sample train and val pipelines (torchvision.transforms.v2 ops plus Mosaic).
+
+Train, stage 1 (ops in order; each gated by `gates.epoch_plan` for the sample's epoch):
+  Mosaic | RandomPhotometricDistort | RandomZoomOut | RandomIoUCrop | SanitizeBoundingBoxes |
+  RandomHorizontalFlip | Resize(data.image_size) | SanitizeBoundingBoxes | to float [0,1] | Normalize (opt.) |
+  boxes to normalized cxcywh.
+  In the Mosaic phase each sample draws Mosaic with `mosaic_prob`; a Mosaic sample skips ZoomOut/IoUCrop.
+Train, stage 2 and val: Resize | SanitizeBoundingBoxes | to float | Normalize (opt.) | normalized cxcywh.
+
+The probabilities of ZoomOut, IoUCrop and Flip are drawn here (the tv ops run with p=1), so `target["ops"]`
+records exactly the augmentations a sample received; tests and `show-augment` read it.
+
+Per-box fields (`labels`, `area`, `iscrowd`, `ann_id`) stay aligned with the boxes through every op:
+SanitizeBoundingBoxes filters all of them, and `area` is recomputed from the boxes after each op (the box
+area in the current image's pixels). Upstream kept the annotation's area unchanged, so it drifted from the
+boxes and fell out of step when boxes were removed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from deim_ray.config.schema import Config
+from deim_ray.data import gates
+from deim_ray.data.coco import PER_BOX_FIELDS
+from deim_ray.data.errors import DataError
+from deim_ray.data.mosaic import Mosaic
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Step = tuple[str, Callable[..., tuple[Any, dict]]]
+"""(name, fn(image, target, dataset) -> (image, target))."""
+
+
+def per_box_fields(sample: tuple[Any, dict]) -> tuple[torch.Tensor, ...]:
+    """`labels_getter` for SanitizeBoundingBoxes: every per-box field is filtered with the boxes."""
+    return tuple(sample[1][k] for k in PER_BOX_FIELDS)
+
+
+def box_area(boxes: torch.Tensor) -> torch.Tensor:
+    b = boxes.as_subclass(torch.Tensor)
+    return ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).to(torch.float32)
+
+
+def _tv(op: Callable) -> Callable:
+    return lambda image, target, dataset: op(image, target)
+
+
+def _to_float(image: Image.Image, target: dict, dataset) -> tuple[torch.Tensor, dict]:
+    return F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True), target
+
+
+def _normalized_cxcywh(image: torch.Tensor, target: dict, dataset) -> tuple[torch.Tensor, dict]:
+    """Boxes to a plain float32 [N, 4] tensor of cxcywh divided by (w, h, w, h) of the final image."""
+    h, w = image.shape[-2:]
+    b = target["boxes"].as_subclass(torch.Tensor)
+    cxcywh = torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1)
+    target = dict(target, boxes=(cxcywh / torch.tensor([w, h, w, h], dtype=torch.float32)).reshape(-1, 4))
+    return image, target
+
+
+def _finish_steps(cfg: Config) -> list[Step]:
+    """Resize to data.image_size, drop boxes the resize made too small, scale to [0,1], normalize, box format."""
+    h, w = cfg.data.image_size
+    sanitize = v2.SanitizeBoundingBoxes(min_size=1, labels_getter=per_box_fields)
+    steps: list[Step] = [("Resize", _tv(v2.Resize([h, w]))), ("SanitizeBoundingBoxes", _tv(sanitize)),
+                         ("ToFloat", _to_float)]
+    if cfg.data.normalize:
+        normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+        steps.append(("Normalize", lambda image, target, dataset: (normalize(image), target)))
+    steps.append(("NormalizeBoxes", _normalized_cxcywh))
+    return steps
+
+
+def _run(steps: list[Step], image, target: dict, dataset, trace: list | None) -> tuple[torch.Tensor, dict]:
+    for name, fn in steps:
+        image, target = fn(image, target, dataset)
+        if isinstance(target["boxes"], tv_tensors.BoundingBoxes):
+            target["area"] = box_area(target["boxes"])
+        if trace is not None:
+            trace.append((name, image, dict(target)))
+    return image, target
+
+
+class TrainTransforms:
+    """The stage-aware train pipeline; called as `(image, target, epoch=..., dataset=...)` per sample.
+
+    Pass a list as `trace` to receive `(op name, image, target)` after every op (tests, debugging).
+    """
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        a = cfg.augment
+        gates.check(cfg)
+        self.mosaic = Mosaic(a.mosaic)
+        self.augment_steps: dict[str, Callable] = {
+            gates.MOSAIC: self.mosaic,
+            gates.PHOTOMETRIC: _tv(v2.RandomPhotometricDistort(p=a.photometric_p)),
+            gates.ZOOM_OUT: _tv(v2.RandomZoomOut(fill=0, side_range=a.zoom_out_side_range, p=1.0)),
+            gates.IOU_CROP: _tv(v2.RandomIoUCrop()),
+            gates.FLIP: _tv(v2.RandomHorizontalFlip(p=1.0)),
+        }
+        self.sanitize = _tv(v2.SanitizeBoundingBoxes(min_size=1, labels_getter=per_box_fields))
+        self.finish = _finish_steps(cfg)
+
+    def select(self, epoch: int, num_boxes: int) -> list[Step]:
+        """The ops one sample runs at `epoch` (random draws happen here)."""
+        plan = gates.epoch_plan(self.cfg, epoch)
+        if plan.stage == 2:
+            return list(self.finish)
+        a, pol = self.cfg.augment, plan.policy
+        mosaic = pol.mosaic_prob > 0 and _draw(pol.mosaic_prob)
+        chosen = [gates.MOSAIC] if mosaic else []
+        if pol.allows(gates.PHOTOMETRIC):
+            chosen.append(gates.PHOTOMETRIC)
+        if not mosaic and pol.allows(gates.ZOOM_OUT) and _draw(a.zoom_out_p):
+            chosen.append(gates.ZOOM_OUT)
+        if not mosaic and pol.allows(gates.IOU_CROP) and num_boxes > 0 and _draw(a.iou_crop_p):
+            chosen.append(gates.IOU_CROP)  # tv's IoU crop needs a box to aim at
+        steps = [(name, self._recorded(name)) for name in chosen]
+        steps.append(("SanitizeBoundingBoxes", self.sanitize))
+        if pol.allows(gates.FLIP) and _draw(a.flip_p):
+            steps.append((gates.FLIP, self._recorded(gates.FLIP)))
+        return steps + list(self.finish)
+
+    def _recorded(self, name: str) -> Callable:
+        op = self.augment_steps[name]
+
+        def run(image, target, dataset):
+            image, target = op(image, target, dataset)
+            return image, dict(target, ops=target["ops"] + (name,))
+        return run
+
+    def __call__(self, image: Image.Image, target: dict, *, epoch: int | None, dataset=None,
+                 trace: list | None = None) -> tuple[torch.Tensor, dict]:
+        if epoch is None:
+            raise DataError("train transforms need the epoch; index the dataset with (index, epoch), "
+                            "as build_train_loader does")
+        return _run(self.select(epoch, len(target["boxes"])), image, target, dataset, trace)
+
+
+class ValTransforms:
+    """Resize + scale (+ Normalize) with boxes as normalized cxcywh; the epoch is ignored."""
+
+    def __init__(self, cfg: Config):
+        self.finish = _finish_steps(cfg)
+
+    def __call__(self, image: Image.Image, target: dict, *, epoch: int | None = None, dataset=None,
+                 trace: list | None = None) -> tuple[torch.Tensor, dict]:
+        return _run(self.finish, image, target, dataset, trace)
+
+
+def _draw(p: float) -> bool:
+    return p > 0 and bool(torch.rand(()) < p)
+
+
+def build_train_transforms(cfg: Config) -> TrainTransforms:
+    return TrainTransforms(cfg)
+
+
+def build_val_transforms(cfg: Config) -> ValTransforms:
+    return ValTransforms(cfg)

@@ -1,0 +1,67 @@
+"""driver layer: `deim-ray info` — the model size and the whole schedule before any GPU hour is spent.
+
+The phase table joins three views of each epoch range: what the data pipeline does (from `data.gates`, the
+same functions the pipeline runs), which LR phase applies (from the flat-cosine boundaries), and what the EMA
+and best rule do (warm-up, the stage-2 restart decay and restart search).
+"""
+
+from __future__ import annotations
+
+from deim_ray.config.schema import Config
+from deim_ray.data.gates import phase_table
+from deim_ray.models.build import build_model, count_parameters
+
+
+def lr_phases(cfg: Config) -> list[tuple[int, int, str]]:
+    """Epoch ranges [start, end) of the LR curve (warm-up is in iterations, so it is listed separately)."""
+    s, lr = cfg.schedule, cfg.lr_scheduler
+    if lr.type == "constant":
+        return [(0, s.epochs, "flat")]
+    tail_start = s.epochs - lr.no_aug_epoch
+    flat_end = min(lr.flat_epoch, tail_start)
+    phases = [(0, flat_end, "flat"), (flat_end, tail_start, f"cosine to x{lr.lr_gamma:g}"),
+              (tail_start, s.epochs, f"flat x{lr.lr_gamma:g}")]
+    return [p for p in phases if p[0] < p[1]]
+
+
+def _lr_at(cfg: Config, epoch: int) -> str:
+    return next(name for start, end, name in lr_phases(cfg) if start <= epoch < end)
+
+
+def _ema_at(cfg: Config, stage: int) -> str:
+    if not cfg.ema.enabled:
+        return "EMA off"
+    if stage == 2:
+        rule = "restart from best_stg1 when not improving" if cfg.schedule.stage2_restart else "no restarts"
+        return f"EMA decay {cfg.schedule.ema_restart_decay:g}; {rule}"
+    return f"EMA decay {cfg.ema.decay:g} (warm-up {cfg.ema.warmups} updates)"
+
+
+def _split_by_lr(cfg: Config):
+    """Data phases cut further at LR phase boundaries."""
+    cuts = sorted({b for start, end, _ in lr_phases(cfg) for b in (start, end)})
+    for phase in phase_table(cfg):
+        inner = [c for c in cuts if phase.start < c < phase.end]
+        bounds = [phase.start, *inner, phase.end]
+        for start, end in zip(bounds, bounds[1:]):
+            yield start, end, phase
+
+
+def describe_config(cfg: Config, num_classes: int | None = None) -> str:
+    classes = num_classes or (cfg.data.synthetic.num_classes if cfg.data.synthetic else 80)
+    params = count_parameters(build_model(cfg.model, classes))
+    s, lr = cfg.schedule, cfg.lr_scheduler
+    lines = [
+        f"model: DEIMv2-{cfg.model.variant} ({classes} classes)",
+        f"parameters: {params}",
+        f"epochs: {s.epochs}",
+        f"stop_epoch: {s.stop_epoch}",
+        f"image_size: {cfg.data.image_size[0]}x{cfg.data.image_size[1]}   total_batch_size: {cfg.data.total_batch_size}",
+        f"lr: {cfg.optimizer.type} {cfg.optimizer.lr:g}, {lr.type}, warm-up {lr.warmup_iter} iterations",
+        "",
+        f"{'epochs':<10} {'stage':<6} {'lr':<14} {'ema / best rule':<48} augmentation",
+    ]
+    for start, end, phase in _split_by_lr(cfg):
+        lines.append(f"{start:>3}-{end - 1:<6} {phase.stage:<6} {_lr_at(cfg, start):<14} "
+                     f"{_ema_at(cfg, phase.stage):<48} {', '.join(phase.ops)}")
+    return "\n".join(lines)

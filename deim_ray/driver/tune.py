@@ -1,0 +1,262 @@
+"""driver layer: `deim-ray tune`, a Ray Tune search whose every trial is a full two-stage deim_ray run.
+
+    <storage>/<name>/trial-<trial_id>/   one run per trial: manifest.json, artifacts/final.pth, ... (as `train`)
+                     tune/search/        Ray Tune's experiment state
+                     tune_summary.json   best trial, its params and final artifact URI, every trial
+
+Each trial is a Tune function trainable that acts as the Train driver: it applies its sampled values to the
+base config (`override_config`, then the usual validation) and calls `run_training`. Every epoch's report
+reaches Tune through Ray Train's `TuneReportCallback`, so ASHA's time unit (training_iteration) is the epoch.
+A trial driver holds one unit of the custom `train_driver` resource and no CPU, so CPUs/GPUs go to workers.
+
+ASHA stops a trial by killing its actor: the run is left mid-stage. After the search, once the stopped
+trials' placement groups are gone, each stopped run is finalized here (resolve + final.pth, the same code
+`train` uses), so every trial that evaluated an epoch ends with a resolved final and the comparison is
+between finals, not between last reported epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import ray
+from ray import tune
+
+from deim_ray.config.loader import load_config, override_config
+from deim_ray.config.schema import Config
+from deim_ray.config.validate import validate
+from deim_ray.driver.ray_stage import check_capacity, ensure_ray, stage_callbacks
+from deim_ray.driver.run import RunRequest, _write_final, run_training
+from deim_ray.driver.tune_space import SearchSpace, check_space_against_config, parse_space, plain
+from deim_ray.storage import BEST_STG1, BEST_STG2, RunState, RunStore, Storage, open_storage
+
+log = logging.getLogger("deim_ray.tune")
+
+SUMMARY_FILE = "tune_summary.json"
+METRIC = "ap"
+"""Rank-0 metric of each epoch report (COCO AP@[.5:.95]); ASHA compares trials on it."""
+DRIVER_RESOURCE = "train_driver"
+SCHEDULERS = ("asha", "fifo")
+PG_CLEANUP_TIMEOUT_S = 90.0
+
+
+class TuneError(RuntimeError):
+    """The search cannot start or produced nothing usable; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class TrialJob:
+    """What every trial needs besides its sampled values (pickled to the trial actors; never secrets)."""
+
+    base: Config
+    trials_uri: str
+    workers: int
+    gpu: bool
+    max_failures: int
+    cpus_per_worker: float
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    run_uri: str
+    params: dict[str, Any]
+    state: str
+    """completed (ran both stages), stopped (by the scheduler; finalized afterwards) or error."""
+    epochs_run: int | None = None
+    final_ap: float | None = None
+    final_artifact: str | None = None
+    final_uri: str | None = None
+    reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class TuneSummary:
+    name: str
+    uri: str
+    """Where tune_summary.json was written."""
+    scheduler: str
+    best: TrialSummary | None
+    trials: list[TrialSummary] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        best = self.best
+        return {"name": self.name, "scheduler": self.scheduler, "metric": f"final {METRIC}",
+                "best_trial": best.trial_id if best else None, "best_params": best.params if best else None,
+                "best_final_ap": best.final_ap if best else None, "best_final_uri": best.final_uri if best else None,
+                "trials": [asdict(t) for t in self.trials]}
+
+
+def trial_run_name(trial_id: str) -> str:
+    return f"trial-{trial_id}"
+
+
+def _trial_main(params: dict[str, Any], job: TrialJob) -> None:
+    """Tune function trainable: one full two-stage run with `params` applied, epochs reported to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback  # only constructible inside a Tune session
+
+    cfg = override_config(job.base, {k: plain(v) for k, v in params.items()})
+    trial_id = tune.get_context().get_trial_id()
+    req = RunRequest(cfg=cfg, storage_uri=job.trials_uri, name=trial_run_name(trial_id), workers=job.workers,
+                     gpu=job.gpu, max_failures=job.max_failures, cpus_per_worker=job.cpus_per_worker)
+    with stage_callbacks([TuneReportCallback()]):
+        run_training(req)
+
+
+def _param_space(space: SearchSpace) -> dict[str, Any]:
+    build = {"uniform": tune.uniform, "loguniform": tune.loguniform, "quniform": tune.quniform,
+             "randint": tune.randint, "choice": lambda *a: tune.choice(list(a)),
+             "grid": lambda *a: tune.grid_search(list(a))}
+    return {d.key: build[d.dist](*d.args) for d in space.dimensions}
+
+
+def _max_epochs(space: SearchSpace, base: Config) -> int:
+    searched = [v for d in space.dimensions if d.key == "schedule.epochs" for v in d.probe_values()]
+    return max([base.schedule.epochs, *searched])
+
+
+def _scheduler(kind: str, max_t: int, grace_period: int):
+    if kind == "fifo":
+        return tune.schedulers.FIFOScheduler()
+    # stop_last_trials=False: a trial that reaches max_t finishes on its own (and writes its final) instead
+    # of being killed after its last report.
+    return tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+                                         grace_period=min(grace_period, max_t), reduction_factor=2,
+                                         stop_last_trials=False)
+
+
+def _connect(max_concurrent: int) -> None:
+    ensure_ray(resources={DRIVER_RESOURCE: float(max_concurrent)})
+    have = ray.cluster_resources().get(DRIVER_RESOURCE, 0.0)
+    if have < 1:
+        raise TuneError(f"the Ray cluster has no `{DRIVER_RESOURCE}` resource for trial drivers; start the head "
+                        f"with `ray start --head --resources='{{\"{DRIVER_RESOURCE}\": {max_concurrent}}}'`")
+
+
+def _live_placement_groups() -> set[str]:
+    return {pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
+
+
+def _wait_for_placement_groups(before: set[str], timeout_s: float = PG_CLEANUP_TIMEOUT_S) -> None:
+    """Wait until the placement groups this search created are released (a stopped trial's Train workers
+    are cleaned up asynchronously); only then can nothing of a stopped run still write to its manifest."""
+    deadline = time.monotonic() + timeout_s
+    while (left := _live_placement_groups() - before) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    if left:
+        log.warning("%d placement group(s) of this search still held after %.0f s: %s", len(left), timeout_s,
+                    ", ".join(sorted(left)))
+
+
+def _fit(space: SearchSpace, job: TrialJob, root: RunStore, samples: int, scheduler: str, max_concurrent: int,
+         grace_period: int) -> tune.ResultGrid:
+    storage_path, filesystem = root.ray_storage("tune")
+    trainable = tune.with_resources(tune.with_parameters(_trial_main, job=job), {DRIVER_RESOURCE: 1})
+    tuner = tune.Tuner(
+        trainable,
+        param_space=_param_space(space),
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=samples,
+                                    max_concurrent_trials=max_concurrent,
+                                    scheduler=_scheduler(scheduler, _max_epochs(space, job.base), grace_period)),
+        # A failed trial is not retried by Tune: Ray Train already survives worker failures inside each stage,
+        # and a bad combination of values would only fail again.
+        run_config=tune.RunConfig(name="search", storage_path=storage_path, storage_filesystem=filesystem,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    return tuner.fit()
+
+
+def _error_line(error: BaseException) -> str:
+    cause = getattr(error, "cause", None) or error  # RayTaskError wraps what the trial raised
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
+
+
+def _finalize_stopped(store: RunStore, cfg: Config, epochs_run: int | None) -> None:
+    """Resolve a run the scheduler stopped mid-stage and write its final.pth (as `train` does at the end)."""
+    manifest = store.read_manifest()
+    manifest.extra["stopped_early"] = {"by": "tune scheduler", "epochs_run": epochs_run,
+                                       "state_when_stopped": manifest.state.value}
+    store.write_manifest(manifest)
+    _write_final(store, cfg)
+
+
+def _summarize_trial(result: tune.Result, job: TrialJob, trials: Storage) -> TrialSummary:
+    """One trial's row: its state, and its resolved final (finalizing the run first if it was stopped)."""
+    trial_id = result.metrics["trial_id"]
+    params = {k: plain(v) for k, v in (result.config or {}).items()}
+    store = RunStore(trials, trial_run_name(trial_id))
+    epoch = result.metrics.get("epoch")
+    summary = TrialSummary(trial_id=trial_id, run_uri=store.uri, params=params, state="completed",
+                           epochs_run=None if epoch is None else int(epoch) + 1)
+    if result.error is not None:
+        summary.state, summary.error = "error", _error_line(result.error)
+        return summary
+    manifest = store.read_manifest()
+    if manifest is None or manifest.state is not RunState.DONE:
+        summary.state = "stopped"
+    if manifest is not None and manifest.state is not RunState.DONE and (
+            manifest.artifacts.get(BEST_STG1) or manifest.artifacts.get(BEST_STG2)):
+        _finalize_stopped(store, override_config(job.base, params), summary.epochs_run)
+        manifest = store.read_manifest()
+    final = (manifest.final if manifest else None) or {}
+    summary.final_ap, summary.final_artifact = final.get("ap"), final.get("artifact")
+    summary.final_uri, summary.reason = final.get("uri"), final.get("reason")
+    return summary
+
+
+def _best(trials: list[TrialSummary]) -> TrialSummary | None:
+    finished = [t for t in trials if t.final_ap is not None]
+    return max(finished, key=lambda t: t.final_ap) if finished else None
+
+
+def format_summary(summary: TuneSummary) -> str:
+    """The table printed at the end of a search: one row per trial, then the best trial's final artifact."""
+    rows = [f"{'trial':<24} {'state':<9} {'epochs':>6} {'final AP':>8}  {'artifact':<10} params"]
+    for t in sorted(summary.trials, key=lambda t: (t.final_ap is None, -(t.final_ap or 0.0), t.trial_id)):
+        ap = f"{t.final_ap:.4f}" if t.final_ap is not None else "-"
+        params = " ".join(f"{k}={json.dumps(v)}" for k, v in t.params.items())
+        rows.append(f"{trial_run_name(t.trial_id):<24} {t.state:<9} {t.epochs_run or '-':>6} {ap:>8}  "
+                    f"{t.final_artifact or '-':<10} {params}" + (f"  [{t.error}]" if t.error else ""))
+    best = summary.best
+    rows.append(f"best: {trial_run_name(best.trial_id)} final AP {best.final_ap:.4f} -> {best.final_uri}"
+                if best else "best: none (no trial evaluated an epoch)")
+    rows.append(f"summary: {summary.uri}")
+    return "\n".join(rows)
+
+
+def run_tune(cfg_path: str, overrides: list[str], space: dict | SearchSpace, samples: int,
+             scheduler: str = "asha", max_concurrent: int = 2, storage_uri: str = "./runs", name: str = "tune",
+             workers_per_trial: int = 1, gpu: bool = False, *, cpus_per_worker: float = 1.0,
+             max_failures: int = 3, grace_period: int = 1) -> TuneSummary:
+    """Search `space` around the config at `cfg_path`; every trial is a full two-stage run under
+    `<storage_uri>/<name>/`. Returns (and writes as tune_summary.json) the trials ranked by resolved final AP."""
+    if scheduler not in SCHEDULERS:
+        raise TuneError(f"unknown scheduler {scheduler!r}; use one of {', '.join(SCHEDULERS)}")
+    if samples < 1 or max_concurrent < 1 or workers_per_trial < 1:
+        raise TuneError("--samples, --max-concurrent and --workers-per-trial must be at least 1")
+    space = space if isinstance(space, SearchSpace) else parse_space(space)
+    base = load_config(cfg_path, overrides)
+    validate(base, workers=workers_per_trial)
+    check_space_against_config(space, base, workers_per_trial)
+    root = RunStore(open_storage(storage_uri, base.storage), name)
+    _connect(max_concurrent)
+    check_capacity(workers_per_trial, gpu, cpus_per_worker)
+    job = TrialJob(base=base, trials_uri=root.uri, workers=workers_per_trial, gpu=gpu,
+                   max_failures=max_failures, cpus_per_worker=cpus_per_worker)
+    before = _live_placement_groups()
+    log.info("tune %s: %d sample(s) x %d grid point(s), %d concurrent, scheduler %s, runs under %s", name, samples,
+             space.grid_size, max_concurrent, scheduler, root.uri)
+    grid = _fit(space, job, root, samples, scheduler, max_concurrent, grace_period)
+    _wait_for_placement_groups(before)
+    trials_storage = open_storage(root.uri, base.storage)
+    trials = [_summarize_trial(result, job, trials_storage) for result in grid]
+    summary = TuneSummary(name=name, uri=root.storage.child_uri(root.key(SUMMARY_FILE)), scheduler=scheduler,
+                          best=_best(trials), trials=trials)
+    root.write_text(SUMMARY_FILE, json.dumps(summary.to_json(), indent=2) + "\n")
+    return summary

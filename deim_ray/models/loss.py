@@ -1,0 +1,188 @@
+"""models layer: the training loss as the engine calls it, plus upstream's late matcher switch.
+
+`forward_loss(model, pixel_values, targets)` runs transformers' DEIMv2 loss (MAL + L1/GIoU boxes + FGL/DDF,
+auxiliary decoder layers, encoder top-k and denoising groups) after cheap input checks, and adds a zero-weight
+term over every trainable parameter. That term changes no value or gradient, but puts every parameter in the
+autograd graph, so `DistributedDataParallel(find_unused_parameters=False)` neither hangs when one rank's batch has
+no boxes (the denoising embedding then gets no gradient) nor fails on parameters the DINOv3 backbone never uses
+(`mask_token`).
+
+Matcher switch: upstream DEIM(v2) replaces the Hungarian cost from `matcher_change_epoch` on by
+`-(class score x IoU^alpha)` (alpha = `iou_order_alpha`, 4.0 in the released configs). transformers' loss
+always uses the focal/L1/GIoU cost and rebuilds its criterion on every forward, with no hook for the matcher.
+`set_matcher_epoch` therefore installs, from the switch epoch on, a loss function of our own
+(`IoUOrderLoss`) that feeds the same model outputs to transformers' `Deimv2Loss` with `IoUOrderMatcher`;
+before the switch the stock loss runs untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from torchvision.ops import box_convert, box_iou
+from transformers.loss.loss_deimv2 import Deimv2Loss
+
+from deim_ray.models.build import feature_strides, validate_input_size
+from deim_ray.models.errors import ModelError
+
+Targets = list[dict[str, torch.Tensor]]
+
+
+def forward_loss(model: nn.Module, pixel_values: torch.Tensor, targets: Targets
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss of one batch and its detached terms (for logging / all-reduce).
+
+    Args:
+        model: a `Deimv2ForObjectDetection`, possibly wrapped in DDP. In `train()` mode the denoising terms
+            are included; in `eval()` mode the same call gives a validation loss without them.
+        pixel_values: [B, 3, H, W] float images; H and W multiples of 32.
+        targets: B dicts with `boxes` (float32 [N, 4], normalised cxcywh in [0, 1]) and `class_labels`
+            (int64 [N], < num_classes); N may be 0. Extra keys are ignored.
+    """
+    core = getattr(model, "module", model)
+    config = core.config
+    if pixel_values.dim() != 4 or not pixel_values.is_floating_point():
+        raise ModelError(f"pixel_values must be a float [B,3,H,W] tensor, got {pixel_values.dtype} "
+                         f"{tuple(pixel_values.shape)}")
+    validate_input_size(pixel_values.shape[-2], pixel_values.shape[-1], config.num_queries,
+                        feature_strides(config))
+    validate_targets(targets, config.num_labels, pixel_values.shape[0], pixel_values.device)
+    out = model(pixel_values=pixel_values, labels=targets)
+    loss = out.loss
+    if torch.is_grad_enabled():
+        loss = loss + 0.0 * sum(p.sum() for p in model.parameters() if p.requires_grad)
+    return loss, {k: v.detach() for k, v in out.loss_dict.items()}
+
+
+def validate_targets(targets: Targets, num_classes: int, batch_size: int, device: torch.device) -> None:
+    """Raise ModelError for targets the loss would silently mis-train on or fail deep inside on."""
+    if not isinstance(targets, (list, tuple)) or len(targets) != batch_size:
+        raise ModelError(f"targets must be a list of {batch_size} dicts (one per image), got {type(targets).__name__}"
+                         f" of length {len(targets) if hasattr(targets, '__len__') else '?'}")
+    for i, t in enumerate(targets):
+        _check_target_layout(i, t, device)
+    boxes = torch.cat([t["boxes"] for t in targets])
+    labels = torch.cat([t["class_labels"] for t in targets])
+    if boxes.numel() == 0:
+        return
+    checks = torch.stack([
+        torch.isfinite(boxes).all() & (boxes >= 0).all() & (boxes <= 1).all(),
+        (labels >= 0).all() & (labels < num_classes).all(),
+    ]).tolist()  # one device sync for both checks
+    if not checks[0]:
+        raise ModelError(f"target boxes must be normalised cxcywh in [0, 1], found values in "
+                         f"[{boxes.min().item():.3g}, {boxes.max().item():.3g}]; divide pixel boxes by (w, h, w, h)")
+    if not checks[1]:
+        raise ModelError(f"class_labels must be in [0, {num_classes}), found [{labels.min().item()}, "
+                         f"{labels.max().item()}]; raise num_classes or remap the category ids")
+
+
+def _check_target_layout(i: int, t: Any, device: torch.device) -> None:
+    if not isinstance(t, dict) or "boxes" not in t or "class_labels" not in t:
+        raise ModelError(f"target {i} must be a dict with 'boxes' and 'class_labels'")
+    boxes, labels = t["boxes"], t["class_labels"]
+    if boxes.dtype != torch.float32 or boxes.dim() != 2 or boxes.shape[-1] != 4:
+        raise ModelError(f"target {i}: boxes must be float32 [N,4], got {boxes.dtype} {tuple(boxes.shape)}")
+    if labels.dtype != torch.int64 or labels.shape != boxes.shape[:1]:
+        raise ModelError(f"target {i}: class_labels must be int64 [N] with N = number of boxes, got "
+                         f"{labels.dtype} {tuple(labels.shape)}; convert with .long()")
+    if boxes.device != device or labels.device != device:
+        raise ModelError(f"target {i} is on {boxes.device}, images on {device}; move targets to the same device")
+
+
+def set_matcher_epoch(model: nn.Module, epoch: int, change_epoch: int | None, iou_order_alpha: float = 4.0) -> bool:
+    """Use the IoU-order matcher when `change_epoch` is set and `epoch >= change_epoch`, else transformers'
+    stock loss. Call at the start of every epoch (also after a resume); returns whether the switch is on."""
+    core = getattr(model, "module", model)
+    switched = change_epoch is not None and epoch >= change_epoch
+    if switched:
+        core.loss_function = IoUOrderLoss(iou_order_alpha)
+    elif "_loss_function" in vars(core):
+        del core._loss_function  # back to the loss transformers maps to this model class
+    return switched
+
+
+class IoUOrderMatcher(nn.Module):
+    """One-to-one assignment minimising `-(p_class x IoU^alpha)` per image (upstream's late matcher)."""
+
+    def __init__(self, alpha: float = 4.0):
+        super().__init__()
+        self.alpha = alpha
+
+    @torch.no_grad()
+    def forward(self, outputs: dict[str, torch.Tensor], targets: Targets) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        batch, queries = outputs["logits"].shape[:2]
+        sizes = [len(t["boxes"]) for t in targets]
+        if sum(sizes) == 0:
+            empty = torch.zeros(0, dtype=torch.int64)
+            return [(empty, empty) for _ in targets]
+        labels = torch.cat([t["class_labels"] for t in targets])
+        gt_boxes = box_convert(torch.cat([t["boxes"] for t in targets]).float(), "cxcywh", "xyxy")
+        scores = outputs["logits"].flatten(0, 1).float().sigmoid()[:, labels]
+        pred = box_convert(outputs["pred_boxes"].flatten(0, 1).float(), "cxcywh", "xyxy")
+        cost = -(scores * box_iou(pred, gt_boxes).pow(self.alpha))
+        # a NaN pair (degenerate box) is worse than any real pair, whose cost lies in [-1, 0]
+        cost = torch.nan_to_num(cost, nan=1.0).view(batch, queries, -1).cpu()
+        indices = []
+        for i, per_image in enumerate(cost.split(sizes, -1)):
+            rows, cols = linear_sum_assignment(per_image[i].numpy())
+            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        return indices
+
+
+class IoUOrderLoss:
+    """Drop-in for transformers' DEIMv2 loss function (same arguments and return value), matching with
+    `IoUOrderMatcher`. A class rather than a closure so a model holding it still pickles."""
+
+    def __init__(self, alpha: float = 4.0):
+        self.alpha = alpha
+
+    def __call__(self, logits, labels, device, pred_boxes, config, outputs_class=None, outputs_coord=None,
+                 **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor], list | None]:
+        criterion = Deimv2Loss(config).to(device)
+        criterion.matcher = IoUOrderMatcher(self.alpha)
+        inputs = loss_inputs(logits, pred_boxes, config, outputs_class, outputs_coord, **kwargs)
+        loss_dict = criterion(inputs, labels)
+        return sum(loss_dict.values()), loss_dict, inputs.get("auxiliary_outputs")
+
+
+def loss_inputs(logits, pred_boxes, config, outputs_class, outputs_coord, *, enc_topk_logits=None,
+                enc_topk_bboxes=None, denoising_meta_values=None, predicted_corners=None,
+                initial_reference_points=None, **_) -> dict[str, Any]:
+    """Arrange the decoder's per-layer outputs ([B, entries, queries, ...]) the way `Deimv2Loss` reads them:
+    the last layer's matching queries; earlier entries and the encoder top-k as auxiliary outputs (the last
+    layer's corners/logits as distillation teacher); the denoising queries as their own group.
+
+    This reproduces transformers' own arrangement exactly, so switching the matcher changes nothing else.
+    Note its quirk: logits/boxes have one more entry than corners/reference points (the first is the
+    pre-refinement output of layer 0), and entries are paired by position, up to the shorter list."""
+    classes, coords = outputs_class, outputs_coord.clamp(0, 1)
+    corners, refs = predicted_corners, initial_reference_points
+    dn = None
+    if denoising_meta_values is not None:
+        split = denoising_meta_values["dn_num_split"]
+        (dn_classes, classes), (dn_coords, coords) = classes.split(split, 2), coords.split(split, 2)
+        (dn_corners, corners), (dn_refs, refs) = corners.split(split, 2), refs.split(split, 2)
+        logits, pred_boxes = logits.split(split, 1)[1], pred_boxes.split(split, 1)[1]
+        dn_entries = min(dn_classes.shape[1], dn_corners.shape[1])
+        dn = _layer_outputs(dn_classes, dn_coords, dn_corners, dn_refs, dn_entries)
+    inputs: dict[str, Any] = {"logits": logits, "pred_boxes": pred_boxes.clamp(0, 1)}
+    if not config.auxiliary_loss:
+        return inputs
+    aux = _layer_outputs(classes, coords, corners, refs, min(classes.shape[1], corners.shape[1]) - 1)
+    aux.append({"logits": enc_topk_logits, "pred_boxes": enc_topk_bboxes.clamp(0, 1)})
+    inputs["auxiliary_outputs"] = aux
+    if dn is not None:
+        inputs["dn_auxiliary_outputs"] = dn
+        inputs["denoising_meta_values"] = denoising_meta_values
+    return inputs
+
+
+def _layer_outputs(classes, coords, corners, refs, num_layers: int) -> list[dict[str, torch.Tensor]]:
+    teacher_corners, teacher_logits = corners[:, -1], classes[:, -1]
+    return [{"logits": classes[:, i], "pred_boxes": coords[:, i], "pred_corners": corners[:, i],
+             "ref_points": refs[:, i], "teacher_corners": teacher_corners, "teacher_logits": teacher_logits}
+            for i in range(num_layers)]

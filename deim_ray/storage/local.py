@@ -1,0 +1,134 @@
+"""storage layer: `LocalStorage`, a directory on this machine's disk (or a mounted shared filesystem).
+
+Every write goes to a hidden temp file in the target's folder, is fsynced, then renamed over the target, so
+a reader sees the old file or the complete new one. sha256 is computed while the bytes are written.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import os
+import time
+from pathlib import Path
+
+from deim_ray.storage.base import (TEMP_SUFFIX, ObjectInfo, atomic_local_file, check_key, hash_stream,
+                                   join_key, sha256_file)
+from deim_ray.storage.errors import BadStorageURI, ObjectNotFound
+
+
+class LocalStorage:
+    """Objects are files under `root`; keys are their `/`-separated paths relative to it."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(os.path.abspath(root))
+        if self.root.exists() and not self.root.is_dir():
+            raise BadStorageURI(f"storage root {self.root} is a file, not a directory; pass a directory path")
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({str(self.root)!r})"
+
+    @property
+    def uri(self) -> str:
+        return str(self.root)
+
+    def child_uri(self, key: str) -> str:
+        return str(self._path(key))
+
+    def _path(self, key: str) -> Path:
+        return self.root / check_key(key)
+
+    def _info(self, key: str, sha: str, size: int) -> ObjectInfo:
+        return ObjectInfo(key=key, uri=self.child_uri(key), size=size, sha256=sha)
+
+    def read_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise ObjectNotFound(f"{self.child_uri(key)} does not exist; check the storage root and key") from None
+
+    def write_bytes(self, key: str, data: bytes) -> ObjectInfo:
+        sha, size = atomic_local_file(self._path(key), lambda f: hash_stream(io.BytesIO(data), f),
+                                      uri=self.child_uri(key))
+        return self._info(key, sha, size)
+
+    def upload_file(self, key: str, local_path: str | os.PathLike) -> ObjectInfo:
+        with self._open_source(local_path) as src:
+            sha, size = atomic_local_file(self._path(key), lambda f: hash_stream(src, f), uri=self.child_uri(key))
+        return self._info(key, sha, size)
+
+    def download_file(self, key: str, local_path: str | os.PathLike,
+                      expected_sha256: str | None = None) -> ObjectInfo:
+        uri = self.child_uri(key)
+        try:
+            src = open(self._path(key), "rb")
+        except (FileNotFoundError, IsADirectoryError):
+            raise ObjectNotFound(f"{uri} does not exist; check the storage root and key") from None
+        with src:
+            sha, size = atomic_local_file(local_path, lambda f: hash_stream(src, f), uri=uri,
+                                          expected_sha256=expected_sha256)
+        return self._info(key, sha, size)
+
+    @staticmethod
+    def _open_source(local_path: str | os.PathLike):
+        try:
+            return open(local_path, "rb")
+        except FileNotFoundError:
+            raise ObjectNotFound(f"local file {local_path} does not exist; nothing to upload") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        sha, size = sha256_file(path)
+        return self._info(key, sha, size)
+
+    def hash_object(self, key: str) -> str:
+        path = self._path(key)
+        if not path.is_file():
+            raise ObjectNotFound(f"{path} does not exist; check the storage root and key")
+        return sha256_file(path)[0]
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def _walk(self, prefix: str):
+        """(key, path) of every file, temp files included, whose key starts with `prefix`."""
+        start = self.root / prefix.rpartition("/")[0] if "/" in prefix else self.root
+        for folder, _, files in os.walk(start):
+            rel = Path(folder).relative_to(self.root).as_posix()
+            for name in files:
+                key = join_key("" if rel == "." else rel, name)
+                if key.startswith(prefix):
+                    yield key, Path(folder) / name
+
+    def list(self, prefix: str = "", recursive: bool = True) -> list[str]:
+        check_key(prefix, allow_empty=True)
+        if recursive:
+            return sorted(key for key, path in self._walk(prefix) if not _is_temp(path.name))
+        folder = self.root / prefix if prefix else self.root
+        if not folder.is_dir():
+            return []
+        return sorted(join_key(prefix, e.name) + ("/" if e.is_dir() else "")
+                      for e in os.scandir(folder) if not _is_temp(e.name))
+
+    def abort_stale_uploads(self, prefix: str = "", older_than: dt.timedelta = dt.timedelta(0)) -> int:
+        """Remove temp files of interrupted writes under `prefix` older than `older_than` (a killed process
+        leaves them; they are never objects). Returns how many were removed."""
+        check_key(prefix, allow_empty=True)
+        cutoff = time.time() - older_than.total_seconds()
+        stale = [path for _, path in self._walk(prefix) if _is_temp(path.name) and path.stat().st_mtime <= cutoff]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
+
+    def ray_storage(self, subdir: str) -> tuple[str, None]:
+        """Ray writes straight into `<root>/<subdir>` (an absolute path; no filesystem object needed)."""
+        return str(self._path(subdir)), None
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)

@@ -1,0 +1,215 @@
+"""storage layer: the run's `manifest.json` — its state machine, artifact records and JSON contract.
+
+The JSON is a public contract (DESIGN.md, "Artifacts"): the keys `schema, name, state, config_sha256,
+epochs, stop_epoch, switch, artifacts{best_stg1, best_stg2, last, final}, final` are always written (an
+artifact that does not exist is null). Fields may be added, never removed; keys this version does not know
+are kept and written back, so an older reader never drops a newer writer's fields.
+
+    NEW -> STAGE1_RUNNING -> STAGE1_DONE -> STAGE2_RUNNING -> DONE
+    any state but DONE -> FAILED;  FAILED -> STAGE1_RUNNING | STAGE2_RUNNING (resume by re-running)
+    STAGE1_RUNNING -> STAGE1_RUNNING and STAGE2_RUNNING -> STAGE2_RUNNING record a resumed driver
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+from deim_ray.storage.errors import ManifestError
+
+SCHEMA = 1
+MANIFEST_KEY = "manifest.json"
+
+LAST = "last"
+"""TrainState after the latest epoch (overwritten every epoch)."""
+BEST_STG1 = "best_stg1"
+"""TrainState of the best validated epoch of stage 1; stage 2 starts from it."""
+BEST_STG2 = "best_stg2"
+"""TrainState of the best validated epoch of stage 2."""
+FINAL = "final"
+"""Deployable EMA weights of the resolved winner, with the metadata to rebuild the model."""
+ARTIFACT_NAMES = (BEST_STG1, BEST_STG2, LAST, FINAL)
+
+
+def artifact_key(name: str) -> str:
+    """Key of an artifact inside the run directory: `artifacts/<name>.pth`."""
+    if name not in ARTIFACT_NAMES:
+        raise ManifestError(f"unknown artifact '{name}'; use one of: {', '.join(ARTIFACT_NAMES)}")
+    return f"artifacts/{name}.pth"
+
+
+def utc_now() -> str:
+    """ISO-8601 UTC time to the second, e.g. 2026-01-31T12:00:00Z."""
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class RunState(str, Enum):
+    NEW = "NEW"
+    STAGE1_RUNNING = "STAGE1_RUNNING"
+    STAGE1_DONE = "STAGE1_DONE"
+    STAGE2_RUNNING = "STAGE2_RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_S = RunState
+LEGAL_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
+    _S.NEW: frozenset({_S.STAGE1_RUNNING, _S.FAILED}),
+    _S.STAGE1_RUNNING: frozenset({_S.STAGE1_RUNNING, _S.STAGE1_DONE, _S.FAILED}),
+    _S.STAGE1_DONE: frozenset({_S.STAGE2_RUNNING, _S.FAILED}),
+    _S.STAGE2_RUNNING: frozenset({_S.STAGE2_RUNNING, _S.DONE, _S.FAILED}),
+    _S.FAILED: frozenset({_S.STAGE1_RUNNING, _S.STAGE2_RUNNING}),
+    _S.DONE: frozenset(),
+}
+"""Allowed next states of each state (see the module docstring)."""
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """One artifact the manifest names: a complete, checksummed object in storage."""
+
+    uri: str
+    sha256: str
+    epoch: int
+    stage: int
+    ap: float | None
+    """COCO AP@[.5:.95] of the epoch it was saved at (None when not validated)."""
+    size: int | None = None
+    key: str = ""
+    """Key relative to the run directory, e.g. `artifacts/best_stg1.pth`."""
+    updated_at: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Fields written by a newer version, kept as they are."""
+
+    def to_json(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**self.extra, **out}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ArtifactRecord:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        missing = {"uri", "sha256", "epoch", "stage", "ap"} - data.keys()
+        if missing:
+            raise ManifestError(f"artifact record lacks {sorted(missing)}; the manifest is damaged — "
+                                "restore it or re-run with --restart")
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   extra={k: v for k, v in data.items() if k not in known})
+
+
+_CONTRACT_KEYS = ("schema", "name", "state", "config_sha256", "epochs", "stop_epoch", "switch", "artifacts", "final")
+
+
+@dataclass
+class Manifest:
+    """The run's persisted state. Mutate, then write it with `RunStore.write_manifest` (atomic)."""
+
+    name: str
+    config_sha256: str
+    epochs: int
+    stop_epoch: int
+    state: RunState = RunState.NEW
+    switch: dict[str, Any] | None = None
+    """Stage switch record: {"epoch", "from": "best_stg1", "sha256", ...}; None before the switch."""
+    artifacts: dict[str, ArtifactRecord | None] = field(default_factory=lambda: dict.fromkeys(ARTIFACT_NAMES))
+    final: dict[str, Any] | None = None
+    """Resolved final: {"artifact", "uri", "ap", "epoch", "stage", "reason", ...}; None until DONE."""
+    attempt: int = 1
+    """How many times this run name was started over (--restart); Ray run names include it."""
+    created_at: str = ""
+    updated_at: str = ""
+    transitions: list[dict[str, Any]] = field(default_factory=list)
+    """Every state change: {"state", "time", "note"}, oldest first."""
+    schema: int = SCHEMA
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Top-level keys written by a newer version, kept as they are."""
+
+    @classmethod
+    def new(cls, *, name: str, config_sha256: str, epochs: int, stop_epoch: int, attempt: int = 1) -> Manifest:
+        now = utc_now()
+        return cls(name=name, config_sha256=config_sha256, epochs=epochs, stop_epoch=stop_epoch,
+                   attempt=attempt, created_at=now, updated_at=now,
+                   transitions=[{"state": RunState.NEW.value, "time": now, "note": f"created (attempt {attempt})"}])
+
+    def advance(self, new_state: RunState, note: str = "") -> None:
+        """Move to `new_state`, recording the transition; ManifestError if the state machine forbids it."""
+        new_state = RunState(new_state)
+        if new_state not in LEGAL_TRANSITIONS[self.state]:
+            legal = ", ".join(s.value for s in LEGAL_TRANSITIONS[self.state]) or "none (the run is finished)"
+            raise ManifestError(f"run '{self.name}' cannot go from {self.state.value} to {new_state.value}; "
+                                f"legal next states: {legal}")
+        _check_preconditions(self, new_state)
+        self.state = new_state
+        self.transitions.append({"state": new_state.value, "time": utc_now(), "note": note})
+
+    def to_json(self) -> dict[str, Any]:
+        body = {
+            "schema": self.schema, "name": self.name, "state": self.state.value,
+            "config_sha256": self.config_sha256, "epochs": self.epochs, "stop_epoch": self.stop_epoch,
+            "switch": self.switch,
+            "artifacts": {n: (r.to_json() if r else None) for n, r in self.artifacts.items()},
+            "final": self.final, "attempt": self.attempt, "created_at": self.created_at,
+            "updated_at": self.updated_at, "transitions": self.transitions,
+        }
+        return {**self.extra, **body}
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        missing = [k for k in _CONTRACT_KEYS if k not in data]
+        if missing:
+            raise ManifestError(f"manifest lacks {missing}; it is not a deim_ray manifest or is damaged")
+        if not isinstance(data["schema"], int) or data["schema"] > SCHEMA:
+            raise ManifestError(f"manifest schema {data['schema']!r} is newer than this deim_ray understands "
+                                f"({SCHEMA}); upgrade deim_ray")
+        try:
+            state = RunState(data["state"])
+        except ValueError:
+            raise ManifestError(f"manifest state {data['state']!r} is not one of "
+                                f"{[s.value for s in RunState]}") from None
+        artifacts = dict.fromkeys(ARTIFACT_NAMES)
+        artifacts.update({n: ArtifactRecord.from_json(r) if r else None for n, r in data["artifacts"].items()})
+        own = set(_CONTRACT_KEYS) | {"attempt", "created_at", "updated_at", "transitions"}
+        return cls(name=data["name"], config_sha256=data["config_sha256"], epochs=data["epochs"],
+                   stop_epoch=data["stop_epoch"], state=state, switch=data["switch"], artifacts=artifacts,
+                   final=data["final"], attempt=data.get("attempt", 1), created_at=data.get("created_at", ""),
+                   updated_at=data.get("updated_at", ""), transitions=list(data.get("transitions", [])),
+                   schema=data["schema"], extra={k: v for k, v in data.items() if k not in own})
+
+    @classmethod
+    def loads(cls, text: str, *, source: str = "manifest.json") -> Manifest:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ManifestError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}); restore it from "
+                                "a backup or re-run with --restart") from None
+        if not isinstance(data, dict):
+            raise ManifestError(f"{source} is not a JSON object; restore it or re-run with --restart")
+        return cls.from_json(data)
+
+
+def _check_preconditions(m: Manifest, new_state: RunState) -> None:
+    """States that promise something durable may only be entered once it is recorded."""
+    if new_state is RunState.STAGE1_DONE and m.artifacts.get(BEST_STG1) is None:
+        raise ManifestError(f"run '{m.name}' cannot be STAGE1_DONE without a recorded best_stg1; "
+                            "stage 1 must save (and upload) a validated best checkpoint first")
+    if new_state is RunState.STAGE2_RUNNING and not m.switch:
+        raise ManifestError(f"run '{m.name}' cannot start stage 2 before the switch is recorded; "
+                            "verify best_stg1 and record `switch` first")
+    if new_state is RunState.DONE and not m.final:
+        raise ManifestError(f"run '{m.name}' cannot be DONE without a resolved `final`; resolve it first")
+
+
+def finite_ap(ap: Any) -> float | None:
+    """`ap` as a float if it is a real, finite number, else None (not a validated AP)."""
+    if isinstance(ap, bool) or not isinstance(ap, (int, float)) or not math.isfinite(ap):
+        return None
+    return float(ap)

@@ -1,0 +1,94 @@
+"""storage layer: `resolve_final`, which checkpoint of a run is final and why (a pure function).
+
+The highest validated AP wins between `best_stg1` and `best_stg2`; a tie goes to stage 2 (it trained on
+clean data at the deployment size); a run with no `best_stg2` resolves to `best_stg1` and says so. The reason
+is plain words and is written into the manifest's `final.reason`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from deim_ray.storage.errors import ResolveError
+from deim_ray.storage.manifest import BEST_STG1, BEST_STG2, ArtifactRecord, Manifest, RunState, finite_ap
+
+
+@dataclass(frozen=True)
+class Resolution:
+    artifact: str
+    """The winning artifact name: best_stg1 or best_stg2."""
+    ap: float
+    epoch: int
+    stage: int
+    reason: str
+    """Why, in words, e.g. "stage 2 beat stage 1 (0.431 > 0.412 AP)"."""
+    record: ArtifactRecord
+
+
+def _pair(a: float, b: float) -> tuple[str, str]:
+    """Both APs with enough decimals (3 to 6) that unequal values never print the same."""
+    for digits in range(3, 7):
+        sa, sb = f"{a:.{digits}f}", f"{b:.{digits}f}"
+        if sa != sb or a == b:
+            return sa, sb
+    return f"{a!r}", f"{b!r}"
+
+
+def _pick(name: str, record: ArtifactRecord, reason: str) -> Resolution:
+    return Resolution(artifact=name, ap=finite_ap(record.ap), epoch=record.epoch, stage=record.stage,
+                      reason=reason, record=record)
+
+
+def resolve_final(artifacts: Mapping[str, ArtifactRecord | None]) -> Resolution:
+    """Choose the final artifact among `artifacts[best_stg1]` and `artifacts[best_stg2]` (see module doc).
+
+    A record whose AP is missing or not finite was never validated and cannot win. ResolveError when neither
+    best checkpoint is usable.
+    """
+    s1, s2 = artifacts.get(BEST_STG1), artifacts.get(BEST_STG2)
+    ap1 = finite_ap(s1.ap) if s1 else None
+    ap2 = finite_ap(s2.ap) if s2 else None
+    if ap1 is None and ap2 is None:
+        raise ResolveError("no validated best checkpoint (best_stg1 and best_stg2 are missing or have no AP): "
+                           "the run has not finished an evaluated epoch yet; train or resume it first")
+    if ap2 is None:
+        return _pick(BEST_STG1, s1, f"run ended in stage 1 (no best_stg2); keeping best_stg1 "
+                                    f"({ap1:.3f} AP at epoch {s1.epoch})")
+    if ap1 is None:
+        return _pick(BEST_STG2, s2, f"no validated best_stg1; keeping best_stg2 ({ap2:.3f} AP at epoch {s2.epoch})")
+    t2, t1 = _pair(ap2, ap1)
+    if ap2 > ap1:
+        return _pick(BEST_STG2, s2, f"stage 2 beat stage 1 ({t2} > {t1} AP)")
+    if ap2 == ap1:
+        return _pick(BEST_STG2, s2, f"stage 2 tied stage 1 ({t2} = {t1} AP); a tie goes to stage 2")
+    return _pick(BEST_STG1, s1, f"stage 2 never beat stage 1 (best {t2} < {t1} AP); keeping best_stg1")
+
+
+def format_resolution(manifest: Manifest) -> str:
+    """Human summary for `deim-ray resolve`: final artifact, URI, AP/epoch/stage and the reason.
+
+    A finished run shows the recorded `final`; an unfinished one shows what would win right now.
+    """
+    head = f"run {manifest.name}: {manifest.state.value}"
+    if manifest.final:
+        f = manifest.final
+        lines = [head, f"final: {f.get('artifact')} -> {f.get('uri')}"]
+        if f.get("sha256"):
+            lines.append(f"  sha256 {f['sha256']}")
+        lines += [f"  AP {_ap(f.get('ap'))} at epoch {f.get('epoch')} (stage {f.get('stage')})",
+                  f"  reason: {f.get('reason')}"]
+        return "\n".join(lines)
+    try:
+        r = resolve_final(manifest.artifacts)
+    except ResolveError as e:
+        return f"{head}\nno final artifact yet: {e}"
+    status = "not finished" if manifest.state is not RunState.FAILED else "failed"
+    return "\n".join([f"{head} ({status}; this is what would win now)",
+                      f"leading: {r.artifact} -> {r.record.uri}", f"  sha256 {r.record.sha256}",
+                      f"  AP {_ap(r.ap)} at epoch {r.epoch} (stage {r.stage})", f"  reason: {r.reason}"])
+
+
+def _ap(ap) -> str:
+    value = finite_ap(ap)
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,202 @@
+"""`deim-ray tune`: the search-space file and its one-line errors (fast), and a real ASHA search on the tiny
+config where every trial is a full two-stage run (slow): a stopped trial still ends with a resolved final,
+the summary names the best trial's artifact, and no placement group outlives the search."""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import ray
+
+from deim_ray.cli.main import main
+from deim_ray.config.loader import load_config, override_config
+from deim_ray.driver.tune_space import SpaceError, check_space_against_config, load_space, parse_space, plain
+from tests.driver.conftest import TINY, data_overrides
+
+GOOD = {
+    "optimizer.lr": {"loguniform": [1.0e-4, 1.0e-2]},
+    "schedule.stop_epoch": {"choice": [2, 3]},
+    "augment.mixup_prob": {"uniform": [0.2, 0.6]},
+    "train.seed": {"randint": [0, 100]},
+    "data.image_size": {"grid": [[128, 128], [160, 160]]},
+    "model.extra.num_feature_levels": {"choice": [3]},
+}
+
+
+def test_a_good_space_parses_in_file_order_with_edge_values():
+    space = parse_space(GOOD)
+    assert space.keys == tuple(GOOD)
+    dims = {d.key: d for d in space.dimensions}
+    assert dims["optimizer.lr"].probe_values() == (1.0e-4, 1.0e-2)
+    assert dims["train.seed"].probe_values() == (0, 99)  # randint's upper bound is excluded
+    assert dims["data.image_size"].probe_values() == ([128, 128], [160, 160])
+    assert space.grid_size == 2
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    ({"optimizer.lr": {"logunifrom": [1e-4, 1e-2]}}, "unknown distribution `logunifrom` (did you mean `loguniform`?)"),
+    ({"optimizer.lrr": {"choice": [1e-3]}}, "`optimizer.lrr` is not a config key (did you mean `optimizer.lr`?)"),
+    ({"optimiser.lr": {"choice": [1e-3]}}, "did you mean `optimizer`?"),
+    ({"optimizer": {"choice": [1]}}, "`optimizer` is a config section"),
+    ({"optimizer.lr.value": {"choice": [1]}}, "`optimizer.lr` is a value, not a section"),
+    ({"source": {"choice": ["x.yml"]}}, "`source` is not a config key"),
+    ({"optimizer.lr": {"loguniform": [0, 1e-2]}}, "needs low > 0"),
+    ({"optimizer.lr": {"uniform": [1e-2, 1e-3]}}, "needs low < high"),
+    ({"optimizer.lr": {"uniform": [1e-3]}}, "takes [low, high] as numbers"),
+    ({"optimizer.lr": {"quniform": [0.1, 0.5, 0]}}, "needs a step > 0"),
+    ({"train.seed": {"randint": [0, 9.5]}}, "integer bounds"),
+    ({"schedule.stop_epoch": {"uniform": [2, 3]}}, "holds an integer, but `uniform` samples floats"),
+    ({"train.use_amp": {"randint": [0, 2]}}, "`randint` samples integers"),
+    ({"optimizer.lr": {"choice": []}}, "needs a non-empty list"),
+    ({"optimizer.lr": {"choice": [1e-3], "grid": [1e-3]}}, "must be one distribution"),
+    ({"optimizer.lr": 0.001}, "must be one distribution"),
+    ({}, "must map dotted config keys to distributions"),
+])
+def test_bad_spaces_are_one_line_errors(raw, fragment):
+    with pytest.raises(SpaceError) as err:
+        parse_space(raw, where="space.yml")
+    message = str(err.value)
+    assert message.startswith("space.yml") and fragment in message
+    assert "\n" not in message
+
+
+def test_space_file_errors_name_the_file(tmp_path):
+    with pytest.raises(SpaceError, match="not found"):
+        load_space(tmp_path / "missing.yml")
+    bad = tmp_path / "bad.yml"
+    bad.write_text("optimizer.lr: {loguniform: [1e-4, 1e-2\n")
+    with pytest.raises(SpaceError, match="malformed YAML in search space .*bad.yml"):
+        load_space(bad)
+    wrong = tmp_path / "wrong.yml"
+    wrong.write_text("optimizer.lr: {normal: [0, 1]}\n")
+    with pytest.raises(SpaceError, match=r"wrong\.yml: `optimizer.lr` uses unknown distribution `normal`"):
+        load_space(wrong)
+
+
+def test_sampled_values_apply_to_the_config_as_plain_python(tiny_data_root):
+    import numpy as np
+
+    base = load_config(TINY, data_overrides(tiny_data_root))
+    params = {"optimizer.lr": np.float64(1.2e-05), "schedule.stop_epoch": np.int64(3),
+              "data.image_size": (np.int64(128), np.int64(128)), "lr_scheduler.type": "constant"}
+    cfg = override_config(base, {k: plain(v) for k, v in params.items()})
+    assert type(cfg.optimizer.lr) is float and cfg.optimizer.lr == 1.2e-05
+    assert type(cfg.schedule.stop_epoch) is int and cfg.schedule.stop_epoch == 3
+    assert cfg.data.image_size == (128, 128) and cfg.lr_scheduler.type == "constant"
+    assert cfg.model == base.model and cfg.source == base.source
+
+
+def test_values_no_trial_could_use_are_rejected_before_the_search(tiny_data_root):
+    base = load_config(TINY, data_overrides(tiny_data_root))
+    # tiny uses flatcosine with no_aug_epoch = epochs - stop_epoch = 2: stop_epoch 3 breaks that rule
+    with pytest.raises(SpaceError, match=r"`schedule.stop_epoch` = 3 from choice\(2, 3\) gives an invalid config"
+                                         r".*lr_scheduler.no_aug_epoch"):
+        check_space_against_config(parse_space({"schedule.stop_epoch": {"choice": [2, 3]}}), base, workers=1)
+    with pytest.raises(SpaceError, match="data.total_batch_size"):  # 4 does not divide over 3 workers
+        check_space_against_config(parse_space({"optimizer.lr": {"choice": [1e-3]}}), base, workers=3)
+    constant = load_config(TINY, [*data_overrides(tiny_data_root), "lr_scheduler.type=constant"])
+    check_space_against_config(parse_space({"schedule.stop_epoch": {"choice": [2, 3]}}), constant, workers=1)
+
+
+def test_cli_reports_a_bad_space_as_one_line_before_starting_ray(tmp_path, capsys):
+    space = tmp_path / "space.yml"
+    space.write_text("optimizer.lrr: {loguniform: [1.0e-4, 1.0e-2]}\n")
+    ray_was_up = ray.is_initialized()
+    code = main(["tune", "-c", TINY, "--space", str(space), "--samples", "2", "--storage", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert err.startswith("deim-ray: error: ") and "did you mean `optimizer.lr`?" in err
+    assert ray.is_initialized() == ray_was_up and not (tmp_path / "tune").exists()
+
+
+# ---------------------------------------------------------------- a real search (slow)
+
+E2E_SPACE = {"optimizer.lr": {"grid": [2.0e-3, 1.0e-6]}, "schedule.stop_epoch": {"grid": [2, 3]}}
+
+
+@pytest.fixture(scope="module")
+def tune_ray():
+    """Ray with two `train_driver` units (two concurrent trial drivers) next to the 2 CPUs for workers."""
+    from deim_ray.driver.ray_stage import ensure_ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if ray.is_initialized() and ray.cluster_resources().get("train_driver", 0) < 2:
+        ray.shutdown()  # another module's instance without trial-driver resources
+    ensure_ray(resources={"train_driver": 2})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def search(tune_ray, tiny_data_root, tmp_path_factory):
+    from deim_ray.driver.tune import run_tune
+
+    storage = tmp_path_factory.mktemp("tune_runs")
+    # constant LR: the flat-cosine rule ties no_aug_epoch to stop_epoch, which this search varies
+    overrides = [*data_overrides(tiny_data_root), "lr_scheduler.type=constant"]
+    summary = run_tune(TINY, overrides, E2E_SPACE, samples=1, scheduler="asha", max_concurrent=2,
+                       storage_uri=str(storage), name="hpo", workers_per_trial=1, gpu=False)
+    return summary, storage / "hpo"
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_every_trial_ends_with_a_resolved_final(search):
+    from deim_ray.storage import resolve_final
+    from deim_ray.storage.manifest import Manifest
+
+    summary, root = search
+    assert len(summary.trials) == 4
+    assert {(t.params["optimizer.lr"], t.params["schedule.stop_epoch"]) for t in summary.trials} == {
+        (2.0e-3, 2), (2.0e-3, 3), (1.0e-6, 2), (1.0e-6, 3)}
+    for t in summary.trials:
+        assert t.state in ("completed", "stopped") and t.error is None, t
+        run_dir = root / f"trial-{t.trial_id}"
+        m = Manifest.loads((run_dir / "manifest.json").read_text())
+        assert m.state.value == "DONE" and m.final["artifact"] == resolve_final(m.artifacts).artifact
+        assert m.final["ap"] == t.final_ap and m.final["uri"] == t.final_uri
+        assert _sha(run_dir / "artifacts" / "final.pth") == m.final["sha256"]
+
+
+@pytest.mark.slow
+def test_asha_stopped_a_trial_and_it_resolved_to_its_stage1_best(search):
+    summary, root = search
+    stopped = [t for t in summary.trials if t.state == "stopped"]
+    assert stopped, "ASHA stopped no trial: " + json.dumps([(t.params, t.epochs_run) for t in summary.trials])
+    for t in stopped:
+        assert t.epochs_run < 4
+        m = json.loads((root / f"trial-{t.trial_id}" / "manifest.json").read_text())
+        assert m["stopped_early"]["epochs_run"] == t.epochs_run
+        if t.epochs_run <= t.params["schedule.stop_epoch"]:  # stopped in stage 1
+            assert t.final_artifact == "best_stg1" and "ended in stage 1" in t.reason
+    for t in summary.trials:
+        if t.state == "completed":
+            assert t.epochs_run == 4
+
+
+@pytest.mark.slow
+def test_summary_names_the_best_trial_and_its_loadable_final(search):
+    from deim_ray.models.export import load_final
+
+    summary, root = search
+    best = summary.best
+    assert best is not None and best.final_ap == max(t.final_ap for t in summary.trials)
+    written = json.loads((root / "tune_summary.json").read_text())
+    assert written["best_trial"] == best.trial_id and written["best_params"] == best.params
+    assert written["best_final_uri"] == best.final_uri and len(written["trials"]) == 4
+    final_path = Path(best.final_uri)
+    assert final_path.is_file() and final_path.parent.parent.name == f"trial-{best.trial_id}"
+    model, meta = load_final(final_path)
+    assert meta and sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.slow
+def test_no_placement_group_outlives_the_search(search):
+    table = ray.util.placement_group_table()
+    assert table and all(pg["state"] == "REMOVED" for pg in table.values()), {
+        pg_id: pg["state"] for pg_id, pg in table.items() if pg["state"] != "REMOVED"}

@@ -1,0 +1,111 @@
+"""End to end on real Ray (2 CPU workers, gloo), the real tiny DEIMv2 and real COCO evaluation:
+a two-stage run ends DONE with verified artifacts, an identical stage-2 start on both workers, the
+EMA restart decay in effect, and a final artifact that reproduces its recorded AP."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from deim_ray.driver.run import RunError, RunRequest, run_training
+from deim_ray.engine.data import build_data
+from deim_ray.engine.loop import evaluate
+from deim_ray.engine.state import load_train_state
+from deim_ray.engine.trainer import state_digest
+from deim_ray.models.build import build_model
+from deim_ray.models.export import load_final
+
+pytestmark = pytest.mark.slow
+
+RESTART_DECAY = 0.9995
+
+
+@pytest.fixture(scope="module")
+def run(ray_local, tiny_cfg, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    cfg = tiny_cfg(f"schedule.ema_restart_decay={RESTART_DECAY}")
+    manifest = run_training(RunRequest(cfg=cfg, storage_uri=str(storage), name="t1", workers=2))
+    return cfg, storage / "t1", manifest
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_manifest_is_done_with_switch_and_verified_artifacts(run):
+    cfg, run_dir, _ = run
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["state"] == "DONE" and m["epochs"] == 4 and m["stop_epoch"] == 2
+    assert m["switch"]["epoch"] == 2 and m["switch"]["from"] == "best_stg1"
+    assert m["switch"]["sha256"] == m["artifacts"]["best_stg1"]["sha256"]
+    for name in ("last", "best_stg1", "final"):
+        rec = m["artifacts"][name]
+        assert _sha(run_dir / "artifacts" / f"{name}.pth") == rec["sha256"], name
+    assert m["artifacts"]["best_stg1"]["stage"] == 1 and m["artifacts"]["best_stg1"]["epoch"] < 2
+    if m["artifacts"]["best_stg2"] is not None:
+        assert m["artifacts"]["best_stg2"]["stage"] == 2
+        assert m["artifacts"]["best_stg2"]["ap"] > m["artifacts"]["best_stg1"]["ap"]
+    assert m["final"]["artifact"] in ("best_stg1", "best_stg2") and m["final"]["reason"]
+    assert [t["state"] for t in m["transitions"]][-1] == "DONE"
+
+
+def test_metrics_are_contiguous_one_line_per_epoch(run):
+    _, run_dir, _ = run
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3]
+    assert [r["stage"] for r in rows] == [1, 1, 2, 2]
+    for r in rows:
+        assert len(r["coco_stats"]) == 12 and r["ap"] == r["coco_stats"][0]
+        assert r["loss"] > 0 and r["lr"] > 0
+
+
+def test_both_workers_started_stage2_from_best_stg1_bit_identical(run):
+    cfg, run_dir, _ = run
+    m = json.loads((run_dir / "manifest.json").read_text())
+    digests = m["switch"]["worker_start_digests"]
+    assert len(digests) == 2 and len(set(digests)) == 1
+    state = load_train_state(run_dir / "artifacts" / "best_stg1.pth")
+    model = build_model(cfg.model, state["extra"]["num_classes"])
+    model.load_state_dict(state["model"])
+    ema = build_model(cfg.model, state["extra"]["num_classes"])
+    ema.load_state_dict(state["ema"]["module"])
+    expected = hashlib.sha256((state_digest(model) + state_digest(ema)).encode()).hexdigest()
+    assert digests[0] == expected
+
+
+def test_ema_restart_decay_is_in_effect_in_stage2(run):
+    cfg, run_dir, _ = run
+    last = load_train_state(run_dir / "artifacts" / "last.pth")
+    stg1 = load_train_state(run_dir / "artifacts" / "best_stg1.pth")
+    assert last["stage"] == 2 and last["last_epoch"] == 3
+    assert stg1["ema"]["decay"] == cfg.ema.decay
+    assert last["ema"]["decay"] == RESTART_DECAY
+
+
+def test_final_rebuilds_and_reproduces_recorded_ap(run):
+    cfg, run_dir, manifest = run
+    path = run_dir / "artifacts" / "final.pth"
+    raw = torch.load(path, weights_only=True)
+    assert "optimizer" not in raw
+    model, meta = load_final(path)
+    data = build_data(cfg, 0, 1)
+    stats = evaluate(model, data.val_loader, coco_gt=data.coco_gt, category_ids=data.category_ids,
+                     device=torch.device("cpu"), num_top_queries=cfg.eval.num_top_queries)
+    assert stats[0] == pytest.approx(manifest.final["ap"], abs=1e-6)
+
+
+def test_rerun_of_a_done_run_trains_nothing(run):
+    cfg, run_dir, _ = run
+    before = (run_dir / "manifest.json").read_text()
+    m = run_training(RunRequest(cfg=cfg, storage_uri=str(run_dir.parent), name="t1", workers=2))
+    assert m.state.value == "DONE"
+    assert (run_dir / "manifest.json").read_text() == before
+
+
+def test_other_config_under_same_name_is_refused(run, tiny_cfg):
+    _, run_dir, _ = run
+    other = tiny_cfg(f"schedule.ema_restart_decay={RESTART_DECAY}", "optimizer.lr=0.001")
+    with pytest.raises(RunError, match="optimizer.lr"):
+        run_training(RunRequest(cfg=other, storage_uri=str(run_dir.parent), name="t1", workers=2))
