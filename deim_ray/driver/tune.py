@@ -32,7 +32,7 @@ from deim_ray.config.validate import validate
 from deim_ray.driver.ray_stage import check_capacity, ensure_ray, stage_callbacks
 from deim_ray.driver.run import RunRequest, _write_final, run_training
 from deim_ray.driver.tune_space import SearchSpace, check_space_against_config, parse_space, plain
-from deim_ray.storage import BEST_STG1, BEST_STG2, RunState, RunStore, Storage, open_storage
+from deim_ray.storage import BEST_STG1, BEST_STG2, RunState, RunStore, Storage, StorageError, open_storage
 
 log = logging.getLogger("deim_ray.tune")
 
@@ -202,7 +202,10 @@ def _summarize_trial(result: tune.Result, job: TrialJob, trials: Storage) -> Tri
         summary.state = "stopped"
     if manifest is not None and manifest.state is not RunState.DONE and (
             manifest.artifacts.get(BEST_STG1) or manifest.artifacts.get(BEST_STG2)):
-        _finalize_stopped(store, override_config(job.base, params), summary.epochs_run)
+        try:
+            _finalize_stopped(store, override_config(job.base, params), summary.epochs_run)
+        except StorageError as e:  # one run that cannot be finalized must not cost the whole search's summary
+            summary.error = f"not finalized: {_error_line(e)}"
         manifest = store.read_manifest()
     final = (manifest.final if manifest else None) or {}
     summary.final_ap, summary.final_artifact = final.get("ap"), final.get("artifact")

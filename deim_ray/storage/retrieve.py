@@ -18,7 +18,7 @@ from deim_ray.storage.resolve import format_resolution
 from deim_ray.storage.run_store import RunStore
 
 
-def open_run(run_uri: str, storage_cfg: StorageConfig | None = None) -> RunStore:
+def open_run_dir(run_uri: str, storage_cfg: StorageConfig | None = None) -> RunStore:
     """The RunStore of the run directory `run_uri` (`<root>/<name>`)."""
     root, name = split_run_uri(run_uri)
     return RunStore(open_storage(root, storage_cfg), name)
@@ -50,7 +50,7 @@ def fetch(run_uri: str, which: str = "final", out_dir: str | os.PathLike = ".",
     """
     if which not in ARTIFACT_NAMES:
         raise BadStorageURI(f"unknown artifact {which!r}; choose one of: {', '.join(ARTIFACT_NAMES)}")
-    store = open_run(run_uri, storage_cfg)
+    store = open_run_dir(run_uri, storage_cfg)
     manifest = _existing_manifest(store)
     record = manifest.artifacts.get(which)
     if record is None:
@@ -66,7 +66,7 @@ def fetch(run_uri: str, which: str = "final", out_dir: str | os.PathLike = ".",
 
 def describe_run(run_uri: str, storage_cfg: StorageConfig | None = None) -> str:
     """Text for `deim-ray resolve`: the run's state, final artifact, URI, AP/epoch/stage and the reason."""
-    store = open_run(run_uri, storage_cfg)
+    store = open_run_dir(run_uri, storage_cfg)
     return format_resolution(_existing_manifest(store))
 
 

@@ -137,7 +137,8 @@ def search(tune_ray, tiny_data_root, tmp_path_factory):
     # constant LR: the flat-cosine rule ties no_aug_epoch to stop_epoch, which this search varies
     overrides = [*data_overrides(tiny_data_root), "lr_scheduler.type=constant"]
     summary = run_tune(TINY, overrides, E2E_SPACE, samples=1, scheduler="asha", max_concurrent=2,
-                       storage_uri=str(storage), name="hpo", workers_per_trial=1, gpu=False)
+                       storage_uri=str(storage), name="hpo", workers_per_trial=1, gpu=False,
+                       max_failures=1)
     return summary, storage / "hpo"
 
 

@@ -7,7 +7,7 @@ import pytest
 from deim_ray.storage import BadStorageURI, ChecksumMismatch, ObjectNotFound, Storage
 from deim_ray.storage.base import atomic_local_file
 
-from tests.storage.helpers import sha256, write_file
+from tests.storage.payloads import sha256, write_file
 
 
 def test_implements_protocol(storage):

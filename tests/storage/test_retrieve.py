@@ -9,7 +9,7 @@ from deim_ray.storage import (BEST_STG1, BEST_STG2, FINAL, BadStorageURI, Checks
                               resolve_final)
 from deim_ray.storage.retrieve import _safe_destination
 
-from tests.storage.helpers import overwrite_behind_our_back, sha256, write_file
+from tests.storage.payloads import overwrite_behind_our_back, sha256, write_file
 
 
 def _finished_run(storage, tmp_path, name="person-n"):

@@ -12,7 +12,7 @@ from deim_ray.storage import (BEST_STG1, LAST, BadStorageURI, ChecksumMismatch, 
                               ObjectNotFound, RunState, RunStore)
 from deim_ray.storage.local import LocalStorage
 
-from tests.storage.helpers import overwrite_behind_our_back, sha256, write_file
+from tests.storage.payloads import overwrite_behind_our_back, sha256, write_file
 
 
 def _new_run(storage, name="person-n") -> RunStore:

@@ -12,7 +12,7 @@ import pytest
 from deim_ray.storage import ChecksumMismatch, RunStore, open_storage
 
 from tests.fixtures_s3 import SECRET_KEY, s3_client
-from tests.storage.helpers import sha256, write_file
+from tests.storage.payloads import sha256, write_file
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from deim_ray.storage import EndpointUnreachable, StorageError, open_storage
 from deim_ray.storage.s3 import S3Storage
 
 from tests.fixtures_s3 import SECRET_KEY, s3_client
-from tests.storage.helpers import sha256, write_file
+from tests.storage.payloads import sha256, write_file
 
 KEY = "run/artifacts/last.pth"
 

@@ -8,7 +8,7 @@ import pytest
 from deim_ray.storage import LAST, Manifest, RunStore, StorageError
 from deim_ray.storage.transfer import BackgroundUploader, UploadTimeout
 
-from tests.storage.helpers import sha256, write_file
+from tests.storage.payloads import sha256, write_file
 
 
 def test_calls_run_in_order_without_blocking_the_caller():

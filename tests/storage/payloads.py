@@ -1,4 +1,4 @@
-"""Small helpers shared by the storage tests."""
+"""Test payloads shared by the storage tests: deterministic files, hashes, out-of-band object damage."""
 
 import hashlib
 import random
