@@ -97,7 +97,29 @@ def ls(args: argparse.Namespace) -> int:
 
 
 def info(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # config errors surface before the model libraries load
     from deim_ray.driver.info import describe_config
 
-    print(describe_config(_load(args)))
+    print(describe_config(cfg))
+    return 0
+
+
+def show_augment(args: argparse.Namespace) -> int:
+    from deim_ray.data.visualize import render_augment_grid
+
+    cfg = _load(args)
+    path = render_augment_grid(cfg, args.epoch, args.output, n=args.n)
+    print(f"wrote {path} (epoch {args.epoch}, stage {1 if args.epoch < cfg.schedule.stop_epoch else 2})")
+    return 0
+
+
+def import_config(args: argparse.Namespace) -> int:
+    from deim_ray.config.upstream import write_converted
+
+    if Path(args.output).exists():
+        raise FileExistsError(f"{args.output} exists; choose another --output or remove it first")
+    unhonoured = write_converted(args.config, args.output)
+    print(f"wrote {args.output}")
+    for line in unhonoured:
+        print(f"  not honoured: {line}")
     return 0

@@ -7,21 +7,16 @@ stderr, `deim-ray: error: <what is wrong and how to fix it>`, with exit status 2
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from deim_ray.cli import commands
+from deim_ray.logs import setup_logging
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from deim_ray.config.loader import ConfigError
-    from deim_ray.driver.ray_stage import ClusterTooSmall
-    from deim_ray.driver.run import RunError
-    from deim_ray.driver.tune import TuneError
-    from deim_ray.engine.state import CheckpointError
-    from deim_ray.storage import StorageError
-
-    return (ConfigError, StorageError, RunError, TuneError, CheckpointError, ClusterTooSmall, FileNotFoundError)
+def _is_user_error(e: BaseException) -> bool:
+    """Every exception type deim_ray defines carries a one-line, actionable message (ConfigError, DataError,
+    StorageError, RunError, CheckpointError, ...); so do missing or existing files named on the command line."""
+    return type(e).__module__.startswith("deim_ray.") or isinstance(e, (FileNotFoundError, FileExistsError))
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -88,15 +83,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="model size and the whole schedule, phase by phase")
     _add_config_args(p)
     p.set_defaults(func=commands.info)
+
+    p = sub.add_parser("show-augment", help="draw augmented training images with boxes for one epoch")
+    _add_config_args(p)
+    p.add_argument("--epoch", type=int, required=True, help="epoch whose augmentation to show (0-based)")
+    p.add_argument("-o", "--output", default="augment.png", help="PNG to write (default augment.png)")
+    p.add_argument("-n", type=int, default=8, help="number of images (default 8)")
+    p.set_defaults(func=commands.show_augment)
+
+    p = sub.add_parser("import-config", help="convert an upstream DEIMv2 YAML config to deim_ray's format")
+    p.add_argument("config", help="upstream config file (its __include__ chain is followed)")
+    p.add_argument("-o", "--output", required=True, help="YAML file to write")
+    p.set_defaults(func=commands.import_config)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    setup_logging(quiet=args.quiet)
     try:
         return int(args.func(args) or 0)
-    except _user_errors() as e:
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"deim-ray: error: {msg}", file=sys.stderr)
         return 2

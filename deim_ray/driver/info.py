@@ -59,9 +59,9 @@ def describe_config(cfg: Config, num_classes: int | None = None) -> str:
         f"image_size: {cfg.data.image_size[0]}x{cfg.data.image_size[1]}   total_batch_size: {cfg.data.total_batch_size}",
         f"lr: {cfg.optimizer.type} {cfg.optimizer.lr:g}, {lr.type}, warm-up {lr.warmup_iter} iterations",
         "",
-        f"{'epochs':<10} {'stage':<6} {'lr':<14} {'ema / best rule':<48} augmentation",
+        f"{'epochs':<10} {'stage':<6} {'lr':<14} {'ema / best rule':<58} augmentation",
     ]
     for start, end, phase in _split_by_lr(cfg):
         lines.append(f"{start:>3}-{end - 1:<6} {phase.stage:<6} {_lr_at(cfg, start):<14} "
-                     f"{_ema_at(cfg, phase.stage):<48} {', '.join(phase.ops)}")
+                     f"{_ema_at(cfg, phase.stage):<58} {', '.join(phase.ops)}")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ import ray.train.torch
 from deim_ray.config.loader import config_from_dict
 from deim_ray.driver.hooks import FaultHook, RayReportHook, RunSyncHook
 from deim_ray.engine.hooks import ProgressHook
+from deim_ray.logs import setup_logging
 from deim_ray.engine.stages import Stage
 from deim_ray.engine.state import load_train_state
 from deim_ray.engine.trainer import StageStart, Trainer
@@ -67,7 +68,7 @@ def _read_best_stg1(store: RunStore, expected_sha256: str, sha: str) -> dict:
 
 def train_stage(args_dict: dict) -> None:
     """Ray Train entry point (`train_loop_per_worker`)."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     args = WorkerArgs(**args_dict)
     cfg = config_from_dict(args.config)
     stage = Stage(args.stage)

@@ -1,0 +1,73 @@
+"""The non-training commands through the real CLI entry point: info, show-augment, import-config, errors."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from deim_ray.cli.main import main
+
+TINY = "configs/demo/tiny.yml"
+UPSTREAM_N = "tests/config/fixtures/upstream/deimv2/deimv2_hgnetv2_n_coco.yml"
+
+
+def _data_args(root):
+    return ["-u", f"data.train.img_folder={root}/train", f"data.train.ann_file={root}/annotations/train.json",
+            f"data.val.img_folder={root}/val", f"data.val.ann_file={root}/annotations/val.json"]
+
+
+def test_info_prints_model_size_and_phase_table(capsys):
+    assert main(["info", "-c", "configs/demo/shapes.yml"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters: " in out and "epochs: 8" in out and "stop_epoch: 5" in out
+    params = int(re.search(r"parameters: (\d+)", out).group(1))
+    assert 300_000 < params < 600_000
+    rows = [line for line in out.splitlines() if re.match(r"\s*\d+-\d+\s+[12]\s", line)]
+    assert rows[0].split()[0] == "0-0" and "Mosaic" not in rows[0]
+    assert "Mosaic p=0.5" in rows[1] and "MixUp" in rows[1]
+    assert rows[-1].split()[:2] == ["5-7", "2"] and "Mosaic" not in rows[-1] and "restart from best_stg1" in rows[-1]
+
+
+def test_info_of_the_n_config_matches_the_paper_size(capsys):
+    assert main(["info", "-c", "configs/deimv2/deimv2_hgnetv2_n_coco.yml"]) == 0
+    params = int(re.search(r"parameters: (\d+)", capsys.readouterr().out).group(1))
+    assert abs(params - 3.6e6) / 3.6e6 < 0.05
+
+
+def test_show_augment_writes_a_grid(tmp_path, capsys):
+    out = tmp_path / "aug.png"
+    assert main(["show-augment", "-c", TINY, *_data_args(tmp_path / "d"), "--epoch", "0", "-o", str(out), "-n", "4"]) == 0
+    with Image.open(out) as im:
+        assert im.width >= 2 * 160 and im.height >= 160
+    assert "stage 1" in capsys.readouterr().out
+
+
+def test_import_config_writes_a_loadable_config_and_refuses_to_overwrite(tmp_path, capsys):
+    from deim_ray.config.loader import load_config
+
+    out = tmp_path / "n.yml"
+    assert main(["import-config", UPSTREAM_N, "-o", str(out)]) == 0
+    cfg = load_config(out)
+    assert (cfg.schedule.epochs, cfg.schedule.stop_epoch, cfg.model.variant) == (160, 148, "n")
+    before = out.read_text()
+    assert main(["import-config", UPSTREAM_N, "-o", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and out.read_text() == before
+
+
+def test_config_error_is_one_line_and_exit_2(tmp_path):
+    bad = tmp_path / "bad.yml"
+    bad.write_text("schedule:\n  stop_epcoh: 3\n")
+    proc = subprocess.run([sys.executable, "-m", "deim_ray", "info", "-c", str(bad)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("deim-ray: error:") and "stop_epoch" in err[0]
+
+
+def test_help_lists_every_command():
+    proc = subprocess.run([sys.executable, "-m", "deim_ray", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for cmd in ("train", "demo", "resolve", "fetch", "ls", "info", "show-augment", "import-config"):
+        assert cmd in proc.stdout
