@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=4, help="trials to sample (each grid point repeats; default 4)")
     p.add_argument("--scheduler", default="asha", choices=["asha", "fifo"],
                    help="asha stops weak trials early, by epoch AP (default asha)")
+    p.add_argument("--metric", default="ap", choices=["ap", "ap50", "loss"],
+                   help="epoch metric the scheduler compares (default ap; trials are ranked by final AP)")
     p.add_argument("--max-concurrent", type=int, default=2, help="trials running at once (default 2)")
     p.add_argument("--storage", default="./runs", help="run storage: a directory or s3://bucket/prefix (default ./runs)")
     p.add_argument("--name", default="tune", help="search name; trials are <storage>/<name>/trial-<id> (default tune)")

@@ -52,6 +52,13 @@ def _stored_config(store: RunStore) -> Config | None:
     return config_from_dict(yaml.safe_load(store.read_text(CONFIG_FILE))) if store.exists(CONFIG_FILE) else None
 
 
+def _sweep(store: RunStore) -> None:
+    """Discard what a killed driver or worker left half-written (S3 multipart parts, local temp files)."""
+    swept = store.sweep_interrupted_writes()
+    if swept:
+        log.info("run %s: discarded %d interrupted upload(s) left by an earlier attempt", store.name, swept)
+
+
 def open_run(req: RunRequest, store: RunStore) -> Manifest:
     """The run's manifest: new, continued (same config), or refused (different config under the same name)."""
     sha = config_sha256(req.cfg)
@@ -62,7 +69,9 @@ def open_run(req: RunRequest, store: RunStore) -> Manifest:
             keys = ", ".join(diff_configs(old, req.cfg)[:8]) if old else "unknown keys"
             raise RunError(f"run `{req.name}` in {store.uri} was started with another config (differs in: {keys}); "
                            "use a new --name, or --restart to start this name over")
+        _sweep(store)
         return manifest
+    _sweep(store)
     attempt = (manifest.attempt + 1) if manifest is not None else 1
     manifest = Manifest.new(name=req.name, config_sha256=sha, epochs=req.cfg.schedule.epochs,
                             stop_epoch=req.cfg.schedule.stop_epoch, attempt=attempt)

@@ -32,13 +32,15 @@ from deim_ray.config.validate import validate
 from deim_ray.driver.ray_stage import check_capacity, ensure_ray, stage_callbacks
 from deim_ray.driver.run import RunRequest, _write_final, run_training
 from deim_ray.driver.tune_space import SearchSpace, check_space_against_config, parse_space, plain
-from deim_ray.storage import BEST_STG1, BEST_STG2, RunState, RunStore, Storage, StorageError, open_storage
+from deim_ray.storage import Manifest, RunState, RunStore, Storage, StorageError, open_storage
 
 log = logging.getLogger("deim_ray.tune")
 
 SUMMARY_FILE = "tune_summary.json"
-METRIC = "ap"
-"""Rank-0 metric of each epoch report (COCO AP@[.5:.95]); ASHA compares trials on it."""
+SCHEDULER_METRICS = {"ap": "max", "ap50": "max", "loss": "min"}
+"""Epoch-report metrics the scheduler may compare trials on, with their direction. AP is the default; early in
+training AP is often exactly 0 for every trial, where only the loss tells trials apart. The final ranking
+always uses each trial's resolved final AP."""
 DRIVER_RESOURCE = "train_driver"
 SCHEDULERS = ("asha", "fifo")
 PG_CLEANUP_TIMEOUT_S = 90.0
@@ -81,12 +83,14 @@ class TuneSummary:
     uri: str
     """Where tune_summary.json was written."""
     scheduler: str
+    metric: str
+    """The epoch metric the scheduler compared (the ranking uses final AP)."""
     best: TrialSummary | None
     trials: list[TrialSummary] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         best = self.best
-        return {"name": self.name, "scheduler": self.scheduler, "metric": f"final {METRIC}",
+        return {"name": self.name, "scheduler": self.scheduler, "scheduler_metric": self.metric, "ranked_by": "final ap",
                 "best_trial": best.trial_id if best else None, "best_params": best.params if best else None,
                 "best_final_ap": best.final_ap if best else None, "best_final_uri": best.final_uri if best else None,
                 "trials": [asdict(t) for t in self.trials]}
@@ -153,14 +157,14 @@ def _wait_for_placement_groups(before: set[str], timeout_s: float = PG_CLEANUP_T
                     ", ".join(sorted(left)))
 
 
-def _fit(space: SearchSpace, job: TrialJob, root: RunStore, samples: int, scheduler: str, max_concurrent: int,
-         grace_period: int) -> tune.ResultGrid:
+def _fit(space: SearchSpace, job: TrialJob, root: RunStore, samples: int, scheduler: str, metric: str,
+         max_concurrent: int, grace_period: int) -> tune.ResultGrid:
     storage_path, filesystem = root.ray_storage("tune")
     trainable = tune.with_resources(tune.with_parameters(_trial_main, job=job), {DRIVER_RESOURCE: 1})
     tuner = tune.Tuner(
         trainable,
         param_space=_param_space(space),
-        tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=samples,
+        tune_config=tune.TuneConfig(metric=metric, mode=SCHEDULER_METRICS[metric], num_samples=samples,
                                     max_concurrent_trials=max_concurrent,
                                     scheduler=_scheduler(scheduler, _max_epochs(space, job.base), grace_period)),
         # A failed trial is not retried by Tune: Ray Train already survives worker failures inside each stage,
@@ -177,17 +181,21 @@ def _error_line(error: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[0] if lines else ''}"
 
 
-def _finalize_stopped(store: RunStore, cfg: Config, epochs_run: int | None) -> None:
-    """Resolve a run the scheduler stopped mid-stage and write its final.pth (as `train` does at the end)."""
+def _finalize_killed(store: RunStore, cfg: Config, summary: TrialSummary) -> Manifest:
+    """Resolve a run whose trial Tune killed (a scheduler stop) and write its final.pth, as `train` does at its
+    end; a run that cannot be finalized is noted on its row instead of failing the search's summary."""
     manifest = store.read_manifest()
-    manifest.extra["stopped_early"] = {"by": "tune scheduler", "epochs_run": epochs_run,
-                                       "state_when_stopped": manifest.state.value}
+    manifest.extra["stopped_by_scheduler"] = {"epochs_run": summary.epochs_run, "in_state": manifest.state.value}
     store.write_manifest(manifest)
-    _write_final(store, cfg)
+    try:
+        return _write_final(store, cfg)
+    except StorageError as e:
+        summary.error = f"not finalized: {_error_line(e)}"
+        return store.read_manifest()
 
 
 def _summarize_trial(result: tune.Result, job: TrialJob, trials: Storage) -> TrialSummary:
-    """One trial's row: its state, and its resolved final (finalizing the run first if it was stopped)."""
+    """One trial's row: its state and its resolved final (finalizing the run first if Tune killed it)."""
     trial_id = result.metrics["trial_id"]
     params = {k: plain(v) for k, v in (result.config or {}).items()}
     store = RunStore(trials, trial_run_name(trial_id))
@@ -198,15 +206,11 @@ def _summarize_trial(result: tune.Result, job: TrialJob, trials: Storage) -> Tri
         summary.state, summary.error = "error", _error_line(result.error)
         return summary
     manifest = store.read_manifest()
-    if manifest is None or manifest.state is not RunState.DONE:
-        summary.state = "stopped"
-    if manifest is not None and manifest.state is not RunState.DONE and (
-            manifest.artifacts.get(BEST_STG1) or manifest.artifacts.get(BEST_STG2)):
-        try:
-            _finalize_stopped(store, override_config(job.base, params), summary.epochs_run)
-        except StorageError as e:  # one run that cannot be finalized must not cost the whole search's summary
-            summary.error = f"not finalized: {_error_line(e)}"
-        manifest = store.read_manifest()
+    if manifest is not None and manifest.state is not RunState.DONE:
+        # Killed by the scheduler: early, or right after its last epoch (ASHA's top rung), which is no stop.
+        if (summary.epochs_run or 0) < manifest.epochs:
+            summary.state = "stopped"
+        manifest = _finalize_killed(store, override_config(job.base, params), summary)
     final = (manifest.final if manifest else None) or {}
     summary.final_ap, summary.final_artifact = final.get("ap"), final.get("artifact")
     summary.final_uri, summary.reason = final.get("uri"), final.get("reason")
@@ -235,12 +239,14 @@ def format_summary(summary: TuneSummary) -> str:
 
 def run_tune(cfg_path: str, overrides: list[str], space: dict | SearchSpace, samples: int,
              scheduler: str = "asha", max_concurrent: int = 2, storage_uri: str = "./runs", name: str = "tune",
-             workers_per_trial: int = 1, gpu: bool = False, *, cpus_per_worker: float = 1.0,
+             workers_per_trial: int = 1, gpu: bool = False, *, metric: str = "ap", cpus_per_worker: float = 1.0,
              max_failures: int = 3, grace_period: int = 1) -> TuneSummary:
     """Search `space` around the config at `cfg_path`; every trial is a full two-stage run under
     `<storage_uri>/<name>/`. Returns (and writes as tune_summary.json) the trials ranked by resolved final AP."""
     if scheduler not in SCHEDULERS:
         raise TuneError(f"unknown scheduler {scheduler!r}; use one of {', '.join(SCHEDULERS)}")
+    if metric not in SCHEDULER_METRICS:
+        raise TuneError(f"unknown scheduler metric {metric!r}; use one of {', '.join(SCHEDULER_METRICS)}")
     if samples < 1 or max_concurrent < 1 or workers_per_trial < 1:
         raise TuneError("--samples, --max-concurrent and --workers-per-trial must be at least 1")
     space = space if isinstance(space, SearchSpace) else parse_space(space)
@@ -255,11 +261,11 @@ def run_tune(cfg_path: str, overrides: list[str], space: dict | SearchSpace, sam
     before = _live_placement_groups()
     log.info("tune %s: %d sample(s) x %d grid point(s), %d concurrent, scheduler %s, runs under %s", name, samples,
              space.grid_size, max_concurrent, scheduler, root.uri)
-    grid = _fit(space, job, root, samples, scheduler, max_concurrent, grace_period)
+    grid = _fit(space, job, root, samples, scheduler, metric, max_concurrent, grace_period)
     _wait_for_placement_groups(before)
     trials_storage = open_storage(root.uri, base.storage)
     trials = [_summarize_trial(result, job, trials_storage) for result in grid]
     summary = TuneSummary(name=name, uri=root.storage.child_uri(root.key(SUMMARY_FILE)), scheduler=scheduler,
-                          best=_best(trials), trials=trials)
+                          metric=metric, best=_best(trials), trials=trials)
     root.write_text(SUMMARY_FILE, json.dumps(summary.to_json(), indent=2) + "\n")
     return summary

@@ -1,0 +1,138 @@
+"""Every storage failure a user can meet through `deim-ray resolve/fetch/ls` (malformed URI, missing bucket or
+run, wrong secret, unknown key, no credentials, unreachable endpoint) ends as exactly one stderr line
+`deim-ray: error: ...` with exit status 2, names what to fix, and never prints a secret.
+
+Each case is a fresh `python -m deim_ray` process against the real SeaweedFS server (no Ray). The processes of
+all cases start together in one module fixture, so the table costs about as long as its slowest case."""
+
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures_s3 import SECRET_KEY, _free_ports, empty_bucket, s3_client
+
+ROOT = Path(__file__).resolve().parents[2]
+WRONG_SECRET = "wrong-secret-Vb7Kq2Lm"
+MISSING_BUCKET = "no-such-bucket-7316"
+
+
+@dataclass(frozen=True)
+class Case:
+    argv: tuple[str, ...]
+    """Arguments after `deim-ray`; `{bucket}` is the test bucket, `{out}` a fresh output directory."""
+    words: tuple[str, ...]
+    """Texts the one error line must contain."""
+    env: dict = field(default_factory=dict)
+    """Variables to set (None: unset) on top of the fixture's AWS environment."""
+    rc: int = 2
+
+
+def _commands(root: str) -> dict[str, tuple[str, ...]]:
+    run = f"{root}/person-n"
+    return {"resolve": ("resolve", run), "fetch": ("fetch", run, "-o", "{out}"), "ls": ("ls", root)}
+
+
+_NO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None,
+                   "AWS_SHARED_CREDENTIALS_FILE": "{empty}", "AWS_CONFIG_FILE": "{empty}"}
+_FAULTS = {  # name -> (bucket, environment, words)
+    "missing-bucket": (MISSING_BUCKET, {}, (MISSING_BUCKET, "does not exist", "create it")),
+    "wrong-secret": ("{bucket}", {"AWS_SECRET_ACCESS_KEY": WRONG_SECRET},
+                     ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")),
+    "unknown-access-key": ("{bucket}", {"AWS_ACCESS_KEY_ID": "no-such-access-key"},
+                           ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")),
+    "no-credentials": ("{bucket}", _NO_CREDENTIALS, ("no S3 credentials found", "AWS_ACCESS_KEY_ID")),
+    "unreachable": ("{bucket}", {"AWS_ENDPOINT_URL_S3": "{dead_endpoint}"},
+                    ("cannot reach S3 endpoint", "{dead_endpoint}", "AWS_ENDPOINT_URL_S3")),
+    "secret-in-endpoint-url": ("{bucket}", {"AWS_ENDPOINT_URL_S3": "http://user:" + SECRET_KEY + "@{dead_host}"},
+                               ("cannot reach S3 endpoint", "{dead_endpoint}")),
+}
+
+CASES: dict[str, Case] = {
+    f"{fault}-{command}": Case(argv, words, env)
+    for fault, (bucket, env, words) in _FAULTS.items()
+    for command, argv in _commands(f"s3://{bucket}/runs").items()
+}
+CASES |= {
+    "missing-run-resolve": Case(_commands("s3://{bucket}/runs")["resolve"],
+                                ("no run at", "s3://{bucket}/runs/person-n", "deim-ray ls")),
+    "missing-run-fetch": Case(_commands("s3://{bucket}/runs")["fetch"], ("no run at", "s3://{bucket}/runs/person-n")),
+    "uri-without-bucket": Case(("resolve", "s3://"), ("has no bucket name", "s3://BUCKET")),
+    "uri-names-a-bucket": Case(("resolve", "s3://{bucket}"), ("names a bucket, not a run directory",)),
+    "uri-bad-bucket-name": Case(("fetch", "s3://Bad_Bucket/runs/person-n", "-o", "{out}"),
+                                ("'Bad_Bucket'", "3-63 lowercase characters")),
+    "uri-short-bucket": Case(("ls", "s3://ab"), ("3-63 lowercase characters",)),
+    "uri-with-port": Case(("ls", "s3://{bucket}:9000/runs"), ("port", "AWS_ENDPOINT_URL_S3")),
+    "uri-with-query": Case(("ls", "s3://{bucket}/runs?region=eu-west-1"), ("query",)),
+    "uri-escapes-prefix": Case(("resolve", "s3://{bucket}/runs/../person-n"), ("not a plain relative key",)),
+    "uri-unsupported-scheme": Case(("ls", "gs://{bucket}/runs"), ("unsupported scheme 'gs://'",)),
+    "ls-of-empty-prefix": Case(("ls", "s3://{bucket}/runs"), ("no runs under s3://{bucket}/runs",), rc=0),
+}
+
+
+def _fill(text: str, values: dict[str, str]) -> str:
+    for name, value in values.items():
+        text = text.replace("{" + name + "}", value)
+    return text
+
+
+def _environment(case: Case, values: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    for name, value in case.env.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = _fill(value, values)
+    return env
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_endpoint):
+    client = s3_client(s3_endpoint)
+    name = f"t-cli-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    yield name
+    empty_bucket(client, name)
+    client.delete_bucket(Bucket=name)
+
+
+@pytest.fixture(scope="module")
+def outcomes(bucket, tmp_path_factory):
+    """Run every case as its own `python -m deim_ray` process, all at once; name -> (case values, result)."""
+    tmp = tmp_path_factory.mktemp("cli-errors")
+    (tmp / "empty").write_text("")
+    dead_host = f"127.0.0.1:{_free_ports(1)[0]}"
+    running = {}
+    for name, case in CASES.items():
+        values = {"bucket": bucket, "out": str(tmp / name / "out"), "empty": str(tmp / "empty"),
+                  "dead_host": dead_host, "dead_endpoint": f"http://{dead_host}"}
+        argv = [_fill(a, values) for a in case.argv]
+        proc = subprocess.Popen([sys.executable, "-m", "deim_ray", *argv], env=_environment(case, values), cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        running[name] = (values, proc)
+    results = {}
+    for name, (values, proc) in running.items():
+        stdout, stderr = proc.communicate(timeout=240)
+        results[name] = (values, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return results
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_storage_error_is_one_line_exit_2_without_secret(outcomes, name):
+    case = CASES[name]
+    values, proc = outcomes[name]
+    output = proc.stdout + proc.stderr
+    assert SECRET_KEY not in output and WRONG_SECRET not in output
+    assert proc.returncode == case.rc, output
+    line = (proc.stderr if case.rc else proc.stdout).strip()
+    assert len(line.splitlines()) == 1, output
+    if case.rc:
+        assert proc.stdout == "" and line.startswith("deim-ray: error: "), output
+    for text in case.words:
+        assert _fill(text, values) in line, line
+    out = Path(values["out"])
+    assert not out.exists() or not any(out.iterdir())  # a failed fetch leaves nothing behind
