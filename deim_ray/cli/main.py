@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="ap", choices=["ap", "ap50", "loss"],
                    help="epoch metric the scheduler compares (default ap; trials are ranked by final AP)")
     p.add_argument("--max-concurrent", type=int, default=2, help="trials running at once (default 2)")
-    p.add_argument("--storage", default="./runs", help="run storage: a directory or s3://bucket/prefix (default ./runs)")
+    p.add_argument("--storage", default="./runs", help="a directory or s3://bucket/prefix (default ./runs)")
     p.add_argument("--name", default="tune", help="search name; trials are <storage>/<name>/trial-<id> (default tune)")
     p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, AMP per config")

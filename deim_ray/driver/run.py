@@ -6,6 +6,8 @@ Stage 1 and stage 2 are two Ray Train runs. Between them the driver verifies bes
 records the switch, and starts stage 2 from exactly that object. After stage 2 it resolves the final artifact
 and writes `final.pth` (EMA weights + rebuild metadata). Re-running the same command continues from whatever
 the manifest says: a finished stage is never retrained and a finished run only reports its result.
+Before anything is written or a worker starts, the inputs are checked on the driver (`preflight`) and the
+cluster must be able to place the workers (`check_capacity`), so bad input fails in seconds with one line.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import yaml
 from deim_ray.config.loader import config_from_dict, config_sha256, config_to_dict, diff_configs, dump_yaml
 from deim_ray.config.schema import Config
 from deim_ray.config.validate import validate
-from deim_ray.driver.ray_stage import StageRunFailed, run_stage
+from deim_ray.driver.preflight import check_request, preflight
+from deim_ray.driver.ray_stage import StageRunFailed, check_capacity, ensure_ray, run_stage
 from deim_ray.engine.stages import Stage
 from deim_ray.engine.state import load_train_state
 from deim_ray.models.export import make_final_checkpoint
@@ -88,8 +91,10 @@ def _stage_args(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | 
             "storage_uri": store.storage.uri, "run_name": req.name, "best_stg1_sha256": stg1_sha}
 
 
-def _run_stage(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | None = None) -> list[str]:
-    """Run one stage to its end; returns the per-worker digests of the weights the stage started from."""
+def _run_stage(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | None = None) -> dict:
+    """Run one stage to its end (Ray resumes the same `stage<N>-a<attempt>` run from its latest committed
+    checkpoint); returns the last report: per-worker digests of the weights the workers started from and
+    whether they resumed from a checkpoint (an empty dict when a finished run had nothing left to report)."""
     manifest = store.read_manifest()
     try:
         result = run_stage(stage=stage, args=_stage_args(req, store, stage, stg1_sha), store=store,
@@ -100,8 +105,7 @@ def _run_stage(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | N
         store.transition(RunState.FAILED, note=f"stage {int(stage)}: {e}")
         raise RunError(f"stage {int(stage)} of run `{req.name}` failed: {e}. Fix the cause and re-run the same "
                        "command to resume from the last checkpoint") from None
-    digests = (result.metrics or {}).get("start_digests", "")
-    return digests.split(",") if digests else []
+    return dict(result.metrics or {})
 
 
 def _switch(store: RunStore, stop_epoch: int) -> str:
@@ -142,25 +146,60 @@ def _write_final(store: RunStore, cfg: Config) -> Manifest:
 
 def run_training(req: RunRequest) -> Manifest:
     """Run (or continue) the two-stage training named `req.name` in `req.storage_uri`; returns the DONE manifest."""
+    check_request(req.workers, req.cpus_per_worker, req.max_failures)
     validate(req.cfg, workers=req.workers)
     store = RunStore(open_storage(req.storage_uri, req.cfg.storage), req.name)
+    preflight(req.cfg)
+    if not _is_finished(req, store):  # a finished run only reports its result: no cluster needed
+        ensure_ray()
+        check_capacity(req.workers, req.gpu, req.cpus_per_worker)
     manifest = open_run(req, store)
     state = manifest.state
+    interrupted = _interrupted_stage(manifest)
     if state is RunState.DONE:
         log.info("run %s is already DONE; nothing to train (use --restart to train again)", req.name)
         return manifest
     if state is RunState.FAILED:
         state = RunState.STAGE1_DONE if manifest.switch else RunState.NEW
     if state in (RunState.NEW, RunState.STAGE1_RUNNING):
-        store.transition(RunState.STAGE1_RUNNING, note="stage 1 started")
+        store.transition(RunState.STAGE1_RUNNING, note=_start_note(interrupted, Stage.ONE, "stage 1 started"))
         _run_stage(req, store, Stage.ONE)
         _switch(store, req.cfg.schedule.stop_epoch)
         state = RunState.STAGE1_DONE
     if state in (RunState.STAGE1_DONE, RunState.STAGE2_RUNNING):
         stg1_sha = store.read_manifest().switch["sha256"]
-        store.transition(RunState.STAGE2_RUNNING, note=f"stage 2 starts from best_stg1 {stg1_sha[:12]}")
-        digests = _run_stage(req, store, Stage.TWO, stg1_sha)
-        manifest = store.read_manifest()
-        manifest.switch["worker_start_digests"] = digests  # equal on every worker, checked before training
-        store.write_manifest(manifest)
+        store.transition(RunState.STAGE2_RUNNING,
+                         note=_start_note(interrupted, Stage.TWO, f"stage 2 starts from best_stg1 {stg1_sha[:12]}"))
+        _record_digests(store, _run_stage(req, store, Stage.TWO, stg1_sha))
     return _write_final(store, req.cfg)
+
+
+def _is_finished(req: RunRequest, store: RunStore) -> bool:
+    manifest = store.read_manifest()
+    return (manifest is not None and manifest.state is RunState.DONE and not req.restart
+            and manifest.config_sha256 == config_sha256(req.cfg))
+
+
+def _interrupted_stage(manifest: Manifest) -> Stage | None:
+    """The stage a dead driver or a failed run left unfinished (Ray resumes it), if any."""
+    if manifest.state is RunState.FAILED:
+        return Stage.TWO if manifest.switch else Stage.ONE
+    return {RunState.STAGE1_RUNNING: Stage.ONE, RunState.STAGE2_RUNNING: Stage.TWO}.get(manifest.state)
+
+
+def _start_note(interrupted: Stage | None, stage: Stage, fresh: str) -> str:
+    if interrupted is stage:
+        return f"stage {int(stage)} continues (run re-started; Ray resumes from its latest committed checkpoint)"
+    return fresh
+
+
+def _record_digests(store: RunStore, report: dict) -> None:
+    """Per-worker digests of the weights stage 2 started from (equal on every worker, checked before training):
+    from best_stg1 on a fresh start, from Ray's checkpoint when the workers resumed."""
+    digests = report.get("start_digests")
+    if not digests:
+        return
+    manifest = store.read_manifest()
+    key = "worker_resume_digests" if report.get("resumed") else "worker_start_digests"
+    manifest.switch[key] = digests.split(",")
+    store.write_manifest(manifest)

@@ -68,7 +68,7 @@ class TrialSummary:
     run_uri: str
     params: dict[str, Any]
     state: str
-    """completed (ran both stages), stopped (by the scheduler; finalized afterwards) or error."""
+    """completed (trained its whole schedule), stopped (early, by the scheduler) or error."""
     epochs_run: int | None = None
     final_ap: float | None = None
     final_artifact: str | None = None
@@ -90,10 +90,10 @@ class TuneSummary:
 
     def to_json(self) -> dict[str, Any]:
         best = self.best
-        return {"name": self.name, "scheduler": self.scheduler, "scheduler_metric": self.metric, "ranked_by": "final ap",
-                "best_trial": best.trial_id if best else None, "best_params": best.params if best else None,
-                "best_final_ap": best.final_ap if best else None, "best_final_uri": best.final_uri if best else None,
-                "trials": [asdict(t) for t in self.trials]}
+        return {"name": self.name, "scheduler": self.scheduler, "scheduler_metric": self.metric,
+                "ranked_by": "final ap", "best_trial": best.trial_id if best else None,
+                "best_params": best.params if best else None, "best_final_ap": best.final_ap if best else None,
+                "best_final_uri": best.final_uri if best else None, "trials": [asdict(t) for t in self.trials]}
 
 
 def trial_run_name(trial_id: str) -> str:
@@ -124,11 +124,13 @@ def _max_epochs(space: SearchSpace, base: Config) -> int:
     return max([base.schedule.epochs, *searched])
 
 
-def _scheduler(kind: str, max_t: int, grace_period: int):
+def _scheduler(kind: str, epochs: int, grace_period: int):
     if kind == "fifo":
         return tune.schedulers.FIFOScheduler()
-    # stop_last_trials=False: a trial that reaches max_t finishes on its own (and writes its final) instead
-    # of being killed after its last report.
+    # ASHA's rungs go up to max_t. Ending them one epoch before the last one means no trial is killed after
+    # its final epoch (nothing left to save by then), and stop_last_trials=False lets trials run past max_t
+    # to the end of their schedule, finishing and writing their final themselves.
+    max_t = max(epochs - 1, 1)
     return tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=max_t,
                                          grace_period=min(grace_period, max_t), reduction_factor=2,
                                          stop_last_trials=False)
@@ -254,6 +256,8 @@ def run_tune(cfg_path: str, overrides: list[str], space: dict | SearchSpace, sam
     validate(base, workers=workers_per_trial)
     check_space_against_config(space, base, workers_per_trial)
     root = RunStore(open_storage(storage_uri, base.storage), name)
+    if root.exists(SUMMARY_FILE):
+        raise TuneError(f"a search named `{name}` already ran in {root.uri} ({SUMMARY_FILE} exists); use a new --name")
     _connect(max_concurrent)
     check_capacity(workers_per_trial, gpu, cpus_per_worker)
     job = TrialJob(base=base, trials_uri=root.uri, workers=workers_per_trial, gpu=gpu,

@@ -10,7 +10,8 @@ A space file maps dotted config keys to one distribution each:
 
 Unknown distributions, keys that are not config keys and malformed bounds are `SpaceError`s (one line each).
 A sampled point is applied to the base config with `override_config`, so every trial's config goes through
-the same typed build and validation as `deim-ray train`. This module is pure (no Ray): Tune objects are built in tune.py.
+the same typed build and validation as `deim-ray train`. This module is pure (no Ray); tune.py builds the
+Tune objects.
 """
 
 from __future__ import annotations

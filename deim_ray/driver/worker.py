@@ -72,11 +72,14 @@ def train_stage(args_dict: dict) -> None:
     args = WorkerArgs(**args_dict)
     cfg = config_from_dict(args.config)
     stage = Stage(args.stage)
-    store = RunStore(open_storage(args.storage_uri, cfg.storage), args.run_name)
+    fault = FaultHook.from_env(os.environ)  # test-only; None unless DEIM_RAY_FAULT is set
+    storage = open_storage(args.storage_uri, cfg.storage)
+    store = RunStore(fault.wrap_storage(storage) if fault else storage, args.run_name)
     resume = _resume_state(args.config_sha256)
     stage1_best = _read_best_stg1(store, args.best_stg1_sha256, args.config_sha256) if stage is Stage.TWO else None
     scratch = Path(tempfile.mkdtemp(prefix="deim_ray_scratch_"))
-    sync = RunSyncHook(store, scratch)
-    hooks = [ProgressHook(), sync, RayReportHook(sync, CKPT_FILE), FaultHook.from_env(os.environ)]
+    sync = RunSyncHook(store, scratch, resume=resume)
+    # the fault hook sits between the state save (sync) and Ray's report: its `checkpoint_write` point
+    hooks = [ProgressHook(), sync, fault, RayReportHook(sync, CKPT_FILE, resumed=resume is not None)]
     trainer = Trainer(cfg, args.config_sha256, device=ray.train.torch.get_device(), hooks=[h for h in hooks if h])
     trainer.run_stage(StageStart(stage=stage, resume=resume, stage1_best=stage1_best))

@@ -50,6 +50,9 @@ class Hook:
     def on_step(self, trainer: "Trainer", epoch: int, iteration: int) -> None:
         """After each optimizer step."""
 
+    def on_eval_batch(self, trainer: "Trainer", epoch: int, batch: int) -> None:
+        """After each evaluation batch of this rank (before the cross-rank merge)."""
+
     def after_epoch(self, trainer: "Trainer", record: EpochRecord, decision: "Decision") -> None:
         """After evaluation and the best rule; `trainer.state_dict()` is the state to resume from."""
 

@@ -102,7 +102,8 @@ def _check_cluster_spec(spec: dict) -> None:
         (container,) = g["template"]["spec"]["containers"]
         res = container["resources"]
         # Kubernetes requires requests == limits for extended resources such as GPUs.
-        assert int(res["limits"]["nvidia.com/gpu"]) >= 1 and res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"]
+        gpus = res["limits"]["nvidia.com/gpu"]
+        assert int(gpus) >= 1 and res["requests"]["nvidia.com/gpu"] == gpus
         assert container["image"] == head_containers[0]["image"]
     for container in [*head_containers, *(g["template"]["spec"]["containers"][0] for g in groups)]:
         env = {e["name"]: e for e in container["env"]}
@@ -148,5 +149,23 @@ def test_runtime_env_ships_code_not_credentials():
     env = _yaml("runtime_env.yaml")
     assert set(env) <= {"excludes", "env_vars", "pip", "py_modules", "working_dir", "config"}
     RuntimeEnv(**env, working_dir=str(ROOT))
-    assert ".venv/" in env["excludes"] and "runs/" in env["excludes"]
+    assert {".venv", "/runs", "/data"} <= set(env["excludes"])  # root-anchored: deim_ray/data/ is code
     assert not set(env.get("env_vars", {})) & {*SECRET_VARS, "AWS_SESSION_TOKEN"}
+
+
+def test_working_dir_upload_holds_the_code_and_configs_but_no_env_or_runs():
+    """Walk the checkout exactly as `ray job submit --working-dir .` packs it (Ray's own traversal, with
+    .gitignore and the runtime env's excludes), so an exclude that swallows code fails here, not in a job."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    env = _yaml("runtime_env.yaml")
+    uploaded: set[str] = set()
+    _dir_travel(ROOT, [_get_excludes(ROOT, env["excludes"])],
+                lambda p: uploaded.add(p.relative_to(ROOT).as_posix()), include_gitignore=True)
+    code = {p.relative_to(ROOT).as_posix() for pattern in ("deim_ray/**/*.py", "configs/**/*.yml")
+            for p in ROOT.glob(pattern) if "__pycache__" not in p.parts}
+    assert code and code <= uploaded, sorted(code - uploaded)[:10]
+    assert "deim_ray/data/synthetic.py" in uploaded
+    # the directories themselves are pruned, so Ray never walks a virtualenv or a dataset
+    assert not uploaded & {".venv", ".git", "runs", "data"}
+    assert not {path.split("/")[0] for path in uploaded} & {".venv", ".git", "runs", "data"}

@@ -111,6 +111,26 @@ def test_cli_reports_a_bad_space_as_one_line_before_starting_ray(tmp_path, capsy
     assert ray.is_initialized() == ray_was_up and not (tmp_path / "tune").exists()
 
 
+def test_summary_table_ranks_trials_by_final_ap_and_names_the_best():
+    from deim_ray.driver.tune import TrialSummary, TuneSummary, format_summary
+
+    trials = [TrialSummary("a_00000", "runs/hpo/trial-a_00000", {"optimizer.lr": 1e-3}, "stopped", 1, 0.21,
+                           "best_stg1", "runs/hpo/trial-a_00000/artifacts/final.pth"),
+              TrialSummary("a_00001", "runs/hpo/trial-a_00001", {"optimizer.lr": 1e-2}, "error",
+                           error="RunError: stage 1 failed"),
+              TrialSummary("a_00002", "runs/hpo/trial-a_00002", {"optimizer.lr": 2e-3}, "completed", 4, 0.35,
+                           "best_stg2", "runs/hpo/trial-a_00002/artifacts/final.pth")]
+    summary = TuneSummary("hpo", "runs/hpo/tune_summary.json", "asha", "ap", best=trials[2], trials=trials)
+    lines = format_summary(summary).splitlines()
+    assert [line.split()[0] for line in lines[1:4]] == ["trial-a_00002", "trial-a_00000", "trial-a_00001"]
+    assert "0.3500" in lines[1] and "best_stg2" in lines[1] and "optimizer.lr=0.002" in lines[1]
+    assert "[RunError: stage 1 failed]" in lines[3]
+    assert lines[4] == "best: trial-a_00002 final AP 0.3500 -> runs/hpo/trial-a_00002/artifacts/final.pth"
+    written = summary.to_json()
+    assert written["best_trial"] == "a_00002" and written["best_params"] == {"optimizer.lr": 2e-3}
+    assert json.loads(json.dumps(written))["trials"][1]["state"] == "error"
+
+
 # ---------------------------------------------------------------- a real search (slow)
 
 E2E_SPACE = {"optimizer.lr": {"grid": [2.0e-3, 1.0e-6]}, "schedule.stop_epoch": {"grid": [2, 3]}}

@@ -1,0 +1,287 @@
+"""Chaos: real `deim-ray train` processes (each with its own local Ray, 2 CPU workers) survive SIGKILLed workers
+at every fault point and a SIGKILLed driver, and end with a consistent run directory.
+
+Faults are injected by the test-only FaultHook (DEIM_RAY_FAULT), which reaches the Ray workers through the
+environment of the driver process that starts the local Ray instance; a marker per fault proves it fired.
+
+    uninterrupted  the same seed without faults: the reference final AP
+    run A          mid_epoch (epoch 0, rank 1), checkpoint_write (epoch 1, rank 0), eval (epoch 3, rank 1)
+    run B          upload (epoch 0, rank 0), stage_start (epoch 2, rank 1), then the driver is SIGKILLed in
+                   stage 2 and the same command is run again
+
+For every run: DONE, a legal transition history with no stage-1 work after the switch, every artifact's sha256
+verifies, metrics.jsonl holds each epoch once in order, no best artifact was ever replaced by a worse one
+(the manifest is watched while the run trains), the best artifacts hold the best AP the metrics show, and EMA
+update and optimizer step counts match the epochs trained (nothing lost or counted twice by a resume). Recovery
+time per kill (kill -> next epoch completed) and the final AP against the uninterrupted run are printed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from deim_ray.engine.state import load_train_state
+from tests.driver.conftest import TINY, data_overrides
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+EPOCHS, STOP, ITERS = 4, 2, 8
+"""tiny.yml: 4 epochs, stage 2 from epoch 2, 32 train images / batch 4 = 8 steps per epoch on each worker."""
+RUN_TIMEOUT_S = 420
+AP_NOISE = 0.05
+"""Final-AP difference tolerated against the uninterrupted run: a resume re-draws augmentation and denoising
+randomness, and the tiny model's AP moves by this much between neighbouring epochs."""
+RUN_A_FAULTS = "mid_epoch:0:1,checkpoint_write:1:0,eval:3:1"
+RUN_B_FAULTS = "upload:0:0,stage_start:2:1"
+RERUN = "=== the same command, after the driver was killed ==="
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    fault_dir: Path
+    log: str = ""
+    wall_s: float = 0.0
+    driver_kill_time: float | None = None
+    best_history: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads((self.run_dir / "manifest.json").read_text())
+
+    def metrics(self) -> list[dict]:
+        return [json.loads(x) for x in (self.run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+    def epochs_done(self) -> list[dict]:
+        path = self.fault_dir / "epochs.jsonl"
+        return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+class ManifestWatch(threading.Thread):
+    """Records every (sha256, ap) each best artifact takes while a run trains."""
+
+    def __init__(self, run: Run):
+        super().__init__(daemon=True)
+        self.run, self.done = run, threading.Event()
+
+    def run(self):  # noqa: D102 - threading.Thread API
+        while not self.done.is_set():
+            try:
+                artifacts = self.run.manifest["artifacts"]
+            except (OSError, ValueError):
+                artifacts = {}
+            for name in ("best_stg1", "best_stg2"):
+                rec = artifacts.get(name)
+                seen = self.run.best_history.setdefault(name, [])
+                if rec and (not seen or seen[-1][0] != rec["sha256"]):
+                    seen.append((rec["sha256"], rec["ap"]))
+            time.sleep(0.2)
+
+
+def _command(storage: Path, name: str, data_root: Path) -> list[str]:
+    return [sys.executable, "-m", "deim_ray", "train", "-c", TINY, "--storage", str(storage), "--name", name,
+            "--workers", "2", "--max-failures", "3", "-u", *data_overrides(data_root)]
+
+
+def _env(faults: str, fault_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEIM_RAY_FAULT")}
+    # a private local Ray instance per run: its workers inherit this environment, fault settings included
+    return env | {"RAY_ADDRESS": "local", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+                  "DEIM_RAY_FAULT": faults, "DEIM_RAY_FAULT_DIR": str(fault_dir)}
+
+
+def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:  # own session: the whole local Ray instance can be ended with the driver
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def _end_group(proc: subprocess.Popen) -> None:
+    """SIGKILL whatever of this driver's process group is left (Ray agents outlive a killed driver)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _wait(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _end_group(proc)
+        raise
+
+
+def _train(tmp: Path, name: str, data_root: Path, faults: str = "", kill_driver_when=None) -> Run:
+    """Run the command to the end; with `kill_driver_when(run)`, SIGKILL the driver once it holds and re-run."""
+    run = Run(tmp / "runs" / name, tmp / f"faults-{name}")
+    run.fault_dir.mkdir(parents=True)
+    cmd, env, log = _command(tmp / "runs", name, data_root), _env(faults, run.fault_dir), tmp / f"{name}.log"
+    watch = ManifestWatch(run)
+    watch.start()
+    started = time.monotonic()
+    try:
+        proc = _start(cmd, env, log)
+        if kill_driver_when is not None:
+            deadline = time.monotonic() + RUN_TIMEOUT_S
+            while not kill_driver_when(run):
+                assert proc.poll() is None, f"run ended before the driver could be killed:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "the driver-kill condition never held"
+                time.sleep(0.2)
+            os.kill(proc.pid, signal.SIGKILL)
+            run.driver_kill_time = time.time()
+            proc.wait(timeout=30)
+            _end_group(proc)
+            with open(log, "a") as out:
+                out.write(f"\n{RERUN}\n")
+            proc = _start(cmd, env, log)  # the same command again
+        rc = _wait(proc, RUN_TIMEOUT_S)
+        _end_group(proc)
+    finally:
+        watch.done.set()
+        watch.join()
+    run.wall_s, run.log = time.monotonic() - started, log.read_text()
+    assert rc == 0, run.log[-4000:]
+    return run
+
+
+def _in_stage2_after_epoch2(run: Run) -> bool:
+    """Ray's stage-2 snapshot lists the epoch-2 checkpoint (committed), so a new driver must resume from it."""
+    snapshot = run.run_dir / "ray" / "stage2-a1" / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return bool(latest) and latest["checkpoint_dir_name"] == "epoch_0002"
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("chaos")
+    out = {"uninterrupted": _train(tmp, "base", tiny_data_root),
+           "A": _train(tmp, "chaos-a", tiny_data_root, RUN_A_FAULTS),
+           "B": _train(tmp, "chaos-b", tiny_data_root, RUN_B_FAULTS, kill_driver_when=_in_stage2_after_epoch2)}
+    _print_summary(out)
+    return out
+
+
+def _recoveries(run: Run) -> list[tuple[str, float]]:
+    """(kill point, seconds from the kill to the next completed epoch) for every kill of the run."""
+    kills = [(json.loads(p.read_text())["point"] + f"@e{json.loads(p.read_text())['epoch']}",
+              json.loads(p.read_text())["time"]) for p in sorted(run.fault_dir.glob("*.fired"))]
+    if run.driver_kill_time is not None:
+        kills.append(("driver", run.driver_kill_time))
+    done = sorted(e["time"] for e in run.epochs_done())
+    return [(point, next(t for t in done if t > killed) - killed) for point, killed in sorted(kills, key=lambda k: k[1])]
+
+
+def _print_summary(runs: dict[str, Run]) -> None:
+    base_ap = runs["uninterrupted"].manifest["final"]["ap"]
+    print("\nchaos summary (tiny DEIMv2, 2 CPU workers, 4 epochs)")
+    for key, run in runs.items():
+        ap = run.manifest["final"]["ap"]
+        print(f"  run {key:<13} wall {run.wall_s:6.1f} s  final AP {ap:.4f} ({run.manifest['final']['artifact']})"
+              f"  vs uninterrupted {ap - base_ap:+.4f}")
+        for point, seconds in (_recoveries(run) if key != "uninterrupted" else []):
+            print(f"      kill at {point:<20} recovered (next epoch done) after {seconds:5.1f} s")
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("key", ["uninterrupted", "A", "B"])
+def test_run_is_done_with_verified_artifacts(runs, key):
+    m = runs[key].manifest
+    assert m["state"] == "DONE"
+    for name, rec in m["artifacts"].items():
+        if rec is not None:
+            assert _sha(runs[key].run_dir / "artifacts" / f"{name}.pth") == rec["sha256"], name
+    assert m["switch"]["sha256"] == m["artifacts"]["best_stg1"]["sha256"]
+    assert m["final"]["sha256"] == m["artifacts"]["final"]["sha256"]
+
+
+@pytest.mark.parametrize("key", ["uninterrupted", "A", "B"])
+def test_transitions_never_return_to_stage1_after_the_switch(runs, key):
+    states = [t["state"] for t in runs[key].manifest["transitions"]]
+    assert states[0] == "NEW" and states[-1] == "DONE" and "FAILED" not in states
+    switch = states.index("STAGE1_DONE")
+    assert states.count("STAGE1_DONE") == 1 and "STAGE1_RUNNING" not in states[switch:]
+
+
+@pytest.mark.parametrize("key", ["uninterrupted", "A", "B"])
+def test_metrics_hold_each_epoch_once_in_order(runs, key):
+    rows = runs[key].metrics()
+    assert [r["epoch"] for r in rows] == list(range(EPOCHS))
+    assert [r["stage"] for r in rows] == [1] * STOP + [2] * (EPOCHS - STOP)
+
+
+@pytest.mark.parametrize("key", ["uninterrupted", "A", "B"])
+def test_best_artifacts_only_ever_improve_and_hold_the_best_ap(runs, key):
+    run = runs[key]
+    for name, seen in run.best_history.items():
+        aps = [ap for _, ap in seen]
+        assert all(b > a for a, b in zip(aps, aps[1:])), f"{name} replaced by a model that is not better: {aps}"
+    m, rows = run.manifest, run.metrics()
+    stg1 = m["artifacts"]["best_stg1"]
+    assert stg1["ap"] >= max(r["ap"] for r in rows if r["stage"] == 1)
+    best2 = max(r["ap"] for r in rows if r["stage"] == 2)
+    if best2 > stg1["ap"]:
+        assert m["artifacts"]["best_stg2"]["ap"] >= best2
+
+
+@pytest.mark.parametrize("key", ["uninterrupted", "A", "B"])
+def test_ema_updates_and_optimizer_steps_match_the_epochs_trained(runs, key):
+    """A resume restores the EMA update count and optimizer state: no epoch is lost or counted twice."""
+    run = runs[key]
+    stg1 = load_train_state(run.run_dir / "artifacts" / "best_stg1.pth")
+    assert stg1["ema"]["updates"] == (stg1["last_epoch"] + 1) * ITERS
+    expected = stg1["ema"]["updates"]  # stage 2 starts from best_stg1 and returns to it on each restart
+    for row in run.metrics()[STOP:]:
+        expected = stg1["ema"]["updates"] if row["restarted_from_stg1"] else expected + ITERS
+    last = load_train_state(run.run_dir / "artifacts" / "last.pth")
+    assert last["last_epoch"] == EPOCHS - 1 and last["stage"] == 2
+    assert last["ema"]["updates"] == expected
+    steps = {int(s["step"]) for s in last["optimizer"]["state"].values()}
+    assert steps == {expected}
+
+
+@pytest.mark.parametrize("key", ["A", "B"])
+def test_every_fault_fired_and_was_recovered(runs, key):
+    run = runs[key]
+    faults = RUN_A_FAULTS if key == "A" else RUN_B_FAULTS
+    fired = sorted(p.name for p in run.fault_dir.glob("*.fired"))
+    expected = sorted(f"{p}-e{e}-r{r}.fired" for p, e, r in (f.split(":") for f in faults.split(",")))
+    assert fired == expected  # the environment reached the Ray workers
+    assert run.log.count("resuming stage") >= 1
+    assert len(_recoveries(run)) == len(expected) + (run.driver_kill_time is not None)
+
+
+def test_final_ap_matches_the_uninterrupted_run_within_noise(runs):
+    base = runs["uninterrupted"].manifest["final"]["ap"]
+    for key in ("A", "B"):
+        assert abs(runs[key].manifest["final"]["ap"] - base) <= AP_NOISE, key
+
+
+def test_killed_driver_resumed_stage2_without_retraining_stage1(runs):
+    run = runs["B"]
+    transitions = run.manifest["transitions"]
+    states = [t["state"] for t in transitions]
+    assert states.count("STAGE2_RUNNING") == 2 and states.count("STAGE1_RUNNING") == 1
+    assert "stage 2 continues" in transitions[states.index("STAGE2_RUNNING") + 1]["note"]
+    # the new driver's workers resumed Ray's own stage-2 run from its snapshot, and trained only epoch 3
+    rerun = run.log.split(RERUN)[-1]
+    assert "resuming stage 2 after epoch 2" in rerun
+    assert [e["epoch"] for e in run.epochs_done() if e["time"] > run.driver_kill_time] == [3]

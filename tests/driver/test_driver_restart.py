@@ -1,0 +1,233 @@
+"""What a restarted worker or driver continues from, without starting Ray (the killed-process runs themselves are
+in test_chaos.py):
+
+- a best artifact is only replaced by a strictly higher AP than the manifest records, whatever the tracker of
+  a resumed (older) checkpoint believes;
+- before a resumed stage trains, rank 0 records an object a killed upload left unrecorded (unless an earlier
+  attempt of the name wrote it), re-publishes a `last`/best whose upload was lost, and rewrites metrics.jsonl
+  from the history the resumed checkpoint carries;
+- a Trainer resumed from a TrainState holds exactly that state: epoch, stage, model, EMA and its update count,
+  optimizer, best history (stage-2 restart state included);
+- re-running a finished run prints its result and starts no Ray; --restart opens a new attempt; the FaultHook
+  reads several faults from its environment.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from deim_ray.cli.main import main
+from deim_ray.driver.hooks import METRICS_FILE, Fault, FaultHook, RunSyncHook
+from deim_ray.driver.run import RunRequest, open_run
+from deim_ray.engine.hooks import Hook
+from deim_ray.engine.stages import BestTracker, Stage
+from deim_ray.engine.state import load_train_state, make_train_state, save_train_state
+from deim_ray.engine.trainer import StageStart, Trainer
+from deim_ray.storage import BEST_STG1, LAST, Manifest, RunState, RunStore, artifact_key, open_storage
+from tests.driver.conftest import TINY, data_overrides
+
+
+def _line(epoch: int, ap: float, stage: int = 1) -> dict:
+    return {"epoch": epoch, "stage": stage, "ap": ap}
+
+
+def _state(epoch: int, ap: float, *, history: list[dict], best: dict | None = None, date: str | None = None,
+           stage: int = 1) -> dict:
+    """A small TrainState as rank 0 saves it after `epoch` (its metrics history ends with that epoch)."""
+    best = best or {"top1": ap, "local_epoch": epoch, "local_ap": ap,
+                    "stage_best": {str(stage): {"epoch": epoch, "ap": ap}}}
+    state = make_train_state(model={"w": torch.full((4,), float(epoch))}, ema=None, optimizer={}, scaler=None,
+                             epoch=epoch, stage=stage, best=best, config_sha256="c0ffee",
+                             extra={"metrics": history})
+    if date:
+        state["date"] = date
+    return state
+
+
+@pytest.fixture
+def store(tmp_path) -> RunStore:
+    store = RunStore(open_storage(str(tmp_path / "runs")), "r1")
+    store.write_manifest(Manifest.new(name="r1", config_sha256="c0ffee", epochs=4, stop_epoch=2))
+    store.transition(RunState.STAGE1_RUNNING)
+    return store
+
+
+def _record(store: RunStore, name: str, state: dict, tmp_path: Path, ap: float):
+    path = save_train_state(state, tmp_path / f"{name}-{state['last_epoch']}.pt")
+    return store.put_artifact(name, path, epoch=state["last_epoch"], stage=state["stage"], ap=ap)
+
+
+def _trainer(epoch: int, tracker: BestTracker, stage: Stage = Stage.ONE):
+    """The parts of a Trainer that RunSyncHook reads at the start of a stage."""
+    return types.SimpleNamespace(is_main=True, epoch=epoch, stage=stage, tracker=tracker)
+
+
+def test_best_is_replaced_only_by_a_strictly_higher_ap(store, tmp_path):
+    good = _record(store, BEST_STG1, _state(1, 0.30, history=[_line(0, .1), _line(1, .3)]), tmp_path, 0.30)
+    sync = RunSyncHook(store, tmp_path / "scratch")
+    for ap in (0.25, 0.30):  # the epoch ran again after a resume and evaluated lower (or equal)
+        path = save_train_state(_state(1, ap, history=[]), tmp_path / f"again-{ap}.pt")
+        sync._put(BEST_STG1, path, 1, 1, ap)
+        assert store.read_manifest().artifacts[BEST_STG1].sha256 == good.sha256
+        assert store.verify_artifact(BEST_STG1).ap == 0.30 and not path.exists()
+    better = save_train_state(_state(2, 0.35, history=[]), tmp_path / "better.pt")
+    sync._put(BEST_STG1, better, 2, 1, 0.35)
+    assert store.verify_artifact(BEST_STG1).ap == 0.35
+    older_last = save_train_state(_state(0, 0.0, history=[]), tmp_path / "last.pt")
+    sync._put(LAST, older_last, 0, 1, 0.0)  # `last` is the latest state of the current history, always
+    assert store.verify_artifact(LAST).epoch == 0
+
+
+def test_resumed_stage_records_an_object_a_killed_upload_left(store, tmp_path):
+    history = [_line(0, .1), _line(1, .3)]
+    _record(store, BEST_STG1, _state(0, 0.1, history=history[:1]), tmp_path, 0.1)
+    _record(store, LAST, _state(1, 0.3, history=history), tmp_path, 0.3)
+    # the epoch-1 best was stored, then its worker was killed before the manifest recorded it
+    orphan = save_train_state(_state(1, 0.3, history=history), tmp_path / "orphan.pt")
+    store.storage.upload_file(store.key(artifact_key(BEST_STG1)), orphan)
+    resume = _state(1, 0.3, history=history)
+    RunSyncHook(store, tmp_path / "scratch", resume=resume).before_stage(
+        _trainer(1, BestTracker.from_state(resume["best"])))
+    record = store.verify_artifact(BEST_STG1)  # the manifest names the stored bytes again
+    assert (record.epoch, record.ap) == (1, 0.3)
+
+
+def test_object_of_an_earlier_attempt_is_not_adopted(store, tmp_path):
+    old = _state(3, 0.9, history=[_line(3, .9)], date="2020-01-01T00:00:00+00:00")
+    store.storage.upload_file(store.key(artifact_key(BEST_STG1)), save_train_state(old, tmp_path / "old.pt"))
+    resume = _state(0, 0.1, history=[_line(0, .1)], best={"top1": .1, "local_epoch": 0, "local_ap": .1,
+                                                          "stage_best": {}})
+    RunSyncHook(store, tmp_path / "scratch", resume=resume).before_stage(_trainer(0, BestTracker()))
+    assert store.read_manifest().artifacts[BEST_STG1] is None
+
+
+def test_resumed_stage_republishes_lost_uploads_and_rewrites_metrics(store, tmp_path):
+    first = [_line(0, .1), _line(1, .3)]
+    _record(store, BEST_STG1, _state(0, 0.1, history=first[:1]), tmp_path, 0.1)
+    _record(store, LAST, _state(0, 0.1, history=first[:1]), tmp_path, 0.1)
+    # metrics.jsonl as a killed worker left it: epoch 1 and 2 of a history that Ray did not keep
+    store.write_text(METRICS_FILE, "".join(json.dumps(r) + "\n" for r in [first[0], _line(1, .2), _line(2, .2)]))
+    # Ray committed epoch 1 (a new best), but rank 0 died before uploading it
+    resume = _state(1, 0.3, history=first)
+    RunSyncHook(store, tmp_path / "scratch", resume=resume).before_stage(
+        _trainer(1, BestTracker.from_state(resume["best"])))
+    for name in (LAST, BEST_STG1):
+        record = store.verify_artifact(name)
+        assert (record.epoch, record.ap) == (1, 0.3), name
+    rows = [json.loads(x) for x in store.read_text(METRICS_FILE).splitlines()]
+    assert rows == first
+
+
+def test_fresh_stage2_keeps_stage1_metrics_and_drops_a_failed_try(store, tmp_path):
+    lines = [_line(0, .1), _line(1, .3), _line(2, .2, stage=2)]
+    store.write_text(METRICS_FILE, "".join(json.dumps(r) + "\n" for r in lines))
+    sync = RunSyncHook(store, tmp_path / "scratch")
+    sync.before_stage(_trainer(1, BestTracker(), Stage.TWO))  # stage 2 starts after epoch 1
+    assert sync.metrics == lines[:2]
+    sync.uploader.close()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_cfg):
+    """A real Trainer after stage 1 of the tiny config, and the TrainState it saved after each epoch."""
+    torch.set_num_threads(1)
+    cfg = tiny_cfg()
+
+    class Saved(Hook):
+        states: list[dict] = []
+
+        def after_epoch(self, trainer, record, decision):
+            self.states.append(trainer.state_dict())
+
+    trainer = Trainer(cfg, "sha", hooks=[Saved()])
+    trainer.run_stage(StageStart(Stage.ONE))
+    return cfg, Saved.states
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    if torch.is_tensor(a):
+        return torch.equal(a, b)
+    return a == b
+
+
+@pytest.mark.slow
+def test_trainer_resumes_exactly_the_saved_state(trained, tmp_path):
+    cfg, states = trained
+    saved = load_train_state(save_train_state(states[-1], tmp_path / "s.pt"))  # through the file, as Ray does
+    assert saved["ema"]["updates"] == 2 * 8 and saved["last_epoch"] == 1
+    resumed = Trainer(cfg, "sha")
+    resumed.run_stage(StageStart(Stage.ONE, resume=saved))  # stage 1 is complete: nothing left to train
+    again = resumed.state_dict()
+    for key in ("model", "ema", "optimizer", "scaler", "last_epoch", "stage", "best", "config_sha256"):
+        assert _equal(again[key], saved[key]), key
+    # the LR is a pure function of (epoch, iteration): the resumed schedule is on the same curve
+    assert resumed.lr_schedule.set_iteration(2, 0) == Trainer(cfg, "sha").lr_schedule.set_iteration(2, 0)
+
+
+@pytest.mark.slow
+def test_trainer_resumes_a_stage2_restart_in_flight(trained):
+    """A stage-2 state saved right after a restart decision: the next epoch starts from best_stg1's weights and
+    a reset local best; both survive the resume."""
+    cfg, states = trained
+    state = dict(states[0])
+    state["stage"], state["last_epoch"] = 2, 2
+    state["best"] = {"top1": 0.4, "local_epoch": -1, "local_ap": -1.0, "stage_best": {"1": {"epoch": 0, "ap": .4}}}
+    resumed = Trainer(cfg, "sha")
+    resumed.run_stage(StageStart(Stage.TWO, resume=state, stage1_best=states[0]))
+    assert resumed.epoch == 2 + 1 and resumed.stage is Stage.TWO  # epoch 3, the last one, ran
+    assert resumed.tracker.top1 >= 0.4 and resumed.tracker.stage_best["1"] == {"epoch": 0, "ap": .4}
+    assert resumed.ema.decay == cfg.schedule.ema_restart_decay
+
+
+def test_finished_run_prints_its_result_and_starts_no_ray(tiny_cfg, tiny_data_root, tmp_path, capsys):
+    import ray
+
+    root = tmp_path / "runs"
+    store = RunStore(open_storage(str(root)), "done")
+    open_run(RunRequest(cfg=tiny_cfg(), storage_uri=str(root), name="done"), store)
+    history = [_line(0, .1), _line(1, .2)]
+    store.transition(RunState.STAGE1_RUNNING)
+    _record(store, BEST_STG1, _state(1, 0.2, history=history), tmp_path, 0.2)
+    manifest = store.read_manifest()
+    manifest.switch = {"epoch": 2, "from": BEST_STG1, "sha256": manifest.artifacts[BEST_STG1].sha256}
+    manifest.final = {"artifact": BEST_STG1, "ap": 0.2, "epoch": 1, "stage": 1, "reason": "run ended in stage 1"}
+    store.write_manifest(manifest)
+    for state in (RunState.STAGE1_DONE, RunState.STAGE2_RUNNING, RunState.DONE):
+        store.transition(state)
+    store.write_text(METRICS_FILE, "".join(json.dumps(r | {"loss": 1.0, "lr": 1e-3, "coco_stats": [r["ap"]] * 12})
+                                           + "\n" for r in history))
+    before = (root / "done" / "manifest.json").read_bytes()
+    was_running = ray.is_initialized()
+    rc = main(["train", "-c", TINY, "--storage", str(root), "--name", "done", "-u", *data_overrides(tiny_data_root)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "DONE" in out and "best_stg1" in out and "0.2000" in out
+    assert (root / "done" / "manifest.json").read_bytes() == before
+    assert ray.is_initialized() == was_running
+
+
+def test_restart_opens_a_new_attempt(tiny_cfg, tmp_path):
+    root = tmp_path / "runs"
+    store = RunStore(open_storage(str(root)), "again")
+    req = RunRequest(cfg=tiny_cfg(), storage_uri=str(root), name="again")
+    open_run(req, store)
+    store.transition(RunState.STAGE1_RUNNING)
+    assert open_run(req, store).state is RunState.STAGE1_RUNNING  # same command: continue
+    fresh = open_run(RunRequest(cfg=tiny_cfg(), storage_uri=str(root), name="again", restart=True), store)
+    assert fresh.state is RunState.NEW and fresh.attempt == 2  # Ray's stage runs are named stage<N>-a2 now
+
+
+def test_fault_hook_reads_several_faults(tmp_path):
+    hook = FaultHook.from_env({"DEIM_RAY_FAULT": "mid_epoch:0:1, upload:3:0", "DEIM_RAY_FAULT_DIR": str(tmp_path)})
+    assert hook.faults == [Fault("mid_epoch", 0, 1), Fault("upload", 3, 0)]
+    assert FaultHook.from_env({}) is None
+    with pytest.raises(ValueError, match="not one of"):
+        FaultHook.from_env({"DEIM_RAY_FAULT": "somewhere:0:0", "DEIM_RAY_FAULT_DIR": str(tmp_path)})
