@@ -62,16 +62,22 @@ def _sweep(store: RunStore) -> None:
         log.info("run %s: discarded %d interrupted upload(s) left by an earlier attempt", store.name, swept)
 
 
+def check_same_config(req: RunRequest, store: RunStore, manifest: Manifest | None) -> None:
+    """Refuse to continue run `req.name` with another config than it was started with (unless --restart)."""
+    if manifest is None or req.restart or manifest.config_sha256 == config_sha256(req.cfg):
+        return
+    old = _stored_config(store)
+    keys = ", ".join(diff_configs(old, req.cfg)[:8]) if old else "unknown keys"
+    raise RunError(f"run `{req.name}` in {store.uri} was started with another config (differs in: {keys}); "
+                   "use a new --name, or --restart to start this name over")
+
+
 def open_run(req: RunRequest, store: RunStore) -> Manifest:
     """The run's manifest: new, continued (same config), or refused (different config under the same name)."""
     sha = config_sha256(req.cfg)
     manifest = store.read_manifest()
     if manifest is not None and not req.restart:
-        if manifest.config_sha256 != sha:
-            old = _stored_config(store)
-            keys = ", ".join(diff_configs(old, req.cfg)[:8]) if old else "unknown keys"
-            raise RunError(f"run `{req.name}` in {store.uri} was started with another config (differs in: {keys}); "
-                           "use a new --name, or --restart to start this name over")
+        check_same_config(req, store, manifest)
         _sweep(store)
         return manifest
     _sweep(store)
@@ -102,10 +108,20 @@ def _run_stage(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | N
                   max_failures=req.max_failures, cpus_per_worker=req.cpus_per_worker,
                   keep_checkpoints=req.cfg.train.keep_checkpoints)
     except StageRunFailed as e:
-        store.transition(RunState.FAILED, note=f"stage {int(stage)}: {e}")
-        raise RunError(f"stage {int(stage)} of run `{req.name}` failed: {e}. Fix the cause and re-run the same "
-                       "command to resume from the last checkpoint") from None
+        reason = _worker_error(e.__cause__) or str(e)
+        store.transition(RunState.FAILED, note=f"stage {int(stage)}: {reason}")
+        raise RunError(f"stage {int(stage)} of run `{req.name}` failed: {reason}. Fix the cause and re-run the "
+                       "same command to resume from the last checkpoint") from None
     return dict(result.metrics or {})
+
+
+def _worker_error(error: BaseException | None) -> str | None:
+    """The one-line message of a deim_ray error a worker raised (Ray's own summary starts "Training failed due to
+    worker errors:" and buries it in a traceback)."""
+    for exc in getattr(error, "worker_failures", {}).values():
+        if type(exc).__module__.startswith("deim_ray.") and str(exc).strip():
+            return str(exc).strip().splitlines()[0]
+    return None
 
 
 def _switch(store: RunStore, stop_epoch: int) -> str:
@@ -150,7 +166,9 @@ def run_training(req: RunRequest) -> Manifest:
     validate(req.cfg, workers=req.workers)
     store = RunStore(open_storage(req.storage_uri, req.cfg.storage), req.name)
     preflight(req.cfg)
-    if not _is_finished(req, store):  # a finished run only reports its result: no cluster needed
+    existing = store.read_manifest()
+    check_same_config(req, store, existing)
+    if not _is_finished(req, existing):  # a finished run only reports its result: no cluster needed
         ensure_ray()
         check_capacity(req.workers, req.gpu, req.cpus_per_worker)
     manifest = open_run(req, store)
@@ -174,10 +192,8 @@ def run_training(req: RunRequest) -> Manifest:
     return _write_final(store, req.cfg)
 
 
-def _is_finished(req: RunRequest, store: RunStore) -> bool:
-    manifest = store.read_manifest()
-    return (manifest is not None and manifest.state is RunState.DONE and not req.restart
-            and manifest.config_sha256 == config_sha256(req.cfg))
+def _is_finished(req: RunRequest, manifest: Manifest | None) -> bool:
+    return manifest is not None and manifest.state is RunState.DONE and not req.restart
 
 
 def _interrupted_stage(manifest: Manifest) -> Stage | None:

@@ -11,6 +11,7 @@ It never imports ray; the driver reaches it through hooks and through the states
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import random
@@ -29,7 +30,7 @@ from deim_ray.engine.loop import StepSettings, evaluate, train_one_epoch
 from deim_ray.engine.lr import LRSchedule
 from deim_ray.engine.optim import build_optimizer
 from deim_ray.engine.stages import BestTracker, Stage, stage_epochs
-from deim_ray.engine.state import make_train_state
+from deim_ray.engine.state import CheckpointError, make_train_state
 from deim_ray.engine.data import DataBundle, build_data
 from deim_ray.models.build import build_model
 from deim_ray.models.loss import set_matcher_epoch
@@ -63,6 +64,19 @@ def state_digest(module: torch.nn.Module) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def _check_same_shapes(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """A TrainState of another architecture or class count is a one-line CheckpointError, not torch's report."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    other = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if missing or other or len(weights) != len(own):
+        example = (f"{other[0]} is {tuple(weights[other[0]].shape)} there, {tuple(own[other[0]].shape)} here"
+                   if other else f"{(missing or sorted(set(weights) - set(own)))[0]} differs")
+        raise CheckpointError(f"checkpoint holds another model ({len(other)} tensors of another shape, "
+                              f"{len(missing)} missing; e.g. {example}): resume with the model and data it was "
+                              "trained with, or fine-tune from it with model.pretrained under a new run name")
 
 
 def _amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -107,13 +121,16 @@ class Trainer:
 
     def load_weights(self, state: dict, ema_decay: float | None = None) -> None:
         """Model, EMA, optimizer and scaler from a TrainState (not the epoch or the tracker)."""
+        _check_same_shapes(dist.unwrap(self.model), state["model"])
         dist.unwrap(self.model).load_state_dict(state["model"])
         if self.ema is not None:
             if state.get("ema") is not None:
                 self.ema.load_state_dict(state["ema"], decay=ema_decay)
             else:
                 self.ema.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        # a copy: torch keeps the given CPU tensors as the optimizer's state and steps them in place, which
+        # would alter best_stg1's in-memory state that later stage-2 restarts load again
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         for group in self.optimizer.param_groups:  # the LR is recomputed from the iteration anyway
             group.setdefault("initial_lr", group["lr"])
         if self.scaler is not None and state.get("scaler"):

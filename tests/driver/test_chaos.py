@@ -5,10 +5,12 @@ Faults are injected by the test-only FaultHook (DEIM_RAY_FAULT), which reaches t
 environment of the driver process that starts the local Ray instance; a marker per fault proves it fired.
 
     uninterrupted  the same seed without faults: the reference final AP
-    run A          mid_epoch (epoch 0, rank 1), checkpoint_write (epoch 1, rank 0), eval (epoch 3, rank 1)
-    run B          upload (epoch 0, rank 0), stage_start (epoch 2, rank 1), then the driver is SIGKILLed in
-                   stage 2 and the same command is run again
+    chaos          mid_epoch (epoch 0, rank 1), upload (epoch 0, rank 0), eval (epoch 1, rank 1),
+                   checkpoint_write (epoch 1, rank 0), stage_start (epoch 2, rank 1); then, once Ray's snapshot
+                   holds the epoch-2 checkpoint, the driver is SIGKILLed and the same command is run again
 
+One run takes every kill (--max-failures 4 covers stage 1's four) so the file stays within its time budget;
+each kill is followed by a completed epoch before the next one, so recoveries are measured one at a time.
 For every run: DONE, a legal transition history with no stage-1 work after the switch, every artifact's sha256
 verifies, metrics.jsonl holds each epoch once in order, no best artifact was ever replaced by a worse one
 (the manifest is watched while the run trains), the best artifacts hold the best AP the metrics show, and EMA
@@ -43,8 +45,7 @@ RUN_TIMEOUT_S = 420
 AP_NOISE = 0.05
 """Final-AP difference tolerated against the uninterrupted run: a resume re-draws augmentation and denoising
 randomness, and the tiny model's AP moves by this much between neighbouring epochs."""
-RUN_A_FAULTS = "mid_epoch:0:1,checkpoint_write:1:0,eval:3:1"
-RUN_B_FAULTS = "upload:0:0,stage_start:2:1"
+FAULTS = "mid_epoch:0:1,upload:0:0,eval:1:1,checkpoint_write:1:0,stage_start:2:1"
 RERUN = "=== the same command, after the driver was killed ==="
 
 
@@ -72,19 +73,19 @@ class Run:
 class ManifestWatch(threading.Thread):
     """Records every (sha256, ap) each best artifact takes while a run trains."""
 
-    def __init__(self, run: Run):
+    def __init__(self, watched: Run):
         super().__init__(daemon=True)
-        self.run, self.done = run, threading.Event()
+        self.watched, self.done = watched, threading.Event()
 
-    def run(self):  # noqa: D102 - threading.Thread API
+    def run(self):
         while not self.done.is_set():
             try:
-                artifacts = self.run.manifest["artifacts"]
+                artifacts = self.watched.manifest["artifacts"]
             except (OSError, ValueError):
                 artifacts = {}
             for name in ("best_stg1", "best_stg2"):
                 rec = artifacts.get(name)
-                seen = self.run.best_history.setdefault(name, [])
+                seen = self.watched.best_history.setdefault(name, [])
                 if rec and (not seen or seen[-1][0] != rec["sha256"]):
                     seen.append((rec["sha256"], rec["ap"]))
             time.sleep(0.2)
@@ -92,7 +93,7 @@ class ManifestWatch(threading.Thread):
 
 def _command(storage: Path, name: str, data_root: Path) -> list[str]:
     return [sys.executable, "-m", "deim_ray", "train", "-c", TINY, "--storage", str(storage), "--name", name,
-            "--workers", "2", "--max-failures", "3", "-u", *data_overrides(data_root)]
+            "--workers", "2", "--max-failures", "4", "-u", *data_overrides(data_root)]
 
 
 def _env(faults: str, fault_dir: Path) -> dict[str, str]:
@@ -171,16 +172,15 @@ def _in_stage2_after_epoch2(run: Run) -> bool:
 def runs(tiny_data_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chaos")
     out = {"uninterrupted": _train(tmp, "base", tiny_data_root),
-           "A": _train(tmp, "chaos-a", tiny_data_root, RUN_A_FAULTS),
-           "B": _train(tmp, "chaos-b", tiny_data_root, RUN_B_FAULTS, kill_driver_when=_in_stage2_after_epoch2)}
+           "chaos": _train(tmp, "chaos", tiny_data_root, FAULTS, kill_driver_when=_in_stage2_after_epoch2)}
     _print_summary(out)
     return out
 
 
 def _recoveries(run: Run) -> list[tuple[str, float]]:
     """(kill point, seconds from the kill to the next completed epoch) for every kill of the run."""
-    kills = [(json.loads(p.read_text())["point"] + f"@e{json.loads(p.read_text())['epoch']}",
-              json.loads(p.read_text())["time"]) for p in sorted(run.fault_dir.glob("*.fired"))]
+    markers = [json.loads(p.read_text()) for p in run.fault_dir.glob("*.fired")]
+    kills = [(f"{m['point']}@e{m['epoch']}", m["time"]) for m in markers]
     if run.driver_kill_time is not None:
         kills.append(("driver", run.driver_kill_time))
     done = sorted(e["time"] for e in run.epochs_done())
@@ -193,8 +193,8 @@ def _print_summary(runs: dict[str, Run]) -> None:
     for key, run in runs.items():
         ap = run.manifest["final"]["ap"]
         print(f"  run {key:<13} wall {run.wall_s:6.1f} s  final AP {ap:.4f} ({run.manifest['final']['artifact']})"
-              f"  vs uninterrupted {ap - base_ap:+.4f}")
-        for point, seconds in (_recoveries(run) if key != "uninterrupted" else []):
+              f"  vs uninterrupted {ap - base_ap:+.4f}  epoch APs {[round(r['ap'], 4) for r in run.metrics()]}")
+        for point, seconds in (_recoveries(run) if run.fault_dir.joinpath("epochs.jsonl").exists() else []):
             print(f"      kill at {point:<20} recovered (next epoch done) after {seconds:5.1f} s")
 
 
@@ -202,7 +202,7 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("key", ["uninterrupted", "A", "B"])
+@pytest.mark.parametrize("key", ["uninterrupted", "chaos"])
 def test_run_is_done_with_verified_artifacts(runs, key):
     m = runs[key].manifest
     assert m["state"] == "DONE"
@@ -213,7 +213,7 @@ def test_run_is_done_with_verified_artifacts(runs, key):
     assert m["final"]["sha256"] == m["artifacts"]["final"]["sha256"]
 
 
-@pytest.mark.parametrize("key", ["uninterrupted", "A", "B"])
+@pytest.mark.parametrize("key", ["uninterrupted", "chaos"])
 def test_transitions_never_return_to_stage1_after_the_switch(runs, key):
     states = [t["state"] for t in runs[key].manifest["transitions"]]
     assert states[0] == "NEW" and states[-1] == "DONE" and "FAILED" not in states
@@ -221,16 +221,17 @@ def test_transitions_never_return_to_stage1_after_the_switch(runs, key):
     assert states.count("STAGE1_DONE") == 1 and "STAGE1_RUNNING" not in states[switch:]
 
 
-@pytest.mark.parametrize("key", ["uninterrupted", "A", "B"])
+@pytest.mark.parametrize("key", ["uninterrupted", "chaos"])
 def test_metrics_hold_each_epoch_once_in_order(runs, key):
     rows = runs[key].metrics()
     assert [r["epoch"] for r in rows] == list(range(EPOCHS))
     assert [r["stage"] for r in rows] == [1] * STOP + [2] * (EPOCHS - STOP)
 
 
-@pytest.mark.parametrize("key", ["uninterrupted", "A", "B"])
+@pytest.mark.parametrize("key", ["uninterrupted", "chaos"])
 def test_best_artifacts_only_ever_improve_and_hold_the_best_ap(runs, key):
     run = runs[key]
+    assert run.best_history.get("best_stg1"), "the manifest watch saw no best_stg1"
     for name, seen in run.best_history.items():
         aps = [ap for _, ap in seen]
         assert all(b > a for a, b in zip(aps, aps[1:])), f"{name} replaced by a model that is not better: {aps}"
@@ -242,7 +243,7 @@ def test_best_artifacts_only_ever_improve_and_hold_the_best_ap(runs, key):
         assert m["artifacts"]["best_stg2"]["ap"] >= best2
 
 
-@pytest.mark.parametrize("key", ["uninterrupted", "A", "B"])
+@pytest.mark.parametrize("key", ["uninterrupted", "chaos"])
 def test_ema_updates_and_optimizer_steps_match_the_epochs_trained(runs, key):
     """A resume restores the EMA update count and optimizer state: no epoch is lost or counted twice."""
     run = runs[key]
@@ -258,25 +259,22 @@ def test_ema_updates_and_optimizer_steps_match_the_epochs_trained(runs, key):
     assert steps == {expected}
 
 
-@pytest.mark.parametrize("key", ["A", "B"])
-def test_every_fault_fired_and_was_recovered(runs, key):
-    run = runs[key]
-    faults = RUN_A_FAULTS if key == "A" else RUN_B_FAULTS
+def test_every_fault_fired_and_each_kill_was_recovered(runs):
+    run = runs["chaos"]
     fired = sorted(p.name for p in run.fault_dir.glob("*.fired"))
-    expected = sorted(f"{p}-e{e}-r{r}.fired" for p, e, r in (f.split(":") for f in faults.split(",")))
+    expected = sorted(f"{p}-e{e}-r{r}.fired" for p, e, r in (f.split(":") for f in FAULTS.split(",")))
     assert fired == expected  # the environment reached the Ray workers
-    assert run.log.count("resuming stage") >= 1
-    assert len(_recoveries(run)) == len(expected) + (run.driver_kill_time is not None)
+    assert len(_recoveries(run)) == len(expected) + 1  # and the driver
+    assert run.log.count("resuming stage") >= 2  # Ray restored committed checkpoints (e.g. after checkpoint_write)
 
 
 def test_final_ap_matches_the_uninterrupted_run_within_noise(runs):
     base = runs["uninterrupted"].manifest["final"]["ap"]
-    for key in ("A", "B"):
-        assert abs(runs[key].manifest["final"]["ap"] - base) <= AP_NOISE, key
+    assert abs(runs["chaos"].manifest["final"]["ap"] - base) <= AP_NOISE
 
 
 def test_killed_driver_resumed_stage2_without_retraining_stage1(runs):
-    run = runs["B"]
+    run = runs["chaos"]
     transitions = run.manifest["transitions"]
     states = [t["state"] for t in transitions]
     assert states.count("STAGE2_RUNNING") == 2 and states.count("STAGE1_RUNNING") == 1
