@@ -12,6 +12,6 @@ def ray_local():
 
     from deim_ray.driver.ray_stage import ensure_ray
 
-    ensure_ray()
+    ensure_ray(resources={"train_driver": 2})  # Tune tests run their trial drivers on it
     yield ray
     ray.shutdown()

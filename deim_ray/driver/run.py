@@ -137,7 +137,7 @@ def _switch(store: RunStore, stop_epoch: int) -> str:
 
 def _write_final(store: RunStore, cfg: Config) -> Manifest:
     manifest = store.read_manifest()
-    resolution = resolve_final(manifest.artifacts)
+    resolution = resolve_final(manifest.artifacts, reached_stage2=manifest.switch is not None)
     with tempfile.TemporaryDirectory(prefix="deim_ray_final_") as tmp:
         state = load_train_state(store.open_artifact(resolution.artifact, tmp))
         meta = state["extra"]

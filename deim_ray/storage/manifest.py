@@ -62,8 +62,9 @@ class RunState(str, Enum):
 _S = RunState
 LEGAL_TRANSITIONS: dict[RunState, frozenset[RunState]] = {
     _S.NEW: frozenset({_S.STAGE1_RUNNING, _S.FAILED}),
-    _S.STAGE1_RUNNING: frozenset({_S.STAGE1_RUNNING, _S.STAGE1_DONE, _S.FAILED}),
-    _S.STAGE1_DONE: frozenset({_S.STAGE2_RUNNING, _S.FAILED}),
+    # DONE straight from stage 1: a run stopped before stop_epoch (e.g. by a Tune scheduler) resolves to best_stg1
+    _S.STAGE1_RUNNING: frozenset({_S.STAGE1_RUNNING, _S.STAGE1_DONE, _S.DONE, _S.FAILED}),
+    _S.STAGE1_DONE: frozenset({_S.STAGE2_RUNNING, _S.DONE, _S.FAILED}),
     _S.STAGE2_RUNNING: frozenset({_S.STAGE2_RUNNING, _S.DONE, _S.FAILED}),
     _S.FAILED: frozenset({_S.STAGE1_RUNNING, _S.STAGE2_RUNNING}),
     _S.DONE: frozenset(),

@@ -40,8 +40,10 @@ def _pick(name: str, record: ArtifactRecord, reason: str) -> Resolution:
                       reason=reason, record=record)
 
 
-def resolve_final(artifacts: Mapping[str, ArtifactRecord | None]) -> Resolution:
+def resolve_final(artifacts: Mapping[str, ArtifactRecord | None],
+                  reached_stage2: bool = False) -> Resolution:
     """Choose the final artifact among `artifacts[best_stg1]` and `artifacts[best_stg2]` (see module doc).
+    `reached_stage2` (the run switched to stage 2) only changes the words of the reason.
 
     A record whose AP is missing or not finite was never validated and cannot win. ResolveError when neither
     best checkpoint is usable.
@@ -53,8 +55,8 @@ def resolve_final(artifacts: Mapping[str, ArtifactRecord | None]) -> Resolution:
         raise ResolveError("no validated best checkpoint (best_stg1 and best_stg2 are missing or have no AP): "
                            "the run has not finished an evaluated epoch yet; train or resume it first")
     if ap2 is None:
-        return _pick(BEST_STG1, s1, f"run ended in stage 1 (no best_stg2); keeping best_stg1 "
-                                    f"({ap1:.3f} AP at epoch {s1.epoch})")
+        why = "stage 2 never beat stage 1 (no best_stg2)" if reached_stage2 else "run ended in stage 1 (no best_stg2)"
+        return _pick(BEST_STG1, s1, f"{why}; keeping best_stg1 ({ap1:.3f} AP at epoch {s1.epoch})")
     if ap1 is None:
         return _pick(BEST_STG2, s2, f"no validated best_stg1; keeping best_stg2 ({ap2:.3f} AP at epoch {s2.epoch})")
     t2, t1 = _pair(ap2, ap1)
@@ -80,7 +82,7 @@ def format_resolution(manifest: Manifest) -> str:
                   f"  reason: {f.get('reason')}"]
         return "\n".join(lines)
     try:
-        r = resolve_final(manifest.artifacts)
+        r = resolve_final(manifest.artifacts, reached_stage2=manifest.switch is not None)
     except ResolveError as e:
         return f"{head}\nno final artifact yet: {e}"
     status = "not finished" if manifest.state is not RunState.FAILED else "failed"

@@ -78,7 +78,7 @@ def test_happy_path_and_resumes_are_recorded():
 
 @pytest.mark.parametrize("path, illegal", [
     ([], RunState.STAGE2_RUNNING), ([], RunState.DONE), ([], RunState.STAGE1_DONE),
-    ([RunState.STAGE1_RUNNING], RunState.DONE), ([RunState.STAGE1_RUNNING], RunState.NEW),
+    ([RunState.STAGE1_RUNNING], RunState.NEW), ([RunState.STAGE1_RUNNING], RunState.STAGE2_RUNNING),
     ([RunState.STAGE1_RUNNING, RunState.STAGE1_DONE], RunState.STAGE1_RUNNING),
     ([RunState.STAGE1_RUNNING, RunState.STAGE1_DONE, RunState.STAGE2_RUNNING, RunState.DONE], RunState.FAILED),
     ([RunState.FAILED], RunState.DONE),
@@ -91,6 +91,16 @@ def test_illegal_transitions_are_refused(path, illegal):
         m.advance(illegal)
     assert json.loads(m.dumps()) == before
     assert illegal not in LEGAL_TRANSITIONS[m.state]
+
+
+def test_a_run_stopped_in_stage1_may_finish_with_a_final():
+    m = Manifest.new(name="r", config_sha256="c", epochs=4, stop_epoch=2)
+    m.advance(RunState.STAGE1_RUNNING)
+    with pytest.raises(ManifestError, match="final"):
+        m.advance(RunState.DONE)
+    m.final = {"artifact": "best_stg1", "reason": "run ended in stage 1"}
+    m.advance(RunState.DONE)
+    assert m.state is RunState.DONE
 
 
 def test_durable_states_need_their_records():

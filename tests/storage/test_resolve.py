@@ -41,6 +41,11 @@ def test_run_ended_in_stage1(stg2):
     assert r.artifact == BEST_STG1 and r.reason.startswith("run ended in stage 1")
 
 
+def test_stage2_without_any_improvement_says_so():
+    r = resolve_final({BEST_STG1: _rec(1, 0.3, 40), BEST_STG2: None}, reached_stage2=True)
+    assert r.artifact == BEST_STG1 and r.reason.startswith("stage 2 never beat stage 1 (no best_stg2)")
+
+
 def test_no_best_checkpoint_is_a_clear_error():
     with pytest.raises(ResolveError, match="no validated best checkpoint"):
         resolve_final({BEST_STG1: None, BEST_STG2: None, "last": _rec(1, 0.5, 3)})
