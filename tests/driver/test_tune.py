@@ -145,8 +145,7 @@ def tune_ray():
     if ray.is_initialized() and ray.cluster_resources().get("train_driver", 0) < 2:
         ray.shutdown()  # another module's instance without trial-driver resources
     ensure_ray(resources={"train_driver": 2})
-    yield ray
-    ray.shutdown()
+    yield ray  # left running for later modules; Ray shuts down with the test process
 
 
 @pytest.fixture(scope="module")
