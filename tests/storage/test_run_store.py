@@ -39,8 +39,8 @@ def test_manifest_and_text_round_trip(storage):
 def test_transitions_are_validated_and_persisted(storage):
     store = _new_run(storage)
     assert store.transition(RunState.STAGE1_RUNNING, note="stage 1 started").state is RunState.STAGE1_RUNNING
-    with pytest.raises(ManifestError, match="cannot go from STAGE1_RUNNING to DONE"):
-        store.transition(RunState.DONE)
+    with pytest.raises(ManifestError, match="cannot go from STAGE1_RUNNING to STAGE2_RUNNING"):
+        store.transition(RunState.STAGE2_RUNNING)
     manifest = store.read_manifest()
     assert manifest.state is RunState.STAGE1_RUNNING
     assert manifest.transitions[-1]["note"] == "stage 1 started"
