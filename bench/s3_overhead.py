@@ -10,7 +10,9 @@ wall time instead, which is printed too.
     python bench/s3_overhead.py                                    # configs/demo/shapes.yml, 2 repeats
     python bench/s3_overhead.py -c configs/demo/tiny.yml --repeats 3 --workers 1
 
-Note: on one machine the S3 server competes with training for the same cores; on a cluster it does not.
+On one machine the S3 server competes with training for the same cores (on a cluster it does not), so the
+script also prints the CPU time the server spends on this run's requests per epoch, beyond its idle rate.
+On a shared machine, other load moves epoch times by more than 1 %: compare the per-repeat ratios.
 """
 
 from __future__ import annotations

@@ -184,7 +184,8 @@ def _recoveries(run: Run) -> list[tuple[str, float]]:
     if run.driver_kill_time is not None:
         kills.append(("driver", run.driver_kill_time))
     done = sorted(e["time"] for e in run.epochs_done())
-    return [(point, next(t for t in done if t > killed) - killed) for point, killed in sorted(kills, key=lambda k: k[1])]
+    return [(point, next(t for t in done if t > killed) - killed)
+            for point, killed in sorted(kills, key=lambda k: k[1])]
 
 
 def _print_summary(runs: dict[str, Run]) -> None:

@@ -247,7 +247,7 @@ def test_a_worker_error_of_ours_reaches_the_user_as_its_own_line():
     from deim_ray.data.errors import DataError
     from deim_ray.driver.run import _worker_error
 
-    failure = WorkerGroupError("rank 1: Traceback ...", {0: RuntimeError("gloo: peer closed"),
-                                                         1: DataError("image x.jpg could not be decoded; re-encode it")})
+    bad = DataError("image x.jpg could not be decoded; re-encode it")
+    failure = WorkerGroupError("rank 1: Traceback ...", {0: RuntimeError("gloo: peer closed"), 1: bad})
     assert _worker_error(failure) == "image x.jpg could not be decoded; re-encode it"
     assert _worker_error(WorkerGroupError("lost", {0: RuntimeError("boom")})) is None
