@@ -19,23 +19,13 @@ from pathlib import Path
 import pytest
 
 from tests.driver.conftest import TINY, data_overrides
+from tests.fixtures_s3 import _free_ports
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 JOB_TIMEOUT_S = 480
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _ray_env(token: str) -> dict[str, str]:
