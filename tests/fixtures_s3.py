@@ -188,10 +188,20 @@ def empty_bucket(client, bucket: str) -> None:
 @pytest.fixture
 def s3_bucket(s3_endpoint):
     """A new empty bucket (its name); removed with its content after the test."""
-    client = s3_client(s3_endpoint)
-    name = f"t-{uuid.uuid4().hex[:16]}"
+    with temporary_bucket(s3_endpoint, "t") as name:
+        yield name
+
+
+@contextlib.contextmanager
+def temporary_bucket(endpoint: str, prefix: str):
+    """Create a uniquely named bucket; empty and delete it afterwards (best effort: a failed fault test may
+    have left the server down). Modules that share one bucket across their tests wrap this in a fixture."""
+    client = s3_client(endpoint)
+    name = f"{prefix}-{uuid.uuid4().hex[:16]}"
     client.create_bucket(Bucket=name)
-    yield name
-    with contextlib.suppress(Exception):  # best effort: a failed fault test may have left the server down
-        empty_bucket(client, name)
-        client.delete_bucket(Bucket=name)
+    try:
+        yield name
+    finally:
+        with contextlib.suppress(Exception):
+            empty_bucket(client, name)
+            client.delete_bucket(Bucket=name)

@@ -8,13 +8,12 @@ all cases start together in one module fixture, so the table costs about as long
 import os
 import subprocess
 import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.fixtures_s3 import SECRET_KEY, _free_ports, empty_bucket, s3_client
+from tests.fixtures_s3 import SECRET_KEY, _free_ports, temporary_bucket
 
 ROOT = Path(__file__).resolve().parents[2]
 WRONG_SECRET = "wrong-secret-Vb7Kq2Lm"
@@ -96,12 +95,8 @@ def _environment(case: Case, values: dict[str, str]) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def bucket(s3_endpoint):
-    client = s3_client(s3_endpoint)
-    name = f"t-cli-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=name)
-    yield name
-    empty_bucket(client, name)
-    client.delete_bucket(Bucket=name)
+    with temporary_bucket(s3_endpoint, "t-cli") as name:
+        yield name
 
 
 @pytest.fixture(scope="module")

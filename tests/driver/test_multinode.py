@@ -20,7 +20,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from deim_ray.engine.state import load_train_state
 from deim_ray.engine.trainer import state_digest
 from deim_ray.models.build import build_model
 from tests.driver.conftest import TINY, data_overrides
-from tests.fixtures_s3 import _free_ports, empty_bucket, s3_client
+from tests.fixtures_s3 import _free_ports, s3_client, temporary_bucket
 
 pytestmark = pytest.mark.slow
 
@@ -148,12 +147,8 @@ def cluster(s3_endpoint):
 
 @pytest.fixture(scope="module")
 def bucket(s3_endpoint):
-    client = s3_client(s3_endpoint)
-    name = f"t-mn-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=name)
-    yield name
-    empty_bucket(client, name)
-    client.delete_bucket(Bucket=name)
+    with temporary_bucket(s3_endpoint, "t-mn") as name:
+        yield name
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ import torch
 from deim_ray.models.export import load_final
 from deim_ray.storage import RunStore, open_storage
 from tests.driver.conftest import TINY, data_overrides
-from tests.fixtures_s3 import ACCESS_KEY, SECRET_KEY, empty_bucket, s3_client
+from tests.fixtures_s3 import ACCESS_KEY, SECRET_KEY, s3_client, temporary_bucket
 
 pytestmark = pytest.mark.slow
 
@@ -37,12 +36,8 @@ def _deim_ray(argv: list[str], env: dict, cwd: Path, timeout: float = 120) -> su
 
 @pytest.fixture(scope="module")
 def bucket(s3_endpoint):
-    client = s3_client(s3_endpoint)
-    name = f"t-s3run-{uuid.uuid4().hex[:12]}"
-    client.create_bucket(Bucket=name)
-    yield name
-    empty_bucket(client, name)
-    client.delete_bucket(Bucket=name)
+    with temporary_bucket(s3_endpoint, "t-s3run") as name:
+        yield name
 
 
 @pytest.fixture(scope="module")
