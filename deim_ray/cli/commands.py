@@ -108,8 +108,10 @@ def show_augment(args: argparse.Namespace) -> int:
     from deim_ray.data.visualize import render_augment_grid
 
     cfg = _load(args)
+    from deim_ray.config.schedule import stage_of
+
     path = render_augment_grid(cfg, args.epoch, args.output, n=args.n)
-    print(f"wrote {path} (epoch {args.epoch}, stage {1 if args.epoch < cfg.schedule.stop_epoch else 2})")
+    print(f"wrote {path} (epoch {args.epoch}, stage {stage_of(args.epoch, cfg.schedule.stop_epoch)})")
     return 0
 
 

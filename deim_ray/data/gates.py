@@ -4,7 +4,7 @@ The train transforms, the batch collator and `deim-ray info` all read the schedu
 table printed for a config is exactly what the pipeline does. Epochs are 0-based; a range (a, b) means
 a <= epoch < b.
 
-- Stage: 1 while epoch < stop_epoch, else 2. Stage 2 is clean (Resize + scale) whatever the other gates say.
+- Stage (`config.schedule.stage_of`): 1 while epoch < stop_epoch, else 2. Stage 2 is clean (Resize + scale) whatever the other gates say.
 - Policy ops (`augment.policy_ops`, by op name) with policy_epoch = (e0, e1, e2): off before e0; in [e0, e1)
   each sample takes Mosaic with probability mosaic_prob and then skips RandomZoomOut/RandomIoUCrop, or skips
   Mosaic and takes them; in [e1, e2) no Mosaic, the other policy ops run; off from e2. A single epoch (E,)
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deim_ray.config.schedule import Stage, stage_of
 from deim_ray.config.schema import AugmentConfig, Config
 from deim_ray.data.errors import DataError
 
@@ -30,11 +31,6 @@ PHOTOMETRIC = "RandomPhotometricDistort"
 FLIP = "RandomHorizontalFlip"
 KNOWN_OPS = (MOSAIC, PHOTOMETRIC, ZOOM_OUT, IOU_CROP, FLIP)
 """Sample-level augmentations, in pipeline order; any of them may be listed in `augment.policy_ops`."""
-
-
-def stage_of(epoch: int, stop_epoch: int) -> int:
-    """1 for epoch < stop_epoch, else 2."""
-    return 1 if epoch < stop_epoch else 2
 
 
 @dataclass(frozen=True)
@@ -125,7 +121,7 @@ class EpochPlan:
     """Everything the data pipeline decides from the epoch alone."""
 
     epoch: int
-    stage: int
+    stage: Stage
     policy: PolicyPhase
     mixup_prob: float
     """0 when MixUp is off this epoch."""
@@ -137,10 +133,10 @@ class EpochPlan:
 
 def epoch_plan(cfg: Config, epoch: int) -> EpochPlan:
     a, stop = cfg.augment, cfg.schedule.stop_epoch
-    if stage_of(epoch, stop) == 2:
-        return EpochPlan(epoch, 2, PolicyPhase("stage2", frozenset(), frozenset(KNOWN_OPS), 0.0), 0.0, 0.0, ())
+    if stage_of(epoch, stop) is Stage.TWO:
+        return EpochPlan(epoch, Stage.TWO, PolicyPhase("stage2", frozenset(), frozenset(KNOWN_OPS), 0.0), 0.0, 0.0, ())
     scales = tuple(scale_list(multiscale_base(cfg), a.base_size_repeat)) if multiscale_active(a, epoch, stop) else ()
-    return EpochPlan(epoch, 1, policy_phase(a, epoch), a.mixup_prob if mixup_active(a, epoch) else 0.0,
+    return EpochPlan(epoch, Stage.ONE, policy_phase(a, epoch), a.mixup_prob if mixup_active(a, epoch) else 0.0,
                      a.copyblend_prob if copyblend_active(a, epoch) else 0.0, scales)
 
 
@@ -150,7 +146,7 @@ class Phase:
 
     start: int
     end: int
-    stage: int
+    stage: Stage
     ops: tuple[str, ...]
     """What runs, in order (sample ops, then batch ops), e.g. 'Mosaic p=0.5', 'MixUp p=0.5'."""
 
@@ -158,7 +154,7 @@ class Phase:
 def describe(plan: EpochPlan, cfg: Config) -> tuple[str, ...]:
     h, w = cfg.data.image_size
     resize = f"Resize {h}x{w}"
-    if plan.stage == 2:
+    if plan.stage is Stage.TWO:
         return (resize,)
     pol, aug = plan.policy, cfg.augment
     ops = []

@@ -26,6 +26,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from deim_ray.config.schedule import Stage
 from deim_ray.config.schema import Config
 from deim_ray.data import gates
 from deim_ray.data.coco import PER_BOX_FIELDS
@@ -113,7 +114,7 @@ class TrainTransforms:
     def select(self, epoch: int, num_boxes: int) -> list[Step]:
         """The ops one sample runs at `epoch` (random draws happen here)."""
         plan = gates.epoch_plan(self.cfg, epoch)
-        if plan.stage == 2:
+        if plan.stage is Stage.TWO:
             return list(self.finish)
         a, pol = self.cfg.augment, plan.policy
         mosaic = pol.mosaic_prob > 0 and _draw(pol.mosaic_prob)

@@ -33,10 +33,10 @@ import ray.train
 from ray.train import Checkpoint
 from ray.train.v2.api.report_config import CheckpointUploadMode
 
+from deim_ray.config.schedule import BEST_STG1, BEST_STG2, LAST, best_artifact
 from deim_ray.engine.hooks import Hook
-from deim_ray.engine.stages import Stage
 from deim_ray.engine.state import load_train_state, save_train_state
-from deim_ray.storage import BEST_STG1, BEST_STG2, LAST, RunStore, Storage, artifact_key
+from deim_ray.storage import RunStore, Storage, artifact_key
 from deim_ray.storage.transfer import BackgroundUploader
 
 log = logging.getLogger("deim_ray.worker")
@@ -57,10 +57,6 @@ def _epoch_ap(state: dict) -> float | None:
     """AP of the epoch a TrainState was saved after, from the metrics lines it carries."""
     lines = state.get("extra", {}).get("metrics") or []
     return next((r["ap"] for r in reversed(lines) if r["epoch"] == state["last_epoch"]), None)
-
-
-def _stage_best(stage: Stage) -> str:
-    return BEST_STG1 if stage is Stage.ONE else BEST_STG2
 
 
 class RunSyncHook(Hook):
@@ -93,7 +89,7 @@ class RunSyncHook(Hook):
 
     def _reconcile(self, trainer) -> None:
         """Before a resumed stage trains (nothing is in flight): make storage agree with the resumed state."""
-        best = _stage_best(trainer.stage)
+        best = best_artifact(trainer.stage)
         for name in (LAST, best):
             self._record_orphan(name)
         self._republish(trainer, best)

@@ -7,6 +7,7 @@ and best rule do (warm-up, the stage-2 restart decay and restart search).
 
 from __future__ import annotations
 
+from deim_ray.config.schedule import Stage
 from deim_ray.config.schema import Config
 from deim_ray.data.gates import phase_table
 from deim_ray.models.build import build_model, count_parameters
@@ -28,10 +29,10 @@ def _lr_at(cfg: Config, epoch: int) -> str:
     return next(name for start, end, name in lr_phases(cfg) if start <= epoch < end)
 
 
-def _ema_at(cfg: Config, stage: int) -> str:
+def _ema_at(cfg: Config, stage: Stage) -> str:
     if not cfg.ema.enabled:
         return "EMA off"
-    if stage == 2:
+    if stage is Stage.TWO:
         rule = "restart from best_stg1 when not improving" if cfg.schedule.stage2_restart else "no restarts"
         return f"EMA decay {cfg.schedule.ema_restart_decay:g}; {rule}"
     return f"EMA decay {cfg.ema.decay:g} (warm-up {cfg.ema.warmups} updates)"

@@ -18,7 +18,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from deim_ray.engine.stages import Stage
+from deim_ray.config.schedule import Stage
 from deim_ray.storage import RunStore
 
 log = logging.getLogger("deim_ray.driver")

@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 import yaml
 
+from deim_ray.config.schedule import BEST_STG1, FINAL, Stage
 from deim_ray.config.loader import config_from_dict, config_sha256, config_to_dict, diff_configs, dump_yaml
 from deim_ray.config.schema import Config
 from deim_ray.config.validate import validate
 from deim_ray.driver.preflight import check_request, preflight
 from deim_ray.driver.ray_stage import StageRunFailed, check_capacity, ensure_ray, run_stage
-from deim_ray.engine.stages import Stage
 from deim_ray.engine.state import load_train_state
 from deim_ray.models.export import make_final_checkpoint
-from deim_ray.storage import (BEST_STG1, FINAL, Manifest, RunState, RunStore, open_storage, resolve_final)
+from deim_ray.storage import Manifest, RunState, RunStore, open_storage, resolve_final
 
 log = logging.getLogger("deim_ray.driver")
 
@@ -200,7 +200,7 @@ def _interrupted_stage(manifest: Manifest) -> Stage | None:
     """The stage a dead driver or a failed run left unfinished (Ray resumes it), if any."""
     if manifest.state is RunState.FAILED:
         return Stage.TWO if manifest.switch else Stage.ONE
-    return {RunState.STAGE1_RUNNING: Stage.ONE, RunState.STAGE2_RUNNING: Stage.TWO}.get(manifest.state)
+    return manifest.state.running_stage
 
 
 def _start_note(interrupted: Stage | None, stage: Stage, fresh: str) -> str:

@@ -17,13 +17,13 @@ import ray.train
 import ray.train.torch
 
 from deim_ray.config.loader import config_from_dict
+from deim_ray.config.schedule import BEST_STG1, Stage
 from deim_ray.driver.hooks import FaultHook, RayReportHook, RunSyncHook
 from deim_ray.engine.hooks import ProgressHook
 from deim_ray.logs import setup_logging
-from deim_ray.engine.stages import Stage
 from deim_ray.engine.state import load_train_state
 from deim_ray.engine.trainer import StageStart, Trainer
-from deim_ray.storage import BEST_STG1, RunStore, open_storage
+from deim_ray.storage import RunStore, open_storage
 
 log = logging.getLogger("deim_ray.worker")
 

@@ -1,6 +1,6 @@
-"""engine layer: the stage rules of a DEIM run, as explicit state.
+"""engine layer: the best-checkpoint rule of a DEIM run, as explicit state.
 
-`Stage` names the two stages; `BestTracker` is the best-checkpoint rule: in stage 1 every new best writes
+`Stage` and the artifact names come from `config.schedule`; `BestTracker` is the best-checkpoint rule: in stage 1 every new best writes
 best_stg1; in stage 2 best_stg2 is written only when an epoch beats the best so far (stage 1 included), and an
 epoch that is not a new local best restarts the next epoch from best_stg1 (upstream's restart search) unless
 the config turns that off. The tracker is part of every checkpoint, so a resumed run keeps its historical
@@ -9,26 +9,9 @@ best (upstream re-seeded it from the resumed weights).
 
 from __future__ import annotations
 
-import enum
 from dataclasses import asdict, dataclass, field
 
-
-class Stage(enum.IntEnum):
-    ONE = 1
-    TWO = 2
-
-
-def stage_of(epoch: int, stop_epoch: int) -> Stage:
-    return Stage.TWO if epoch >= stop_epoch else Stage.ONE
-
-
-def stage_epochs(stage: Stage, epochs: int, stop_epoch: int) -> range:
-    """The epochs a stage covers: stage 1 is [0, stop_epoch), stage 2 is [stop_epoch, epochs)."""
-    return range(0, stop_epoch) if stage is Stage.ONE else range(stop_epoch, epochs)
-
-
-BEST_STG1 = "best_stg1"
-BEST_STG2 = "best_stg2"
+from deim_ray.config.schedule import BEST_STG1, BEST_STG2, Stage
 
 
 @dataclass(frozen=True)

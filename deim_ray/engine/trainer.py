@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from deim_ray.config.schedule import Stage, stage_epochs
 from deim_ray.config.schema import Config
 from deim_ray.engine import dist
 from deim_ray.engine.ema import ModelEMA
@@ -29,7 +30,7 @@ from deim_ray.engine.hooks import EpochRecord, Hook
 from deim_ray.engine.loop import StepSettings, evaluate, train_one_epoch
 from deim_ray.engine.lr import LRSchedule
 from deim_ray.engine.optim import build_optimizer
-from deim_ray.engine.stages import BestTracker, Stage, stage_epochs
+from deim_ray.engine.stages import BestTracker
 from deim_ray.engine.state import CheckpointError, make_train_state
 from deim_ray.engine.data import DataBundle, build_data
 from deim_ray.models.build import build_model

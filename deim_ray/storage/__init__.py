@@ -16,8 +16,8 @@ from deim_ray.storage.base import ObjectInfo, Storage, open_storage, split_run_u
 from deim_ray.storage.errors import (BadStorageURI, BucketNotFound, ChecksumMismatch, CredentialsRejected,
                                      EndpointUnreachable, ManifestError, NoCredentials, ObjectNotFound,
                                      ResolveError, StorageError)
-from deim_ray.storage.manifest import (ARTIFACT_NAMES, BEST_STG1, BEST_STG2, FINAL, LAST, LEGAL_TRANSITIONS,
-                                       MANIFEST_KEY, ArtifactRecord, Manifest, RunState, artifact_key)
+from deim_ray.config.schedule import ARTIFACT_NAMES, BEST_STG1, BEST_STG2, FINAL, LAST  # re-exported for storage users
+from deim_ray.storage.manifest import LEGAL_TRANSITIONS, MANIFEST_KEY, ArtifactRecord, Manifest, RunState, artifact_key
 from deim_ray.storage.resolve import Resolution, format_resolution, resolve_final
 from deim_ray.storage.retrieve import RunSummary, describe_run, fetch, list_runs, open_run_dir
 from deim_ray.storage.run_store import RunStore, check_run_name

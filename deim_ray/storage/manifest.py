@@ -19,20 +19,12 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
+from deim_ray.config.schedule import ARTIFACT_NAMES, BEST_STG1, Stage
 from deim_ray.storage.errors import ManifestError
 
 SCHEMA = 1
 MANIFEST_KEY = "manifest.json"
 
-LAST = "last"
-"""TrainState after the latest epoch (overwritten every epoch)."""
-BEST_STG1 = "best_stg1"
-"""TrainState of the best validated epoch of stage 1; stage 2 starts from it."""
-BEST_STG2 = "best_stg2"
-"""TrainState of the best validated epoch of stage 2."""
-FINAL = "final"
-"""Deployable EMA weights of the resolved winner, with the metadata to rebuild the model."""
-ARTIFACT_NAMES = (BEST_STG1, BEST_STG2, LAST, FINAL)
 
 
 def artifact_key(name: str) -> str:
@@ -57,6 +49,11 @@ class RunState(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+    @property
+    def running_stage(self) -> Stage | None:
+        """The stage a *_RUNNING state is in; None for every other state."""
+        return {RunState.STAGE1_RUNNING: Stage.ONE, RunState.STAGE2_RUNNING: Stage.TWO}.get(self)
 
 
 _S = RunState

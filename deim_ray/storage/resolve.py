@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from deim_ray.config.schedule import BEST_STG1, BEST_STG2
 from deim_ray.storage.errors import ResolveError
-from deim_ray.storage.manifest import BEST_STG1, BEST_STG2, ArtifactRecord, Manifest, RunState, finite_ap
+from deim_ray.storage.manifest import ArtifactRecord, Manifest, RunState, finite_ap
 
 
 @dataclass(frozen=True)

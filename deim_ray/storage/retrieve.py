@@ -10,10 +10,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from deim_ray.config.schedule import ARTIFACT_NAMES
 from deim_ray.config.schema import StorageConfig
 from deim_ray.storage.base import open_storage, sha256_file, split_run_uri
 from deim_ray.storage.errors import BadStorageURI, ChecksumMismatch, ManifestError
-from deim_ray.storage.manifest import ARTIFACT_NAMES, MANIFEST_KEY, Manifest, finite_ap
+from deim_ray.storage.manifest import MANIFEST_KEY, Manifest, finite_ap
 from deim_ray.storage.resolve import format_resolution
 from deim_ray.storage.run_store import RunStore
 

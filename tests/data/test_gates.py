@@ -21,10 +21,6 @@ EXAMPLE_B = Config(augment=dataclasses.replace(A, policy_epoch=(4, 64, 120), mix
 POLICY = ("Mosaic", "RandomPhotometricDistort", "RandomZoomOut", "RandomIoUCrop")
 
 
-def test_stage_switches_at_stop_epoch():
-    assert [gates.stage_of(e, 148) for e in (0, 147, 148, 159)] == [1, 1, 2, 2]
-
-
 @pytest.mark.parametrize("epoch, name, allowed, mosaic_prob", [
     (3, "before", set(), 0.0),
     (4, "mosaic", set(POLICY), 0.5),

@@ -27,7 +27,8 @@ from deim_ray.cli.main import main
 from deim_ray.driver.hooks import METRICS_FILE, Fault, FaultHook, RunSyncHook
 from deim_ray.driver.run import RunRequest, open_run
 from deim_ray.engine.hooks import Hook
-from deim_ray.engine.stages import BestTracker, Stage
+from deim_ray.config.schedule import Stage
+from deim_ray.engine.stages import BestTracker
 from deim_ray.engine.state import load_train_state, make_train_state, save_train_state
 from deim_ray.engine.trainer import StageStart, Trainer
 from deim_ray.storage import BEST_STG1, LAST, Manifest, RunState, RunStore, artifact_key, open_storage

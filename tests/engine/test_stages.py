@@ -1,6 +1,7 @@
 """The best-checkpoint rule, epoch by epoch, including the upstream consequences it must keep."""
 
-from deim_ray.engine.stages import BEST_STG1, BEST_STG2, BestTracker, Stage, stage_epochs, stage_of
+from deim_ray.config.schedule import BEST_STG1, BEST_STG2, Stage, stage_epochs, stage_of
+from deim_ray.engine.stages import BestTracker
 
 
 def run(aps, stop_epoch, restart=True):

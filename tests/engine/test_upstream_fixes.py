@@ -10,7 +10,7 @@ from deim_ray.cli.main import build_parser
 from deim_ray.config.loader import load_config
 from deim_ray.engine import dist
 from deim_ray.engine.hooks import Hook
-from deim_ray.engine.stages import Stage
+from deim_ray.config.schedule import Stage
 from deim_ray.engine.trainer import StageStart, Trainer, _amp_dtype
 
 TINY = "configs/demo/tiny.yml"
