@@ -112,6 +112,9 @@ class AugmentConfig:
     zoom_out_side_range: tuple[float, float] = (1.0, 4.0)
     iou_crop_p: float = 0.8
     flip_p: float = 0.5
+    sanitize_min_size: float = 1.0
+    """Train boxes with a width or height under this many pixels are dropped (upstream SanitizeBoundingBoxes
+    min_size: 12 / 10 / 8 for Atto / Femto / Pico, 1 for the other sizes)."""
     mixup_prob: float = 0.5
     mixup_epochs: tuple[int, int] = (4, 78)
     copyblend_prob: float = 0.5
@@ -185,8 +188,9 @@ class TrainConfig:
     clip_max_norm: float = 0.1
     use_amp: bool = True
     """Mixed precision on GPU (ignored on CPU). YAML decides; there is no CLI flag overriding it."""
-    amp_dtype: str = "bfloat16"
-    """bfloat16 (no GradScaler) or float16 (with GradScaler)."""
+    amp_dtype: str = "float16"
+    """float16 with a GradScaler (upstream's `--use-amp`) or bfloat16 (no GradScaler). Either way only the model's
+    forward runs under autocast: the loss is computed in float32, and evaluation always runs in float32."""
     keep_checkpoints: int = 2
     """Ray checkpoints kept per stage (the latest is always kept too)."""
     print_freq: int = 10

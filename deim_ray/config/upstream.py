@@ -350,7 +350,7 @@ _TRAIN_OPS: dict[str, dict[str, Any]] = {
     "RandomZoomOut": {"p": "augment.zoom_out_p", "side_range": "augment.zoom_out_side_range", "fill": ("=", 0)},
     "RandomIoUCrop": {"p": "augment.iou_crop_p"},
     "RandomHorizontalFlip": {"p": "augment.flip_p"},
-    "SanitizeBoundingBoxes": {"min_size": ("=", 1)},
+    "SanitizeBoundingBoxes": {"min_size": "augment.sanitize_min_size"},
     "Resize": {"size": None},
     "ConvertPILImage": {"dtype": ("=", "float32"), "scale": ("=", True)},
     "Normalize": {"mean": ("=", IMAGENET["mean"]), "std": ("=", IMAGENET["std"])},

@@ -102,10 +102,10 @@ _PRETRAINED_NOTE = "backbone-only pretrained weights are not loaded; set model.p
 
 # Upstream param-group regexes (module names) -> the same groups over transformers parameter names.
 PARAM_REGEX = {
-    r"^(?=.*backbone)(?!.*norm|bn).*$": r"conv_encoder\.(?!.*norm)",
-    r"^(?=.*backbone)(?=.*norm|bn).*$": r"conv_encoder\..*norm",
-    r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn|bias)).*$": r"^(?!.*conv_encoder)(?=.*(?:norm|bn|bias))",
-    r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn)).*$": r"^(?!.*conv_encoder)(?=.*(?:norm|bn))",
+    r"^(?=.*backbone)(?!.*norm|bn).*$": r"conv_encoder\.model\.(?!.*norm)",
+    r"^(?=.*backbone)(?=.*norm|bn).*$": r"conv_encoder\.model\..*norm",
+    r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn|bias)).*$": r"^(?!.*conv_encoder\.model\.)(?=.*(?:norm|bn|bias))",
+    r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn)).*$": r"^(?!.*conv_encoder\.model\.)(?=.*(?:norm|bn))",
     r"^(?=.*.dinov3)(?!.*(?:norm|bn|bias)).*$": r"conv_encoder\.backbone\.(?!.*(?:norm|bn|bias))",
     r"^(?=.*.dinov3)(?=.*(?:norm|bn|bias)).*$": r"conv_encoder\.backbone\..*(?:norm|bn|bias)",
     r"^(?=.*(?:sta|encoder|decoder))(?=.*(?:norm|bn|bias)).*$":

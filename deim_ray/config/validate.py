@@ -129,6 +129,8 @@ def _check_sizes(cfg: Config) -> Iterable[str]:
         yield f"`model.num_queries` must be >= 1, got {cfg.model.num_queries}"
     if cfg.eval.num_top_queries < 1:
         yield f"`eval.num_top_queries` must be >= 1, got {cfg.eval.num_top_queries}"
+    if cfg.augment.sanitize_min_size < 0:
+        yield f"`augment.sanitize_min_size` must be >= 0 (pixels), got {cfg.augment.sanitize_min_size}"
 
 
 def _check_probabilities(cfg: Config) -> Iterable[str]:

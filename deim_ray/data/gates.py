@@ -4,7 +4,9 @@ The train transforms, the batch collator and `deim-ray info` all read the schedu
 table printed for a config is exactly what the pipeline does. Epochs are 0-based; a range (a, b) means
 a <= epoch < b.
 
-- Stage (`config.schedule.stage_of`): 1 while epoch < stop_epoch, else 2. Stage 2 is clean (Resize + scale) whatever the other gates say.
+- Stage (`config.schedule.stage_of`): 1 while epoch < stop_epoch, else 2. Stage 2 runs no policy op, MixUp,
+  CopyBlend or multi-scale, whatever the other gates say; ops not listed in policy_ops (the horizontal flip in
+  every released config) keep running, as upstream, whose stage 2 only turns its policy ops off.
 - Policy ops (`augment.policy_ops`, by op name) with policy_epoch = (e0, e1, e2): off before e0; in [e0, e1)
   each sample takes Mosaic with probability mosaic_prob and then skips RandomZoomOut/RandomIoUCrop, or skips
   Mosaic and takes them; in [e1, e2) no Mosaic, the other policy ops run; off from e2. A single epoch (E,)
@@ -61,7 +63,7 @@ def policy_bounds(augment: AugmentConfig) -> tuple[int, int, int]:
 
 
 def policy_phase(augment: AugmentConfig, epoch: int) -> PolicyPhase:
-    """The policy phase of `epoch` (stage 1 only; stage 2 runs no augmentation at all)."""
+    """The policy phase of `epoch` in stage 1 (`epoch_plan` turns every policy op off in stage 2)."""
     unknown = set(augment.policy_ops) - set(KNOWN_OPS)
     if unknown:
         raise DataError(f"augment.policy_ops has unknown op(s) {sorted(unknown)}; choose from {list(KNOWN_OPS)}")
@@ -134,7 +136,8 @@ class EpochPlan:
 def epoch_plan(cfg: Config, epoch: int) -> EpochPlan:
     a, stop = cfg.augment, cfg.schedule.stop_epoch
     if stage_of(epoch, stop) is Stage.TWO:
-        return EpochPlan(epoch, Stage.TWO, PolicyPhase("stage2", frozenset(), frozenset(KNOWN_OPS), 0.0), 0.0, 0.0, ())
+        return EpochPlan(epoch, Stage.TWO, PolicyPhase("stage2", frozenset(), frozenset(a.policy_ops), 0.0), 0.0,
+                         0.0, ())
     scales = tuple(scale_list(multiscale_base(cfg), a.base_size_repeat)) if multiscale_active(a, epoch, stop) else ()
     return EpochPlan(epoch, Stage.ONE, policy_phase(a, epoch), a.mixup_prob if mixup_active(a, epoch) else 0.0,
                      a.copyblend_prob if copyblend_active(a, epoch) else 0.0, scales)
@@ -154,8 +157,6 @@ class Phase:
 def describe(plan: EpochPlan, cfg: Config) -> tuple[str, ...]:
     h, w = cfg.data.image_size
     resize = f"Resize {h}x{w}"
-    if plan.stage is Stage.TWO:
-        return (resize,)
     pol, aug = plan.policy, cfg.augment
     ops = []
     if pol.mosaic_prob > 0:

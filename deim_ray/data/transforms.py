@@ -5,7 +5,11 @@ Train, stage 1 (ops in order; each gated by `gates.epoch_plan` for the sample's 
   RandomHorizontalFlip | Resize(data.image_size) | SanitizeBoundingBoxes | to float [0,1] | Normalize (opt.) |
   boxes to normalized cxcywh.
   In the Mosaic phase each sample draws Mosaic with `mosaic_prob`; a Mosaic sample skips ZoomOut/IoUCrop.
-Train, stage 2 and val: Resize | SanitizeBoundingBoxes | to float | Normalize (opt.) | normalized cxcywh.
+Train, stage 2: the same list with every policy op off (upstream's stage 2), i.e. SanitizeBoundingBoxes |
+  RandomHorizontalFlip | Resize | ... with the released configs.
+Val: Resize | SanitizeBoundingBoxes | to float | Normalize (opt.) | normalized cxcywh.
+Train sanitizing drops boxes with a side under `augment.sanitize_min_size` pixels (upstream: 12/10/8 for
+Atto/Femto/Pico, 1 otherwise); val keeps every box of at least 1 pixel.
 
 The probabilities of ZoomOut, IoUCrop and Flip are drawn here (the tv ops run with p=1), so `target["ops"]`
 records exactly the augmentations a sample received; tests and `show-augment` read it.
@@ -67,11 +71,14 @@ def _normalized_cxcywh(image: torch.Tensor, target: dict, dataset) -> tuple[torc
     return image, target
 
 
-def _finish_steps(cfg: Config) -> list[Step]:
+def _sanitize(min_size: float) -> Callable:
+    return _tv(v2.SanitizeBoundingBoxes(min_size=min_size, labels_getter=per_box_fields))
+
+
+def _finish_steps(cfg: Config, min_size: float = 1) -> list[Step]:
     """Resize to data.image_size, drop boxes the resize made too small, scale to [0,1], normalize, box format."""
     h, w = cfg.data.image_size
-    sanitize = v2.SanitizeBoundingBoxes(min_size=1, labels_getter=per_box_fields)
-    steps: list[Step] = [("Resize", _tv(v2.Resize([h, w]))), ("SanitizeBoundingBoxes", _tv(sanitize)),
+    steps: list[Step] = [("Resize", _tv(v2.Resize([h, w]))), ("SanitizeBoundingBoxes", _sanitize(min_size)),
                          ("ToFloat", _to_float)]
     if cfg.data.normalize:
         normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
@@ -108,14 +115,12 @@ class TrainTransforms:
             gates.IOU_CROP: _tv(v2.RandomIoUCrop()),
             gates.FLIP: _tv(v2.RandomHorizontalFlip(p=1.0)),
         }
-        self.sanitize = _tv(v2.SanitizeBoundingBoxes(min_size=1, labels_getter=per_box_fields))
-        self.finish = _finish_steps(cfg)
+        self.sanitize = _sanitize(a.sanitize_min_size)
+        self.finish = _finish_steps(cfg, a.sanitize_min_size)
 
     def select(self, epoch: int, num_boxes: int) -> list[Step]:
         """The ops one sample runs at `epoch` (random draws happen here)."""
         plan = gates.epoch_plan(self.cfg, epoch)
-        if plan.stage is Stage.TWO:
-            return list(self.finish)
         a, pol = self.cfg.augment, plan.policy
         mosaic = pol.mosaic_prob > 0 and _draw(pol.mosaic_prob)
         chosen = [gates.MOSAIC] if mosaic else []

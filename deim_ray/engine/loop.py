@@ -100,15 +100,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, coco_gt, category_ids: list[int], device: torch.device,
-             num_top_queries: int, amp_dtype: torch.dtype | None = None,
-             on_batch: Callable[[int], None] | None = None) -> list[float]:
-    """Collective: COCO bbox stats of `model` over the whole val set (each rank runs its own shard)."""
+             num_top_queries: int, on_batch: Callable[[int], None] | None = None) -> list[float]:
+    """Collective: COCO bbox stats of `model` over the whole val set (each rank runs its own shard).
+    Always in float32, whatever the training AMP setting, as upstream evaluates."""
     model.eval()
     collector = DetectionCollector(category_ids)
-    ctx = _autocast(StepSettings(device, amp_dtype, 0.0, 0))
     for i, (images, targets) in enumerate(loader):
-        with ctx:
-            out = model(pixel_values=images.to(device, non_blocking=True))
+        out = model(pixel_values=images.to(device, non_blocking=True))
         orig_sizes = torch.stack([t["orig_size"] for t in targets]).to(device)
         results = postprocess(out.logits.float(), out.pred_boxes.float(), orig_sizes, num_top_queries)
         collector.add([int(t["image_id"]) for t in targets], results)

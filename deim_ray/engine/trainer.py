@@ -195,7 +195,7 @@ class Trainer:
         t1 = time.monotonic()
         stats = evaluate(self.ema.module if self.ema else self.model, self.data.val_loader,
                          coco_gt=self.data.coco_gt, category_ids=self.data.category_ids, device=self.device,
-                         num_top_queries=self.cfg.eval.num_top_queries, amp_dtype=self.amp_dtype,
+                         num_top_queries=self.cfg.eval.num_top_queries,
                          on_batch=lambda i: [h.on_eval_batch(self, epoch, i) for h in self.hooks])
         self.epoch = epoch
         decision = self.tracker.update(epoch, stats[0], self.stage, self.cfg.schedule.stage2_restart)

@@ -1,6 +1,6 @@
 """Every schedule gate asserted on real batches from `build_train_loader`, at the boundary epochs (the
 first epoch on, the last epoch on, the first epoch off): policy ops, MixUp (label concatenation), CopyBlend
-(only when MixUp is not taken), multi-scale, and clean fixed-size stage 2."""
+(only when MixUp is not taken), multi-scale, and stage 2 (fixed size, only the flip, as upstream)."""
 
 from __future__ import annotations
 
@@ -112,11 +112,14 @@ def test_multiscale_off_without_base_size_repeat(shapes):
     assert {tuple(images.shape) for images, _ in _batches(cfg, 0)[1]} == {(4, 3, 64, 64)}
 
 
+STAGE2_TRAPS = {"mosaic_prob": 1.0, "mixup_prob": 1.0, "mixup_epochs": (2, 12), "copyblend_prob": 1.0,
+                "copyblend_epochs": (0, 12), "base_size": 128, "base_size_repeat": 1}
+"""Gates that would fire in stage 2 if the stage did not turn them off."""
+
+
 @pytest.mark.parametrize("epoch", [10, 11])
 def test_stage_two_batches_are_clean_and_fixed_size(shapes, epoch):
-    cfg = make_cfg(shapes, augment={"mosaic_prob": 1.0, "mixup_prob": 1.0, "mixup_epochs": (2, 12),
-                                    "copyblend_prob": 1.0, "copyblend_epochs": (0, 12), "base_size": 128,
-                                    "base_size_repeat": 1})
+    cfg = make_cfg(shapes, augment={**STAGE2_TRAPS, "flip_p": 0.0})
     ds, batches = _batches(cfg, epoch)
     for images, targets in batches:
         assert images.shape == (4, 3, 64, 64) and images.dtype == torch.float32
@@ -127,3 +130,16 @@ def test_stage_two_batches_are_clean_and_fixed_size(shapes, epoch):
             assert t["boxes"].dtype == torch.float32 and t["class_labels"].dtype == torch.int64
             assert t["image_id"].dtype == torch.int64 and t["image_id"].dim() == 0
             assert t["orig_size"].tolist() == [96, 96]
+
+
+def test_stage_two_keeps_the_horizontal_flip(shapes):
+    """Upstream's stage 2 turns off only the policy ops; RandomHorizontalFlip keeps running."""
+    cfg = make_cfg(shapes, augment={**STAGE2_TRAPS, "flip_p": 1.0})
+    ds, batches = _batches(cfg, 10)
+    for images, targets in batches:
+        own = [_plain(ds, cfg, int(t["image_id"])) for t in targets]
+        assert torch.equal(images, torch.stack([o[0].flip(-1) for o in own]))
+        for (_, plain), t in zip(own, targets):
+            assert t["ops"] == ("RandomHorizontalFlip",)
+            mirrored = plain["boxes"] * torch.tensor([-1.0, 1, 1, 1]) + torch.tensor([1.0, 0, 0, 0])
+            assert torch.allclose(t["boxes"], mirrored, atol=1e-6)

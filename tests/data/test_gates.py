@@ -96,7 +96,7 @@ def test_phase_table_of_example_a():
                     "CopyBlend p=0.4 when no MixUp")),
         (78, 148, 1, ("RandomPhotometricDistort", "RandomZoomOut p=0.5", "RandomIoUCrop p=0.8",
                       "RandomHorizontalFlip p=0.5", resize)),
-        (148, 160, 2, (resize,)),
+        (148, 160, 2, ("RandomHorizontalFlip p=0.5", resize)),  # upstream's stage 2 keeps the flip
     ]
 
 
@@ -106,7 +106,7 @@ def test_phase_table_of_example_b():
     assert all("MultiScale 480-800" in ops for _, _, stage, ops in table if stage == 1)
     assert "CopyBlend p=0.5" in table[2][3] and not any(op.startswith("MixUp") for op in table[2][3])
     text = gates.format_phase_table(EXAMPLE_B)
-    assert text.splitlines()[3].startswith("epochs 120-131  stage 2  Resize 640x640")
+    assert text.splitlines()[3].startswith("epochs 120-131  stage 2  RandomHorizontalFlip p=0.5, Resize 640x640")
 
 
 def test_phase_table_without_stage_two():

@@ -118,8 +118,8 @@ def test_policy_phase_per_sample(shapes, raw, epoch, expect_some, never):
     assert "RandomHorizontalFlip" in seen
 
 
-def test_stage_two_and_val_are_a_plain_resize(shapes, raw):
-    cfg = make_cfg(shapes, augment={"mixup_epochs": (2, 12)})
+def test_stage_two_without_flip_and_val_are_a_plain_resize(shapes, raw):
+    cfg = make_cfg(shapes, augment={"mixup_epochs": (2, 12), "flip_p": 0.0})  # stage 2 keeps only the flip
     image, target = raw.load_item(3)
     ref = v2.Resize([64, 64])(image)
     expected = v2.functional.to_dtype(v2.functional.pil_to_tensor(ref), torch.float32, scale=True)
@@ -131,6 +131,22 @@ def test_stage_two_and_val_are_a_plain_resize(shapes, raw):
         out, t = tf(*raw.load_item(3), epoch=epoch, dataset=raw)
         assert torch.equal(out, expected) and t["ops"] == ()
         assert torch.allclose(t["boxes"], cxcywh, atol=1e-6) and torch.equal(t["labels"], target["labels"])
+
+
+@pytest.mark.parametrize("min_size, kept", [(1, 3), (5, 2), (9, 1), (30, 0)])
+def test_train_sanitize_min_size_drops_small_boxes_val_keeps_them(shapes, raw, min_size, kept):
+    """augment.sanitize_min_size is upstream's SanitizeBoundingBoxes min_size (12/10/8 for Atto/Femto/Pico)."""
+    image, target = raw.load_item(0)
+    boxes = torch.tensor([[2.0, 2, 42, 42], [50, 50, 62, 62], [70, 10, 76, 40]])  # sides 40, 12, 6 px (96 px image)
+    target = dict(target, boxes=tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(96, 96)),
+                  labels=torch.tensor([0, 1, 2]), area=torch.zeros(3), iscrowd=torch.zeros(3, dtype=torch.int64),
+                  ann_id=torch.tensor([7, 8, 9]))
+    # sanitized before the resize (40, 12, 6 px) and after it (26.7, 8, 4 px at 64 px), as upstream
+    cfg = make_cfg(shapes, augment={"flip_p": 0.0, "sanitize_min_size": min_size})
+    _, train = build_train_transforms(cfg)(image, dict(target), epoch=10, dataset=raw)
+    _, val = build_val_transforms(cfg)(image, dict(target))
+    assert len(train["labels"]) == kept and train["ann_id"].tolist() == [7, 8, 9][:kept]
+    assert len(val["labels"]) == 3
 
 
 def test_normalize_option_applies_imagenet_statistics(shapes, raw):

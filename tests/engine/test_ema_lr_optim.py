@@ -6,10 +6,12 @@ import pytest
 import torch
 from torch import nn
 
+from deim_ray.config.loader import load_config
 from deim_ray.config.schema import LRSchedulerConfig, OptimizerConfig, ParamGroupConfig
 from deim_ray.engine.ema import ModelEMA
 from deim_ray.engine.lr import LRSchedule, flat_cosine_factor
-from deim_ray.engine.optim import ParamGroupError, build_optimizer
+from deim_ray.engine.optim import ParamGroupError, build_optimizer, build_param_groups
+from deim_ray.models.build import build_model
 
 
 def _net():
@@ -91,3 +93,18 @@ def test_overlapping_param_group_regexes_are_an_error():
     with pytest.raises(ParamGroupError, match="matches optimizer.params"):
         build_optimizer(_net(), OptimizerConfig(params=(ParamGroupConfig(params="weight"),
                                                         ParamGroupConfig(params=r"^0\."))))
+
+
+@pytest.mark.parametrize("config", ["deimv2_hgnetv2_n_coco.yml", "deimv2_hgnetv2_atto_coco.yml"])
+def test_shipped_backbone_groups_hold_only_the_hgnetv2_backbone(config):
+    """Upstream's `backbone` groups hold HGNetV2 only; the encoder's input projection (which transformers keeps
+    under `conv_encoder`) trains at the base LR."""
+    cfg = load_config(f"configs/deimv2/{config}")
+    model = build_model(cfg.model, 80)
+    groups = build_param_groups(model, cfg.optimizer)
+    backbone = {n for g in groups[:2] for n in g["names"]}
+    assert backbone == {n for n, p in model.named_parameters() if n.startswith("model.conv_encoder.model.")}
+    proj = {n for n, _ in model.named_parameters() if "encoder_input_proj" in n}
+    assert (len(proj) > 0) == config.startswith("deimv2_hgnetv2_n")
+    assert all(g.get("lr", cfg.optimizer.lr) == cfg.optimizer.lr for g in groups[2:] if proj & set(g["names"]))
+    assert proj <= {n for g in groups[2:] for n in g["names"]}

@@ -8,6 +8,7 @@ import torch
 
 from deim_ray.cli.main import build_parser
 from deim_ray.config.loader import load_config
+from deim_ray.config.schema import TrainConfig
 from deim_ray.engine import dist
 from deim_ray.engine.hooks import Hook
 from deim_ray.config.schedule import Stage
@@ -25,10 +26,12 @@ def test_device_is_the_local_rank_not_the_global_rank(monkeypatch):
 
 
 def test_amp_follows_the_yaml_and_no_cli_flag_overrides_it():
+    assert TrainConfig().amp_dtype == "float16"  # upstream's --use-amp: float16 with a GradScaler
     cfg = load_config(TINY)
-    assert _amp_dtype(cfg, torch.device("cuda", 0)) == torch.bfloat16
     fp16 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp_dtype="float16"))
     assert _amp_dtype(fp16, torch.device("cuda", 0)) == torch.float16
+    bf16 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp_dtype="bfloat16"))
+    assert _amp_dtype(bf16, torch.device("cuda", 0)) == torch.bfloat16
     off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, use_amp=False))
     assert _amp_dtype(off, torch.device("cuda", 0)) is None
     assert _amp_dtype(cfg, torch.device("cpu")) is None
