@@ -191,6 +191,9 @@ class TrainConfig:
     amp_dtype: str = "float16"
     """float16 with a GradScaler (upstream's `--use-amp`) or bfloat16 (no GradScaler). Either way only the model's
     forward runs under autocast: the loss is computed in float32, and evaluation always runs in float32."""
+    sync_bn: bool = True
+    """Under DDP on GPUs, BatchNorm layers synchronise their batch statistics over all ranks (upstream's
+    `sync_bn: True`). Ignored in single-process runs; CPU (gloo) runs skip it with one log line."""
     keep_checkpoints: int = 2
     """Ray checkpoints kept per stage (the latest is always kept too)."""
     print_freq: int = 10

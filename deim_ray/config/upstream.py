@@ -440,7 +440,6 @@ _NO_SETTING = {
     "output_dir": "runs are written to --storage/--name",
     "summary_dir": "metrics go to metrics.jsonl in the run directory",
     "checkpoint_freq": "deim_ray checkpoints every epoch (see train.keep_checkpoints)",
-    "sync_bn": "not configurable in deim_ray",
     "find_unused_parameters": "not configurable in deim_ray",
     "print_method": "not configurable in deim_ray",
     "print_rank": "not configurable in deim_ray",
@@ -453,6 +452,7 @@ _NO_SETTING = {
 
 def _convert_runtime(r: _Reader) -> None:
     r.take("use_amp", "train.use_amp")
+    r.take("sync_bn", "train.sync_bn")
     if r.has("scaler"):
         scaler = r.get("scaler")
         if isinstance(scaler, Mapping) and scaler.get("type") == "GradScaler" and scaler.get("enabled", True):

@@ -7,6 +7,7 @@ must be called on every rank.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, TypeVar
 
@@ -15,6 +16,7 @@ import torch.distributed as tdist
 from torch import nn
 
 T = TypeVar("T")
+log = logging.getLogger("deim_ray.engine")
 
 
 def is_distributed() -> bool:
@@ -75,13 +77,29 @@ def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, stacked.cpu().tolist()))
 
 
-def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP-wrap `model` when a process group exists; the plain module otherwise."""
+def wrap_ddp(model: nn.Module, device: torch.device, sync_bn: bool = False) -> nn.Module:
+    """DDP-wrap `model` when a process group exists; the plain module otherwise. With `sync_bn` (upstream's
+    default) every BatchNorm becomes a SyncBatchNorm first, on GPUs: torch's SyncBatchNorm runs on CUDA only, so
+    a CPU (gloo) run keeps per-rank BatchNorm statistics and says so once."""
     model.to(device)
     if world_size() <= 1:
         return model
+    if sync_bn and device.type == "cuda":
+        model = to_sync_batchnorm(model)
+    elif sync_bn and is_main():
+        log.info("train.sync_bn skipped: SyncBatchNorm needs CUDA; on %s each rank keeps its own BatchNorm "
+                 "statistics", device.type)
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def to_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """`model` with every BatchNorm (not yet synchronised) replaced by a SyncBatchNorm sharing its parameters and
+    buffers, so optimizer, EMA and checkpoints see the same tensors under the same names."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
+               for m in model.modules()):
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -160,7 +160,7 @@ class Trainer:
             self.tracker = BestTracker.from_state(start.stage1_best["best"])
             self.epoch = sched.stop_epoch - 1
         self.stage = start.stage
-        self.model = dist.wrap_ddp(dist.unwrap(self.model), self.device)
+        self.model = dist.wrap_ddp(dist.unwrap(self.model), self.device, self.cfg.train.sync_bn)
         self._check_identical_start()
         return range(max(epochs.start, self.epoch + 1), epochs.stop)
 

@@ -4,8 +4,8 @@ What the engine uses:
 
 - `build_model(cfg.model, num_classes)` -> `Deimv2ForObjectDetection` (random init, or fine-tuned from
   `cfg.model.pretrained`; see `pretrained.py`)
-- `forward_loss(model, pixel_values, targets)` -> (loss, detached loss terms); DDP-safe with
-  `find_unused_parameters=False`
+- `forward_loss(model, pixel_values, targets)` -> (loss, detached loss terms): upstream's DEIMCriterion (see
+  `criterion.py`); DDP-safe with `find_unused_parameters=False`
 - `set_matcher_epoch(model, epoch, cfg.schedule.matcher_change_epoch)` at each epoch start
 - `postprocess(logits, pred_boxes, orig_sizes_wh, num_top_queries)` -> per-image scores/labels/boxes
 - `make_final_checkpoint(...)` / `load_final(path)` for the deployable artifact

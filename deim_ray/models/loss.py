@@ -1,18 +1,18 @@
 """models layer: the training loss as the engine calls it, plus upstream's late matcher switch.
 
-`forward_loss(model, pixel_values, targets)` runs transformers' DEIMv2 loss (MAL + L1/GIoU boxes + FGL/DDF,
-auxiliary decoder layers, encoder top-k and denoising groups) after cheap input checks, and adds a zero-weight
-term over every trainable parameter. That term changes no value or gradient, but puts every parameter in the
-autograd graph, so `DistributedDataParallel(find_unused_parameters=False)` neither hangs when one rank's batch has
-no boxes (the denoising embedding then gets no gradient) nor fails on parameters the DINOv3 backbone never uses
-(`mask_token`).
+`forward_loss(model, pixel_values, targets)` checks the inputs, runs the model with `DeimLoss` in its
+`loss_function` slot (upstream's `DEIMCriterion`, see `criterion.py`: MAL + L1/GIoU boxes + FGL/DDF over the
+decoder layers, layer 0 before refinement, the encoder top-k and the denoising groups, `num_boxes` averaged over
+ranks), and adds a zero-weight term over every trainable parameter. That term changes no value or gradient, but
+puts every parameter in the autograd graph, so `DistributedDataParallel(find_unused_parameters=False)` neither
+hangs when one rank's batch has no boxes (the denoising embedding then gets no gradient) nor fails on parameters
+the DINOv3 backbone never uses (`mask_token`). Under a process group `forward_loss` is a collective (the box
+count all-reduce): call it on every rank.
 
 Matcher switch: upstream DEIM(v2) replaces the Hungarian cost from `matcher_change_epoch` on by
-`-(class score x IoU^alpha)` (alpha = `iou_order_alpha`, 4.0 in the released configs). transformers' loss
-always uses the focal/L1/GIoU cost and rebuilds its criterion on every forward, with no hook for the matcher.
-`set_matcher_epoch` therefore installs, from the switch epoch on, a loss function of our own
-(`IoUOrderLoss`) that feeds the same model outputs to transformers' `Deimv2Loss` with `IoUOrderMatcher`;
-before the switch the stock loss runs untouched.
+`-(class score x IoU^alpha)` (alpha = `iou_order_alpha`, 4.0 in the released configs). `set_matcher_epoch`
+installs `DeimLoss` with `IoUOrderMatcher` from the switch epoch on, with transformers' Hungarian matcher
+(upstream's focal/L1/GIoU cost) before it.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import box_convert, box_iou
-from transformers.loss.loss_deimv2 import Deimv2Loss
 
 from deim_ray.models.build import feature_strides, validate_input_size
+from deim_ray.models.criterion import DEIMCriterion, upstream_outputs
 from deim_ray.models.errors import ModelError
 
 Targets = list[dict[str, torch.Tensor]]
@@ -50,6 +50,8 @@ def forward_loss(model: nn.Module, pixel_values: torch.Tensor, targets: Targets
     validate_input_size(pixel_values.shape[-2], pixel_values.shape[-1], config.num_queries,
                         feature_strides(config))
     validate_targets(targets, config.num_labels, pixel_values.shape[0], pixel_values.device)
+    if not isinstance(core.loss_function, DeimLoss):
+        core.loss_function = DeimLoss()  # upstream's loss; set_matcher_epoch switches its matcher
     out = model(pixel_values=pixel_values, labels=targets)
     loss = out.loss
     if torch.is_grad_enabled():
@@ -94,15 +96,35 @@ def _check_target_layout(i: int, t: Any, device: torch.device) -> None:
 
 
 def set_matcher_epoch(model: nn.Module, epoch: int, change_epoch: int | None, iou_order_alpha: float = 4.0) -> bool:
-    """Use the IoU-order matcher when `change_epoch` is set and `epoch >= change_epoch`, else transformers'
-    stock loss. Call at the start of every epoch (also after a resume); returns whether the switch is on."""
+    """Install `DeimLoss` with the IoU-order matcher when `change_epoch` is set and `epoch >= change_epoch`, else
+    with the Hungarian matcher. Call at the start of every epoch (also after a resume); returns whether the
+    switch is on."""
     core = getattr(model, "module", model)
     switched = change_epoch is not None and epoch >= change_epoch
-    if switched:
-        core.loss_function = IoUOrderLoss(iou_order_alpha)
-    elif "_loss_function" in vars(core):
-        del core._loss_function  # back to the loss transformers maps to this model class
+    core.loss_function = DeimLoss(iou_order_alpha if switched else None)
     return switched
+
+
+class DeimLoss:
+    """transformers' `loss_function` slot of `Deimv2ForObjectDetection` (same arguments and return value),
+    computing upstream's `DEIMCriterion` (`criterion.py`) in float32 outside autocast, as upstream's AMP loop
+    does. `iou_order_alpha` set: upstream's late matcher. A class rather than a closure so a model holding it
+    still pickles."""
+
+    def __init__(self, iou_order_alpha: float | None = None):
+        self.iou_order_alpha = iou_order_alpha
+
+    def __call__(self, logits, labels, device, pred_boxes, config, outputs_class=None, outputs_coord=None, *,
+                 enc_topk_logits=None, enc_topk_bboxes=None, denoising_meta_values=None, predicted_corners=None,
+                 initial_reference_points=None, **_) -> tuple[torch.Tensor, dict[str, torch.Tensor], None]:
+        with torch.autocast(device_type=torch.device(device).type, enabled=False):
+            outputs = upstream_outputs(outputs_class, outputs_coord, predicted_corners, initial_reference_points,
+                                       enc_topk_logits, enc_topk_bboxes, denoising_meta_values)
+            criterion = DEIMCriterion(config).to(device)
+            if self.iou_order_alpha is not None:
+                criterion.matcher = IoUOrderMatcher(self.iou_order_alpha)
+            terms = criterion(outputs, labels)
+        return sum(terms.values()), terms, None
 
 
 class IoUOrderMatcher(nn.Module):
@@ -131,58 +153,3 @@ class IoUOrderMatcher(nn.Module):
             rows, cols = linear_sum_assignment(per_image[i].numpy())
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices
-
-
-class IoUOrderLoss:
-    """Drop-in for transformers' DEIMv2 loss function (same arguments and return value), matching with
-    `IoUOrderMatcher`. A class rather than a closure so a model holding it still pickles."""
-
-    def __init__(self, alpha: float = 4.0):
-        self.alpha = alpha
-
-    def __call__(self, logits, labels, device, pred_boxes, config, outputs_class=None, outputs_coord=None,
-                 **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor], list | None]:
-        criterion = Deimv2Loss(config).to(device)
-        criterion.matcher = IoUOrderMatcher(self.alpha)
-        inputs = loss_inputs(logits, pred_boxes, config, outputs_class, outputs_coord, **kwargs)
-        loss_dict = criterion(inputs, labels)
-        return sum(loss_dict.values()), loss_dict, inputs.get("auxiliary_outputs")
-
-
-def loss_inputs(logits, pred_boxes, config, outputs_class, outputs_coord, *, enc_topk_logits=None,
-                enc_topk_bboxes=None, denoising_meta_values=None, predicted_corners=None,
-                initial_reference_points=None, **_) -> dict[str, Any]:
-    """Arrange the decoder's per-layer outputs ([B, entries, queries, ...]) the way `Deimv2Loss` reads them:
-    the last layer's matching queries; earlier entries and the encoder top-k as auxiliary outputs (the last
-    layer's corners/logits as distillation teacher); the denoising queries as their own group.
-
-    This reproduces transformers' own arrangement exactly, so switching the matcher changes nothing else.
-    Note its quirk: logits/boxes have one more entry than corners/reference points (the first is the
-    pre-refinement output of layer 0), and entries are paired by position, up to the shorter list."""
-    classes, coords = outputs_class, outputs_coord.clamp(0, 1)
-    corners, refs = predicted_corners, initial_reference_points
-    dn = None
-    if denoising_meta_values is not None:
-        split = denoising_meta_values["dn_num_split"]
-        (dn_classes, classes), (dn_coords, coords) = classes.split(split, 2), coords.split(split, 2)
-        (dn_corners, corners), (dn_refs, refs) = corners.split(split, 2), refs.split(split, 2)
-        logits, pred_boxes = logits.split(split, 1)[1], pred_boxes.split(split, 1)[1]
-        dn_entries = min(dn_classes.shape[1], dn_corners.shape[1])
-        dn = _layer_outputs(dn_classes, dn_coords, dn_corners, dn_refs, dn_entries)
-    inputs: dict[str, Any] = {"logits": logits, "pred_boxes": pred_boxes.clamp(0, 1)}
-    if not config.auxiliary_loss:
-        return inputs
-    aux = _layer_outputs(classes, coords, corners, refs, min(classes.shape[1], corners.shape[1]) - 1)
-    aux.append({"logits": enc_topk_logits, "pred_boxes": enc_topk_bboxes.clamp(0, 1)})
-    inputs["auxiliary_outputs"] = aux
-    if dn is not None:
-        inputs["dn_auxiliary_outputs"] = dn
-        inputs["denoising_meta_values"] = denoising_meta_values
-    return inputs
-
-
-def _layer_outputs(classes, coords, corners, refs, num_layers: int) -> list[dict[str, torch.Tensor]]:
-    teacher_corners, teacher_logits = corners[:, -1], classes[:, -1]
-    return [{"logits": classes[:, i], "pred_boxes": coords[:, i], "pred_corners": corners[:, i],
-             "ref_points": refs[:, i], "teacher_corners": teacher_corners, "teacher_logits": teacher_logits}
-            for i in range(num_layers)]

@@ -21,7 +21,7 @@ ATTO = FIXTURES / "deimv2" / "deimv2_hgnetv2_atto_coco.yml"
 S = FIXTURES / "deimv2" / "deimv2_dinov3_s_coco.yml"
 # What every fixture reports: settings deim_ray has no key for.
 COMMON_NOTES = {
-    "num_classes", "remap_mscoco_category", "output_dir", "checkpoint_freq", "sync_bn", "find_unused_parameters",
+    "num_classes", "remap_mscoco_category", "output_dir", "checkpoint_freq", "find_unused_parameters",
 }
 
 
@@ -59,6 +59,7 @@ def test_n_converts_model_optimizer_and_runtime():
     # base/optimizer.yml (included after runtime.yml) turns AMP and EMA on; GradScaler means float16
     t = cfg.train
     assert (t.use_amp, t.amp_dtype, t.clip_max_norm, t.print_freq) == (True, "float16", 0.1, 500)
+    assert t.sync_bn is True
     assert (cfg.ema.enabled, cfg.ema.decay, cfg.ema.warmups, cfg.ema.start) == (True, 0.9999, 1000, 0)
 
 

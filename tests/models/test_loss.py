@@ -9,13 +9,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import transformers.loss.loss_deimv2 as hf_loss
 from torch.nn.parallel import DistributedDataParallel
-from transformers.loss.loss_deimv2 import Deimv2Loss
 
 from deim_ray.config.schema import ModelConfig
 from deim_ray.models import ModelError, build_model, forward_loss, set_matcher_epoch
-from deim_ray.models.loss import IoUOrderLoss, IoUOrderMatcher, loss_inputs
+from deim_ray.models.loss import DeimLoss, IoUOrderMatcher
 from tests.models.conftest import make_targets
 
 IMAGES = torch.rand(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
@@ -79,30 +77,25 @@ def test_bad_image_size_is_rejected_before_the_model_runs(tiny_model):
         forward_loss(tiny_model, torch.rand(2, 3, 150, 160), make_targets(1, 1))
 
 
-def _capture_loss_arguments(model, targets):
-    captured = {}
-
-    def recorder(*args, **kwargs):
-        captured["args"], captured["kwargs"] = args, kwargs
-        return hf_loss.Deimv2ForObjectDetectionLoss(*args, **kwargs)
-
-    model.loss_function = recorder
-    model(pixel_values=IMAGES, labels=targets)
-    del model._loss_function
-    return captured["args"], captured["kwargs"]
-
-
-def test_loss_inputs_reproduce_transformers_loss_exactly(tiny_model):
-    """Our arrangement of the outputs + transformers' criterion == transformers' loss function, term by term;
-    so switching the matcher changes the matching and nothing else."""
+def test_loss_uses_upstream_arrangement_not_transformers(tiny_model):
+    """forward_loss installs DeimLoss: upstream's term layout (pre/dn_pre outputs, encoder term `_enc_0`),
+    not transformers' stock one (which names the encoder term `_aux_1` here and has no `_pre` terms)."""
     tiny_model.train()
-    targets = make_targets(3, 1)
-    args, kwargs = _capture_loss_arguments(tiny_model, targets)
-    _, expected, _ = hf_loss.Deimv2ForObjectDetectionLoss(*args, **kwargs)
-    logits, labels, _, boxes, config, classes, coords = args
-    ours = Deimv2Loss(config)(loss_inputs(logits, boxes, config, classes, coords, **kwargs), labels)
-    assert set(ours) == set(expected)
-    assert all(torch.equal(ours[k], expected[k]) for k in expected)
+    torch.manual_seed(0)
+    stock = tiny_model(pixel_values=IMAGES, labels=make_targets(3, 1)).loss_dict
+    torch.manual_seed(0)
+    _, terms = forward_loss(tiny_model, IMAGES, make_targets(3, 1))
+    assert isinstance(tiny_model.loss_function, DeimLoss)
+    assert {"loss_mal_pre", "loss_mal_enc_0", "loss_mal_dn_pre", "loss_mal_dn_1"} <= set(terms)
+    assert "loss_mal_pre" not in stock and "loss_mal_aux_1" in stock and "loss_mal_aux_1" not in terms
+
+
+def test_loss_is_computed_in_float32_outside_autocast(tiny_model):
+    """Upstream's AMP loop runs the model under autocast and the criterion outside it, in full precision."""
+    tiny_model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, terms = forward_loss(tiny_model, IMAGES, make_targets(3, 1))
+    assert all(v.dtype == torch.float32 for v in terms.values()) and torch.isfinite(loss)
 
 
 def test_iou_order_matcher_hand_example():
@@ -125,14 +118,16 @@ def test_iou_order_matcher_hand_example():
 def test_set_matcher_epoch_switches_and_restores(tiny_model):
     tiny_model.train()
     assert set_matcher_epoch(tiny_model, 3, change_epoch=None) is False
-    assert set_matcher_epoch(tiny_model, 3, change_epoch=4) is False and "_loss_function" not in vars(tiny_model)
+    assert tiny_model.loss_function.iou_order_alpha is None
+    assert set_matcher_epoch(tiny_model, 3, change_epoch=4) is False
+    assert tiny_model.loss_function.iou_order_alpha is None
     assert set_matcher_epoch(tiny_model, 4, change_epoch=4, iou_order_alpha=2.0) is True
-    assert isinstance(tiny_model.loss_function, IoUOrderLoss) and tiny_model.loss_function.alpha == 2.0
+    assert isinstance(tiny_model.loss_function, DeimLoss) and tiny_model.loss_function.iou_order_alpha == 2.0
     loss, terms = forward_loss(tiny_model, IMAGES, make_targets(3, 0))
     loss.backward()
     assert torch.isfinite(loss) and "loss_mal_dn_0" in terms
     assert set_matcher_epoch(tiny_model, 1, change_epoch=4) is False  # e.g. a resume into an earlier epoch
-    assert tiny_model.loss_function is hf_loss.Deimv2ForObjectDetectionLoss
+    assert tiny_model.loss_function.iou_order_alpha is None
 
 
 def _free_port() -> int:
