@@ -32,6 +32,9 @@ class ModelConfig:
     pretrained: str | None = None
     """Weights to fine-tune from: a hub id, a local `from_pretrained` directory, or a `.pth` file.
     Tensors whose shape matches are loaded; the rest (e.g. class heads) are re-initialised and reported."""
+    backbone_pretrained: str | None = None
+    """Upstream's backbone-only ImageNet weights to start from: `PPHGNetV2_B0_stage1.pth` for the HGNetV2 sizes
+    (Atto/Femto/Pico/N, loaded with upstream's partial rules). Loaded before `pretrained`."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Further `Deimv2Config` keyword arguments, applied last."""
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 from deim_ray.config.schedule import Stage
 from deim_ray.config.schema import Config
 from deim_ray.data.gates import phase_table
-from deim_ray.models.build import build_model, count_parameters
+from transformers import Deimv2ForObjectDetection
+
+from deim_ray.models.backbone_weights import backbone_note
+from deim_ray.models.build import build_model_config, count_parameters
 
 
 def lr_phases(cfg: Config) -> list[tuple[int, int, str]]:
@@ -48,13 +51,24 @@ def _split_by_lr(cfg: Config):
             yield start, end, phase
 
 
+def _backbone_weights(cfg: Config) -> str:
+    m = cfg.model
+    note = backbone_note(m.variant, m.backbone_pretrained, m.pretrained)
+    if note:
+        return note
+    if m.pretrained:
+        return f"from model.pretrained {m.pretrained}"
+    return m.backbone_pretrained or "random (test size)"
+
+
 def describe_config(cfg: Config, num_classes: int | None = None) -> str:
     classes = num_classes or (cfg.data.synthetic.num_classes if cfg.data.synthetic else 80)
-    params = count_parameters(build_model(cfg.model, classes))
+    params = count_parameters(Deimv2ForObjectDetection(build_model_config(cfg.model, classes)))  # no weights read
     s, lr = cfg.schedule, cfg.lr_scheduler
     lines = [
         f"model: DEIMv2-{cfg.model.variant} ({classes} classes)",
         f"parameters: {params}",
+        f"backbone weights: {_backbone_weights(cfg)}",
         f"epochs: {s.epochs}",
         f"stop_epoch: {s.stop_epoch}",
         f"image_size: {cfg.data.image_size[0]}x{cfg.data.image_size[1]}   total_batch_size: {cfg.data.total_batch_size}",

@@ -33,6 +33,7 @@ from deim_ray.engine.optim import build_optimizer
 from deim_ray.engine.stages import BestTracker
 from deim_ray.engine.state import CheckpointError, make_train_state
 from deim_ray.engine.data import DataBundle, build_data
+from deim_ray.models.backbone_weights import backbone_note
 from deim_ray.models.build import build_model
 from deim_ray.models.loss import set_matcher_epoch
 
@@ -98,6 +99,9 @@ class Trainer:
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         self.data = data or build_data(cfg, self.rank, self.world_size)
         self.model = build_model(cfg.model, self.data.num_classes).to(self.device)
+        note = backbone_note(cfg.model.variant, cfg.model.backbone_pretrained, cfg.model.pretrained)
+        if note and self.is_main:
+            log.warning("%s", note)
         self.ema = ModelEMA(self.model, cfg.ema.decay, cfg.ema.warmups, cfg.ema.start) if cfg.ema.enabled else None
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.amp_dtype = _amp_dtype(cfg, self.device)

@@ -2,7 +2,8 @@
 
 The engine calls::
 
-    model = build_model(cfg.model, num_classes)        # random init, or fine-tuned from cfg.model.pretrained
+    model = build_model(cfg.model, num_classes)        # random init, backbone from cfg.model.backbone_pretrained,
+                                                       # or fine-tuned from cfg.model.pretrained
     validate_input_size(h, w, model.config.num_queries, feature_strides(model.config))
 
 Order of settings: the variant's architecture (`variants.py`), then the project-wide choices that upstream DEIM
@@ -32,6 +33,7 @@ from torch import nn
 from transformers import Deimv2Config, Deimv2ForObjectDetection
 
 from deim_ray.config.schema import ModelConfig
+from deim_ray.models.backbone_weights import load_backbone_weights
 from deim_ray.models.errors import ModelError
 from deim_ray.models.pretrained import PretrainedReport, load_pretrained
 from deim_ray.models.variants import VARIANTS, variant_kwargs
@@ -101,6 +103,8 @@ def build_model_with_report(cfg: ModelConfig, num_classes: int
                             ) -> tuple[Deimv2ForObjectDetection, PretrainedReport | None]:
     """`build_model` that also returns what was loaded from `cfg.pretrained` (None when it is unset)."""
     model = Deimv2ForObjectDetection(build_model_config(cfg, num_classes))
+    if cfg.backbone_pretrained is not None:
+        log.info("%s", load_backbone_weights(model, cfg.variant, cfg.backbone_pretrained).summary())
     if cfg.pretrained is None:
         return model, None
     report = load_pretrained(model, cfg.pretrained)

@@ -1,5 +1,6 @@
 """EMA (restart decay takes effect), flat-cosine LR at its phase boundaries, regex param groups."""
 
+import dataclasses
 import math
 
 import pytest
@@ -100,7 +101,7 @@ def test_shipped_backbone_groups_hold_only_the_hgnetv2_backbone(config):
     """Upstream's `backbone` groups hold HGNetV2 only; the encoder's input projection (which transformers keeps
     under `conv_encoder`) trains at the base LR."""
     cfg = load_config(f"configs/deimv2/{config}")
-    model = build_model(cfg.model, 80)
+    model = build_model(dataclasses.replace(cfg.model, backbone_pretrained=None), 80)
     groups = build_param_groups(model, cfg.optimizer)
     backbone = {n for g in groups[:2] for n in g["names"]}
     assert backbone == {n for n, p in model.named_parameters() if n.startswith("model.conv_encoder.model.")}

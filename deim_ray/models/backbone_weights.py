@@ -1,0 +1,108 @@
+"""models layer: backbone-only pretrained weights in upstream's files (`model.backbone_pretrained`).
+
+Upstream DEIMv2 starts every COCO run from ImageNet weights of its backbone. For the HGNetV2 sizes that is
+`PPHGNetV2_B0_stage1.pth` (Atto, Femto, Pico and N all start from B0's file), a plain state dict of upstream's
+`HGNetv2` module, loaded with upstream's rules:
+
+- Atto: every tensor whose name and shape match (its narrower last stage keeps its initialisation);
+- Femto, Pico: every tensor whose name matches; a matching name with another shape is an error;
+- N (B0 itself): every backbone tensor must come from the file.
+
+Names map to transformers' HGNetV2 (`stem.` -> `embedder.`, `stages.` -> `encoder.stages.`, `conv` ->
+`convolution`, `bn` -> `normalization`, under `model.conv_encoder.model.`); `num_batches_tracked` counters are
+never required. The DINOv3 sizes' ViT files (`vitt_distill.pt`, `vittplus_distill.pt`, the official DINOv3
+ViT-S/16 checkpoints) are not read yet: setting `backbone_pretrained` for S, M, L or X is an error that says so.
+
+Without backbone weights (and without `model.pretrained`) a run starts from a random backbone; `backbone_note`
+is the one line the trainer logs and `deim-ray info` prints about it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deim_ray.models.errors import ModelError
+
+HGNETV2_B0_URL = "https://github.com/Peterande/storage/releases/download/dfinev1.0/PPHGNetV2_B0_stage1.pth"
+_PREFIX = "model.conv_encoder.model."
+_RULES = ((r"^stem\.", "embedder."), (r"^stages\.", "encoder.stages."), (r"\.conv\.weight$", ".convolution.weight"),
+          (r"\.bn\.", ".normalization."))
+_PARTIAL = {"tiny": "shape", "atto": "shape", "femto": "name", "pico": "name", "n": "strict"}
+"""How each HGNetV2 size takes B0's file (upstream's rules; `tiny` shares Atto's backbone)."""
+
+
+@dataclass(frozen=True)
+class BackboneReport:
+    """What `load_backbone_weights` did; names are the model's."""
+
+    source: str
+    loaded: tuple[str, ...]
+    missing: tuple[str, ...]
+    """Backbone tensors of the model the file did not provide (they keep their initialisation)."""
+    unused: tuple[str, ...]
+    """File tensors (upstream names) with no place in this model, e.g. B0's fourth stage for Atto."""
+
+    def summary(self) -> str:
+        example = f" (e.g. {self.missing[0]})" if self.missing else ""
+        return (f"backbone weights {self.source}: loaded {len(self.loaded)}/{len(self.loaded) + len(self.missing)} "
+                f"backbone tensors, {len(self.missing)} kept their initialisation{example}, "
+                f"{len(self.unused)} file tensors unused")
+
+
+def backbone_note(variant: str, backbone_pretrained: str | None, pretrained: str | None) -> str | None:
+    """The line to show when a run's backbone starts from random weights (None when it does not, or for `tiny`)."""
+    if backbone_pretrained or pretrained or variant == "tiny":
+        return None
+    return ("model.backbone_pretrained is not set: the backbone starts from random weights, while upstream's COCO "
+            "recipe starts from ImageNet (HGNetV2) or DINOv3 weights; see README 'Your data and pretrained weights'")
+
+
+def load_backbone_weights(model: nn.Module, variant: str, path: str) -> BackboneReport:
+    """Copy upstream backbone file `path` into `model` (in place) with upstream's rules for `variant`."""
+    rule = _PARTIAL.get(variant)
+    if rule is None:
+        raise ModelError(f"model.backbone_pretrained is not supported for DEIMv2-{variant} yet (the DINOv3/ViT "
+                         "backbone files cannot be read); unset it, or fine-tune a whole model with model.pretrained")
+    source = _read(path)
+    target = {k: v for k, v in model.state_dict().items() if k.startswith(_PREFIX)}
+    renamed = {_rename(k): (k, v) for k, v in source.items()}
+    other_shape = [f"{name} {tuple(v.shape)} in the file, {tuple(target[name].shape)} here"
+                   for name, (_, v) in renamed.items() if name in target and v.shape != target[name].shape]
+    if other_shape and rule != "shape":
+        raise ModelError(f"{path} does not fit DEIMv2-{variant}'s backbone ({len(other_shape)} tensors of another "
+                         f"shape, e.g. {other_shape[0]}); give PPHGNetV2_B0_stage1.pth")
+    take = {name: v for name, (_, v) in renamed.items() if name in target and v.shape == target[name].shape}
+    missing = tuple(k for k in target if k not in take and not k.endswith("num_batches_tracked"))
+    if not take or (rule == "strict" and missing):
+        raise ModelError(f"{path} is not an HGNetV2-B0 backbone file for DEIMv2-{variant}: {len(take)} tensors match, "
+                         f"{len(missing)} backbone tensors missing (e.g. {missing[0] if missing else '-'}); give "
+                         f"PPHGNetV2_B0_stage1.pth ({HGNETV2_B0_URL})")
+    with torch.no_grad():
+        model.load_state_dict(take, strict=False)
+    return BackboneReport(source=path, loaded=tuple(k for k in target if k in take), missing=missing,
+                          unused=tuple(k for k in source if _rename(k) not in take))
+
+
+def _rename(key: str) -> str:
+    for pattern, replacement in _RULES:
+        key = re.sub(pattern, replacement, key)
+    return _PREFIX + key
+
+
+def _read(path: str) -> dict[str, torch.Tensor]:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ModelError(f"model.backbone_pretrained {path} does not exist; download {HGNETV2_B0_URL} there (see "
+                         "README), or set model.backbone_pretrained: null to start from a random backbone")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt files and refused pickles
+        raise ModelError(f"cannot load {path} with weights_only=True ({str(e).strip().splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise ModelError(f"{path} is not a state dict of tensors (upstream's PPHGNetV2_*_stage1.pth layout)")
+    return state
