@@ -102,7 +102,8 @@ def _read(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt files and refused pickles
-        raise ModelError(f"cannot load {path} with weights_only=True ({str(e).strip().splitlines()[0][:200]})") from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ModelError(f"cannot load {path} with weights_only=True ({reason})") from None
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise ModelError(f"{path} is not a state dict of tensors (upstream's PPHGNetV2_*_stage1.pth layout)")
     return state

@@ -29,7 +29,6 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
-from torch import nn
 from transformers.image_transforms import center_to_corners_format
 from transformers.loss.loss_d_fine import bbox2distance
 from transformers.loss.loss_deimv2 import Deimv2Loss
@@ -173,8 +172,8 @@ class DEIMCriterion(Deimv2Loss):
         weight[idx] = ious.reshape_as(weight[idx]).to(weight.dtype)
         mask = mask.unsqueeze(-1).repeat(1, 1, 4).reshape(-1)
         weight = weight.unsqueeze(-1).repeat(1, 1, 4).reshape(-1).detach()
-        kl = nn.functional.kl_div(F.log_softmax(pred / DISTILL_T, dim=1), F.softmax(teacher.detach() / DISTILL_T, dim=1),
-                                  reduction="none").sum(-1)
+        kl = F.kl_div(F.log_softmax(pred / DISTILL_T, dim=1), F.softmax(teacher.detach() / DISTILL_T, dim=1),
+                      reduction="none").sum(-1)
         per_corner = weight * DISTILL_T ** 2 * kl
         if not outputs.get("is_dn") or self._ddf_counts is None:
             counts = (mask.sum().float().sqrt(), (~mask).sum().float().sqrt())

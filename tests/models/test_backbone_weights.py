@@ -44,7 +44,8 @@ def test_n_takes_every_backbone_tensor_of_b0(b0_file):
                            ("stem.stem2a.bn.running_var", "embedder.stem2a.normalization.running_var"),
                            ("stem.stem1.lab.scale", "embedder.stem1.lab.scale"),
                            ("stages.1.downsample.conv.weight", "encoder.stages.1.downsample.convolution.weight"),
-                           ("stages.0.blocks.0.aggregation.1.bn.bias", "encoder.stages.0.blocks.0.aggregation.1.normalization.bias"),
+                           ("stages.0.blocks.0.aggregation.1.bn.bias",
+                            "encoder.stages.0.blocks.0.aggregation.1.normalization.bias"),
                            ("stages.3.blocks.0.layers.2.conv2.conv.weight",
                             "encoder.stages.3.blocks.0.layers.2.conv2.convolution.weight")]:
         assert torch.equal(sd[HG + ours], state[upstream]), upstream
@@ -78,7 +79,7 @@ def test_femto_and_pico_take_b0_by_name(b0_file, variant):
 
 def test_unusable_sources_are_one_line_errors(b0_file, tmp_path):
     path, state = b0_file
-    with pytest.raises(ModelError, match=r"does not exist; download .*PPHGNetV2_B0_stage1\.pth.*backbone_pretrained: null"):
+    with pytest.raises(ModelError, match=r"does not exist; download .*B0_stage1\.pth.*backbone_pretrained: null"):
         _build("n", tmp_path / "absent.pth")
     partial = tmp_path / "partial.pth"
     torch.save({k: v for k, v in state.items() if not k.startswith("stages.3.")}, partial)

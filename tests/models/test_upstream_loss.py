@@ -1,12 +1,11 @@
 """deim_ray's loss equals upstream DEIMv2's `DEIMCriterion` on the same decoder outputs and targets.
 
 `fixtures/upstream_loss.pt` holds, per case, the decoder outputs a deim_ray model (Atto, N with 150 queries to keep
-the file small; weights perturbed so that the DDF terms are active) passed to its loss, the targets, and the weighted terms upstream's own criterion
-computed from them with upstream's settings for that size (`fixtures/make_upstream_loss.py`, run outside CI
-against a checkout of Intellindust-AI-Lab/DEIMv2). Cases: denoising off at epoch 0, denoising off past the
-matcher switch (IoU-order matcher), denoising on.
+the file small; weights perturbed so that the DDF terms are active) passed to its loss, the targets, and the
+weighted terms upstream's own criterion computed from them with upstream's settings for that size
+(`fixtures/make_upstream_loss.py`, run outside CI against a checkout of Intellindust-AI-Lab/DEIMv2). Cases:
+denoising off at epoch 0, denoising off past the matcher switch (IoU-order matcher), denoising on.
 """
-
 from __future__ import annotations
 
 from pathlib import Path
