@@ -17,8 +17,11 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ModelConfig:
+    family: str = "deimv2"
+    """Detector family: deimv2, dfine (D-FINE) or rtdetrv2 (RT-DETRv2), each trained with the DEIM recipe."""
     variant: str = "atto"
-    """DEIMv2 size: tiny (tests), atto, femto, pico, n (HGNetV2); s, m, l, x (DINOv3)."""
+    """Size within the family. deimv2: atto, femto, pico, n (HGNetV2); s, m, l, x (DINOv3). dfine: n, s, m, l, x
+    (HGNetv2). rtdetrv2: r18, r34, r50, r50m, r101 (ResNet-vd). Every family also has tiny (tests)."""
     num_queries: int | None = None
     """Override the variant's number of decoder queries (None keeps the variant's)."""
     decoder_layers: int | None = None
@@ -29,6 +32,9 @@ class ModelConfig:
     """MAL gamma; upstream DEIMCriterion uses 1.5 (transformers' default is 2.0)."""
     prior_prob: float = 0.01
     """Initial class prior of the score heads (upstream 0.01; transformers' default 1/(C+1) learns slower)."""
+    losses: tuple[str, ...] | None = None
+    """dfine/rtdetrv2 loss terms as upstream's DEIMCriterion `losses`: mal or vfl, boxes, and (dfine) local.
+    None keeps the DEIM recipe (mal, boxes[, local]); the plain D-FINE / RT-DETRv2 baselines use vfl."""
     pretrained: str | None = None
     """Weights to fine-tune from: a hub id, a local `from_pretrained` directory, or a `.pth` file.
     Tensors whose shape matches are loaded; the rest (e.g. class heads) are re-initialised and reported."""
@@ -36,7 +42,9 @@ class ModelConfig:
     """Upstream's backbone-only ImageNet weights to start from: `PPHGNetV2_B0_stage1.pth` for the HGNetV2 sizes
     (Atto/Femto/Pico/N, loaded with upstream's partial rules). Loaded before `pretrained`."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Further `Deimv2Config` keyword arguments, applied last."""
+    """Further keyword arguments of the family's transformers config (`Deimv2Config`, `DFineConfig`,
+    `RTDetrV2Config`), applied last; dfine/rtdetrv2 also take upstream's `mlp_act` (relu, silu) and rtdetrv2
+    `query_pos_method` (default, as_reg)."""
 
 
 @dataclass(frozen=True)

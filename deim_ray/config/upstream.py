@@ -1,4 +1,4 @@
-"""config layer: import upstream DEIMv2 YAML configs into deim_ray's format.
+"""config layer: import upstream DEIMv2 / DEIM (D-FINE, RT-DETRv2) YAML configs into deim_ray's format.
 
 DEIM users arrive with upstream files: top-level `epoches`, `train_dataloader.collate_fn.stop_epoch`,
 class-named model sections, `lrsheduler: flatcosine`... `convert_upstream` resolves the upstream include
@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from deim_ray.config.errors import ConfigError
+from deim_ray.config.families import FAMILY_DECODERS, convert_family, translate_family_regex
 from deim_ray.config.typed import UPSTREAM_HINTS, build_config
 from deim_ray.config.upstream_model import convert_model, translate_param_regex
 from deim_ray.config.yaml_tree import KeyPath, display_path, origin_of, resolve_file
 
 UPSTREAM_KEYS = frozenset({
     "train_dataloader", "val_dataloader", "epoches", "lrsheduler", "lr_warmup_scheduler", "HGNetv2", "DINOv3STAs",
-    "HybridEncoder", "LiteEncoder", "DEIMTransformer", "DEIMCriterion", "DEIM", "PostProcessor", "eval_spatial_size",
+    "HybridEncoder", "LiteEncoder", "DEIMTransformer", "DFINETransformer", "RTDETRTransformerv2", "PResNet",
+    "DEIMCriterion", "DEIM", "PostProcessor", "eval_spatial_size",
     "use_ema", "use_amp", "clip_max_norm", "task", "num_classes", "remap_mscoco_category", "evaluator", "output_dir",
     "checkpoint_freq", "sync_bn", "find_unused_parameters", "warmup_iter", "flat_epoch", "no_aug_epoch", "lr_gamma",
     "print_freq", "use_focal_loss", "criterion", "postprocessor", "scaler",
@@ -38,7 +40,8 @@ UPSTREAM_KEYS = frozenset({
 OWN_SECTIONS = frozenset({"data", "augment", "schedule", "train", "eval", "storage"})
 """deim_ray sections upstream never uses at the top level (`model`, `optimizer`, `ema`, `lr_scheduler` are in both)."""
 _UPSTREAM_INCLUDE = re.compile(
-    r"(^|/)(dataset/\w+_detection\.yml|base/(dfine_hgnetv2|deim|rt_deim|rt_optimizer)\.yml|\.\./runtime\.yml)$"
+    r"(^|/)(dataset/\w+_detection\.yml|base/(dfine_hgnetv2|deim|rt_deim|rt_optimizer|rtdetrv2_r50vd)\.yml"
+    r"|\.\./runtime\.yml)$"
 )
 
 TL, VL = "train_dataloader", "val_dataloader"
@@ -93,7 +96,12 @@ def convert_upstream(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list
 def convert_upstream_tree(tree: Mapping[str, Any]) -> UpstreamConversion:
     """Convert a resolved upstream tree (see module docstring)."""
     r = _Reader(tree)
-    convert_model(r)
+    family = FAMILY_DECODERS.get(r.peek("DEIM.decoder"))
+    if family is None:
+        convert_model(r)
+    else:  # D-FINE / RT-DETRv2 (config/families)
+        r.ignore("DEIM.decoder")
+        convert_family(r, family)
     _convert_schedule(r)
     _convert_lr(r)
     _convert_optimizer(r)
@@ -115,7 +123,7 @@ def write_converted(path: str | os.PathLike[str], out_path: str | os.PathLike[st
     check_not_mixed(tree, where)
     conversion = convert_upstream_tree(tree)
     config = build_config(conversion.tree, lambda p: upstream_origin(conversion, origins, p, where), str(path))
-    header = [f"# converted from upstream DEIMv2 config {where}"]
+    header = [f"# converted from upstream DEIM-family config {where}"]
     if conversion.unhonoured:
         header += ["# not honoured (review these):", *(f"#   {line}" for line in conversion.unhonoured)]
     Path(out_path).write_text("\n".join(header) + "\n" + dump_yaml(config), encoding="utf-8")
@@ -256,7 +264,7 @@ def _convert_optimizer(r: _Reader) -> None:
         if not isinstance(group, Mapping) or not isinstance(group.get("params"), str):
             r.note(where, group, "a param group needs a `params` regex")
             continue
-        pattern = translate_param_regex(group["params"])
+        pattern = _translate_regex(r, group["params"])
         if pattern is None:
             r.note(f"{where}.params", group["params"], "regex over upstream module names kept as is; "
                    "check it against deim_ray's (transformers) parameter names")
@@ -268,6 +276,11 @@ def _convert_optimizer(r: _Reader) -> None:
                 r.note(f"{where}.{key}", value, "per-group setting not supported (only lr and weight_decay)")
         groups.append(entry)
     r.put("optimizer.params", groups, "optimizer.params")
+
+
+def _translate_regex(r: _Reader, pattern: str) -> str | None:
+    family = FAMILY_DECODERS.get(r.peek("DEIM.decoder"))
+    return translate_param_regex(pattern) if family is None else translate_family_regex(family, pattern)
 
 
 def _convert_train_loader(r: _Reader) -> None:

@@ -18,7 +18,12 @@ from collections.abc import Iterable
 from deim_ray.config.errors import ConfigError
 from deim_ray.config.schema import Config
 
-VARIANTS = ("tiny", "atto", "femto", "pico", "n", "s", "m", "l", "x")
+FAMILY_VARIANTS = {
+    "deimv2": ("tiny", "atto", "femto", "pico", "n", "s", "m", "l", "x"),
+    "dfine": ("tiny", "n", "s", "m", "l", "x"),
+    "rtdetrv2": ("tiny", "r18", "r34", "r50", "r50m", "r101"),
+}
+"""Model families and their sizes (the models layer builds them; this is the config-level name check)."""
 OPTIMIZERS = ("AdamW", "SGD")
 AMP_DTYPES = ("bfloat16", "float16")
 LR_SCHEDULERS = ("flatcosine", "constant")
@@ -162,8 +167,10 @@ def _check_batches(cfg: Config, workers: int | None) -> Iterable[str]:
 
 
 def _check_names(cfg: Config) -> Iterable[str]:
+    variants = FAMILY_VARIANTS.get(cfg.model.family, ())
     checks = (
-        ("model.variant", cfg.model.variant, VARIANTS),
+        ("model.family", cfg.model.family, tuple(FAMILY_VARIANTS)),
+        *((("model.variant", cfg.model.variant, variants),) if variants else ()),
         ("optimizer.type", cfg.optimizer.type, OPTIMIZERS),
         ("train.amp_dtype", cfg.train.amp_dtype, AMP_DTYPES),
     )

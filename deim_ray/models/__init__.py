@@ -1,8 +1,9 @@
-"""models layer: transformers DEIMv2 detectors built from `ModelConfig`, their loss, postprocess and export.
+"""models layer: transformers DEIM-family detectors (DEIMv2, D-FINE, RT-DETRv2; `families.py`) built from
+`ModelConfig`, their loss, postprocess and export.
 
-What the engine uses:
+What the engine uses (the same for every family):
 
-- `build_model(cfg.model, num_classes)` -> `Deimv2ForObjectDetection` (random init, or fine-tuned from
+- `build_model(cfg.model, num_classes)` -> the family's transformers detector (random init, or fine-tuned from
   `cfg.model.pretrained`; see `pretrained.py`)
 - `forward_loss(model, pixel_values, targets)` -> (loss, detached loss terms): upstream's DEIMCriterion (see
   `criterion.py`); DDP-safe with `find_unused_parameters=False`
@@ -21,6 +22,7 @@ from deim_ray.models.build import (
     validate_input_size,
 )
 from deim_ray.models.errors import ModelError
+from deim_ray.models.families import FAMILIES, Family, get_family
 from deim_ray.models.export import FINAL_FORMAT, load_final, make_final_checkpoint
 from deim_ray.models.loss import forward_loss, set_matcher_epoch, validate_targets
 from deim_ray.models.postprocess import postprocess
@@ -28,8 +30,8 @@ from deim_ray.models.pretrained import PretrainedReport, load_pretrained
 from deim_ray.models.variants import DINOV3_VARIANTS, PAPER_PARAMS_M, VARIANTS
 
 __all__ = [
-    "DINOV3_VARIANTS", "FINAL_FORMAT", "PAPER_PARAMS_M", "VARIANTS", "ModelError", "PretrainedReport",
-    "build_model", "build_model_config", "build_model_with_report", "count_parameters", "feature_strides",
-    "forward_loss", "load_final", "load_pretrained", "make_final_checkpoint", "postprocess", "set_matcher_epoch",
-    "validate_input_size", "validate_targets",
+    "DINOV3_VARIANTS", "FAMILIES", "FINAL_FORMAT", "Family", "PAPER_PARAMS_M", "VARIANTS", "ModelError",
+    "PretrainedReport", "build_model", "build_model_config", "build_model_with_report", "count_parameters",
+    "feature_strides", "forward_loss", "get_family", "load_final", "load_pretrained", "make_final_checkpoint",
+    "postprocess", "set_matcher_epoch", "validate_input_size", "validate_targets",
 ]

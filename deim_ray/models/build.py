@@ -1,4 +1,4 @@
-"""models layer: build a transformers `Deimv2ForObjectDetection` from a `ModelConfig`.
+"""models layer: build a transformers detector of `cfg.family` (see `families.py`) from a `ModelConfig`.
 
 The engine calls::
 
@@ -6,10 +6,15 @@ The engine calls::
                                                        # or fine-tuned from cfg.model.pretrained
     validate_input_size(h, w, model.config.num_queries, feature_strides(model.config))
 
-Order of settings: the variant's architecture (`variants.py`), then the project-wide choices that upstream DEIM
-makes and transformers' defaults do not (class prior from `prior_prob`, MAL gamma, trainable backbone batch
-norms), then the `num_queries` / `decoder_layers` / `num_denoising` overrides, then `extra` (any further
-`Deimv2Config` keyword; a `backbone_config` dict there is merged into the variant's backbone).
+Order of settings: the family's variant architecture (`variants.py`, `dfine/variants.py`,
+`rtdetrv2/variants.py`), then the project-wide choices that upstream DEIM makes and transformers' defaults do not
+(class prior from `prior_prob`, MAL gamma, trainable backbone batch norms), then the `num_queries` /
+`decoder_layers` / `num_denoising` / `losses` overrides, then `extra` (any further keyword of the family's
+transformers config, plus the family's upstream head options; a `backbone_config` dict there is merged into the
+variant's backbone).
+
+Everything that defines the model lives in the resulting transformers config (the D-FINE/RT-DETRv2 loss terms
+and head options as extra attributes), so `build_from_config` rebuilds the same model from it alone.
 
 Fine-tuning from released weights: set `model.pretrained` (see `pretrained.py` for the accepted sources)::
 
@@ -30,26 +35,29 @@ from typing import Any
 
 from huggingface_hub.errors import StrictDataclassError
 from torch import nn
-from transformers import Deimv2Config, Deimv2ForObjectDetection
+from transformers import PreTrainedConfig, PreTrainedModel
 
 from deim_ray.config.schema import ModelConfig
 from deim_ray.models.backbone_weights import load_backbone_weights
 from deim_ray.models.errors import ModelError
+from deim_ray.models.family_loss import DeimCriterionLoss, LossRecipe
+from deim_ray.models.families import Family, family_of_config, get_family
+from deim_ray.models.heads import apply_head_options
 from deim_ray.models.pretrained import PretrainedReport, load_pretrained
-from deim_ray.models.variants import VARIANTS, variant_kwargs
+from deim_ray.models.sizes import feature_strides, validate_input_size
+
+__all__ = ["build_from_config", "build_model", "build_model_config", "build_model_with_report", "count_parameters",
+           "feature_strides", "validate_input_size"]
 
 log = logging.getLogger(__name__)
 
-_CONFIG_FIELDS = frozenset(f.name for f in fields(Deimv2Config))
 
-
-def build_model_config(cfg: ModelConfig, num_classes: int) -> Deimv2Config:
-    """The `Deimv2Config` for `cfg.variant` with `num_classes` labels and every override applied."""
-    if cfg.variant not in VARIANTS:
-        raise ModelError(f"unknown model variant {cfg.variant!r}; choose one of: {', '.join(VARIANTS)}")
+def build_model_config(cfg: ModelConfig, num_classes: int) -> PreTrainedConfig:
+    """The transformers config of `cfg.family`/`cfg.variant` with `num_classes` labels and every override."""
+    family = get_family(cfg.family)
+    kwargs = family.variant_kwargs(cfg.variant)
     if num_classes < 1:
         raise ModelError(f"num_classes must be >= 1, got {num_classes}; check the dataset's categories")
-    kwargs = variant_kwargs(cfg.variant)
     kwargs.update(
         initializer_bias_prior_prob=cfg.prior_prob,
         focal_loss_gamma=cfg.focal_loss_gamma,
@@ -57,15 +65,27 @@ def build_model_config(cfg: ModelConfig, num_classes: int) -> Deimv2Config:
         freeze_backbone_batch_norms=False,
     )
     kwargs.update(_overrides(cfg))
-    _merge_extra(kwargs, cfg.extra)
+    kwargs.update(_loss_terms(cfg, family))
+    _merge_extra(kwargs, cfg.extra, family)
     kwargs["num_labels"] = num_classes
     try:
-        return Deimv2Config(**kwargs)
+        return family.config_class(**kwargs)
     except (ValueError, TypeError, StrictDataclassError) as e:
         reason = str(e.__cause__ or e).strip()  # the validator's own message, not the dataclass wrapper
         first = reason.splitlines()[0] if reason else type(e).__name__
-        raise ModelError(f"invalid model config for variant {cfg.variant!r}: {first}; fix model.extra or the "
-                         "model overrides") from None
+        raise ModelError(f"invalid model config for {family.title} variant {cfg.variant!r}: {first}; fix "
+                         "model.extra or the model overrides") from None
+
+
+def _loss_terms(cfg: ModelConfig, family: Family) -> dict[str, list[str]]:
+    if family.loss is None:
+        if cfg.losses is not None:
+            raise ModelError(f"model.losses applies to the D-FINE and RT-DETRv2 families; {family.title} sets its "
+                             "loss terms through model.extra (weight_loss_*)")
+        return {}
+    recipe = LossRecipe(tuple(cfg.losses) if cfg.losses is not None else family.loss.losses, family.loss.use_uni_set)
+    recipe.check(has_corners=family.name == "dfine")
+    return {"losses": list(recipe.losses)}
 
 
 def _overrides(cfg: ModelConfig) -> dict[str, int]:
@@ -79,31 +99,50 @@ def _overrides(cfg: ModelConfig) -> dict[str, int]:
     return out
 
 
-def _merge_extra(kwargs: dict[str, Any], extra: dict[str, Any]) -> None:
+def _merge_extra(kwargs: dict[str, Any], extra: dict[str, Any], family: Family) -> None:
+    known = frozenset(f.name for f in fields(family.config_class)) | frozenset(family.head_options)
+    name = family.config_class.__name__
     for key, value in extra.items():
-        if key == "num_labels":
-            raise ModelError("model.extra must not set num_labels; the class count comes from the dataset")
-        if key not in _CONFIG_FIELDS:
-            close = difflib.get_close_matches(key, _CONFIG_FIELDS, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else "see transformers' Deimv2Config for valid keys"
-            raise ModelError(f"model.extra has unknown Deimv2Config key {key!r}; {hint}")
+        if key in ("num_labels", "losses"):
+            raise ModelError(f"model.extra must not set {key}; " + ("the class count comes from the dataset"
+                             if key == "num_labels" else "use model.losses"))
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"see transformers' {name} for valid keys"
+            raise ModelError(f"model.extra has unknown {name} key {key!r}; {hint}")
+        if key in family.head_options and value not in family.head_options[key]:
+            raise ModelError(f"model.extra.{key} must be one of {', '.join(family.head_options[key])}, got {value!r}")
         if key == "backbone_config" and isinstance(value, dict):
             kwargs["backbone_config"] = {**kwargs["backbone_config"], **value}
         else:
             kwargs[key] = value
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> Deimv2ForObjectDetection:
+def build_model(cfg: ModelConfig, num_classes: int) -> PreTrainedModel:
     """A freshly initialised model (never downloads anything), fine-tuned from `cfg.pretrained` when set."""
     model, _ = build_model_with_report(cfg, num_classes)
     return model
 
 
-def build_model_with_report(cfg: ModelConfig, num_classes: int
-                            ) -> tuple[Deimv2ForObjectDetection, PretrainedReport | None]:
+def build_from_config(config: PreTrainedConfig) -> PreTrainedModel:
+    """The model of a config made by `build_model_config` (random init): the family's transformers model with
+    upstream's head options applied and, for D-FINE/RT-DETRv2, the DEIM criterion as its loss."""
+    family = family_of_config(config)
+    model = family.model_class(config)
+    apply_head_options(model)
+    if family.loss is not None:
+        losses = tuple(getattr(config, "losses", family.loss.losses))
+        model.loss_function = DeimCriterionLoss(LossRecipe(losses, family.loss.use_uni_set))
+    return model
+
+
+def build_model_with_report(cfg: ModelConfig, num_classes: int) -> tuple[PreTrainedModel, PretrainedReport | None]:
     """`build_model` that also returns what was loaded from `cfg.pretrained` (None when it is unset)."""
-    model = Deimv2ForObjectDetection(build_model_config(cfg, num_classes))
+    model = build_from_config(build_model_config(cfg, num_classes))
     if cfg.backbone_pretrained is not None:
+        if cfg.family != "deimv2":
+            raise ModelError(f"model.backbone_pretrained is supported for DEIMv2 only, not {cfg.family}; use "
+                             "model.pretrained with a checkpoint of the same family")
         log.info("%s", load_backbone_weights(model, cfg.variant, cfg.backbone_pretrained).summary())
     if cfg.pretrained is None:
         return model, None
@@ -113,29 +152,6 @@ def build_model_with_report(cfg: ModelConfig, num_classes: int
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Number of distinct parameter values; tensors shared between heads (tied weights) count once."""
-    seen: dict[tuple[int, int], int] = {}
-    for p in model.parameters():
-        seen[(p.data_ptr(), p.numel())] = p.numel()
-    return sum(seen.values())
-
-
-def feature_strides(config: Deimv2Config) -> tuple[int, ...]:
-    """Strides of the decoder's feature levels: the first encoder level, doubling per extra level."""
-    first = int(config.feat_strides[0])
-    return tuple(first * 2**i for i in range(config.num_feature_levels))
-
-
-def validate_input_size(h: int, w: int, num_queries: int, strides: tuple[int, ...] = (16, 32)) -> None:
-    """Raise ModelError unless an h x w image works: both sides multiples of 32 and at least `num_queries`
-    encoder tokens over the feature levels (`strides`; (16, 32) for HGNetV2 sizes, (8, 16, 32) for DINOv3)."""
-    if h <= 0 or w <= 0 or h % 32 or w % 32:
-        fix_h, fix_w = max(32, round(h / 32) * 32), max(32, round(w / 32) * 32)
-        raise ModelError(f"image size {h}x{w} (HxW) is not a multiple of 32; use e.g. {fix_h}x{fix_w}")
-    tokens = sum((h // s) * (w // s) for s in strides)
-    if tokens < num_queries:
-        side = 32
-        while sum((side // s) ** 2 for s in strides) < num_queries:
-            side += 32
-        raise ModelError(f"image size {h}x{w} gives {tokens} encoder tokens, fewer than num_queries="
-                         f"{num_queries}; use at least {side}x{side} or lower model.num_queries")
+    """Number of distinct parameter values; tensors shared between heads (tied weights) count once, as
+    `parameters()` yields each parameter object once (this also works for models built on the meta device)."""
+    return sum(p.numel() for p in model.parameters())

@@ -97,7 +97,7 @@ class DEIMCriterion(Deimv2Loss):
 
     def forward(self, outputs: Output, targets: Targets) -> dict[str, torch.Tensor]:
         self._ddf_counts = None
-        main = {k: outputs[k] for k in ("logits", "pred_boxes", "pred_corners", "ref_points")}
+        main = {k: outputs[k] for k in ("logits", "pred_boxes", "pred_corners", "ref_points") if k in outputs}
         decoder = outputs.get("aux_outputs", []) + ([outputs["pre_outputs"]] if "pre_outputs" in outputs else [])
         indices = self.matcher(main, targets)
         decoder_indices = [self.matcher(o, targets) for o in decoder]
@@ -126,7 +126,8 @@ class DEIMCriterion(Deimv2Loss):
         losses: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(outputs["dn_outputs"]):
             losses.update(self._terms(layer, targets, fixed, f"_dn_{i}"))
-        losses.update(self._terms(outputs["dn_pre_outputs"], targets, fixed, "_dn_pre"))
+        if "dn_pre_outputs" in outputs:  # RT-DETRv2 has no pre-refinement output
+            losses.update(self._terms(outputs["dn_pre_outputs"], targets, fixed, "_dn_pre"))
         return losses
 
     def _terms(self, output: Output, targets: Targets, matching: "_Matching", suffix: str,

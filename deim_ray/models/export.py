@@ -1,7 +1,8 @@
 """models layer: the deployable `final` artifact.
 
 A final checkpoint holds only the EMA weights (what upstream deploys) and what is needed to rebuild and use the
-model without the training config: the full `Deimv2Config` as a JSON string, the `ModelConfig` it came from,
+model without the training config: the model family and its full transformers config (`Deimv2Config`,
+`DFineConfig` or `RTDetrV2Config`) as a JSON string, the `ModelConfig` it came from,
 the class table (model class index i <-> `category_ids[i]`, `class_names[i]`) and the input size. Every value
 is a tensor or a JSON-like primitive, so `torch.load(weights_only=True)` reads it. Recommended `extra_meta`
 keys for inference: `normalize` (ImageNet mean/std; true for the DINOv3 sizes), `num_top_queries`, plus
@@ -24,11 +25,12 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import Deimv2Config, Deimv2ForObjectDetection
+from transformers import PreTrainedConfig, PreTrainedModel
 
 from deim_ray.config.schema import ModelConfig
-from deim_ray.models.build import build_model_config, feature_strides, validate_input_size
+from deim_ray.models.build import build_from_config, build_model_config, feature_strides, validate_input_size
 from deim_ray.models.errors import ModelError
+from deim_ray.models.families import family_of_config, get_family
 
 FINAL_FORMAT = "deim_ray.final/1"
 
@@ -50,7 +52,8 @@ def make_final_checkpoint(ema_state_dict: dict[str, torch.Tensor], model_cfg: Mo
     return {
         "format": FINAL_FORMAT,
         "model": weights,
-        "deimv2_config": config.to_json_string(use_diff=False),
+        "family": family_of_config(config).name,
+        "hf_config": config.to_json_string(use_diff=False),
         "model_config": json.dumps(dataclasses.asdict(model_cfg), default=str),
         "num_classes": int(num_classes),
         "category_ids": [int(c) for c in category_ids],
@@ -70,10 +73,10 @@ def _json_safe(extra_meta: dict[str, Any]) -> dict[str, Any]:
                          ) from None
 
 
-def _check_weights_fit(weights: dict[str, torch.Tensor], config: Deimv2Config) -> None:
+def _check_weights_fit(weights: dict[str, torch.Tensor], config: PreTrainedConfig) -> None:
     """Compare names and shapes against the architecture, built on the meta device (no memory, no init)."""
     with torch.device("meta"):
-        expected = Deimv2ForObjectDetection(config).state_dict()
+        expected = build_from_config(config).state_dict()
     missing = [k for k in expected if k not in weights]
     unexpected = [k for k in weights if k not in expected]
     wrong = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
@@ -84,9 +87,9 @@ def _check_weights_fit(weights: dict[str, torch.Tensor], config: Deimv2Config) -
                          "of a model built from the same model config and class count")
 
 
-def load_final(source: str | os.PathLike | bytes) -> tuple[Deimv2ForObjectDetection, dict[str, Any]]:
+def load_final(source: str | os.PathLike | bytes) -> tuple[PreTrainedModel, dict[str, Any]]:
     """Rebuild the model of a final artifact (path or bytes) in eval mode; returns it and the metadata
-    (everything but the weights, with `deimv2_config` and `model_config` as JSON strings)."""
+    (everything but the weights, with `hf_config` and `model_config` as JSON strings)."""
     name = "<bytes>" if isinstance(source, bytes) else os.fspath(source)
     try:
         with (io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")) as f:
@@ -100,7 +103,7 @@ def load_final(source: str | os.PathLike | bytes) -> tuple[Deimv2ForObjectDetect
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ModelError(f"{name} is not a deim_ray final checkpoint (format {found!r}, expected {FINAL_FORMAT!r}); "
                          "use the run's artifacts/final.pth")
-    model = Deimv2ForObjectDetection(Deimv2Config.from_dict(json.loads(ckpt["deimv2_config"])))
+    model = build_from_config(_hf_config(ckpt, name))
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:
@@ -108,3 +111,17 @@ def load_final(source: str | os.PathLike | bytes) -> tuple[Deimv2ForObjectDetect
                          "the file is inconsistent, re-export it") from None
     meta = {k: v for k, v in ckpt.items() if k != "model"}
     return model.eval(), meta
+
+
+def _hf_config(ckpt: dict[str, Any], name: str) -> PreTrainedConfig:
+    """The transformers config of a final checkpoint (files written before families existed are DEIMv2)."""
+    family = ckpt.get("family", "deimv2")
+    text = ckpt.get("hf_config", ckpt.get("deimv2_config"))
+    try:
+        return get_family(family).config_class.from_dict(json.loads(text))
+    except (ModelError, TypeError, ValueError) as e:
+        raise ModelError(f"{name} holds no usable model config ({_first_line(e)}); re-export it") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:160]

@@ -24,9 +24,9 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import box_convert, box_iou
 
-from deim_ray.models.build import feature_strides, validate_input_size
 from deim_ray.models.criterion import DEIMCriterion, upstream_outputs
 from deim_ray.models.errors import ModelError
+from deim_ray.models.sizes import feature_strides, validate_input_size
 
 Targets = list[dict[str, torch.Tensor]]
 
@@ -36,7 +36,7 @@ def forward_loss(model: nn.Module, pixel_values: torch.Tensor, targets: Targets
     """Loss of one batch and its detached terms (for logging / all-reduce).
 
     Args:
-        model: a `Deimv2ForObjectDetection`, possibly wrapped in DDP. In `train()` mode the denoising terms
+        model: a model of `build_model` (any family), possibly wrapped in DDP. In `train()` mode the denoising terms
             are included; in `eval()` mode the same call gives a validation loss without them.
         pixel_values: [B, 3, H, W] float images; H and W multiples of 32.
         targets: B dicts with `boxes` (float32 [N, 4], normalised cxcywh in [0, 1]) and `class_labels`
@@ -101,7 +101,9 @@ def set_matcher_epoch(model: nn.Module, epoch: int, change_epoch: int | None, io
     switch is on."""
     core = getattr(model, "module", model)
     switched = change_epoch is not None and epoch >= change_epoch
-    core.loss_function = DeimLoss(iou_order_alpha if switched else None)
+    current = core.loss_function
+    alpha = iou_order_alpha if switched else None
+    core.loss_function = current.with_matcher(alpha) if isinstance(current, DeimLoss) else DeimLoss(alpha)
     return switched
 
 
@@ -113,6 +115,10 @@ class DeimLoss:
 
     def __init__(self, iou_order_alpha: float | None = None):
         self.iou_order_alpha = iou_order_alpha
+
+    def with_matcher(self, iou_order_alpha: float | None) -> "DeimLoss":
+        """The same loss with the late IoU-order matcher (`iou_order_alpha`) or the Hungarian one (None)."""
+        return DeimLoss(iou_order_alpha)
 
     def __call__(self, logits, labels, device, pred_boxes, config, outputs_class=None, outputs_coord=None, *,
                  enc_topk_logits=None, enc_topk_bboxes=None, denoising_meta_values=None, predicted_corners=None,

@@ -217,7 +217,7 @@ def test_write_converted_round_trips(tmp_path):
     out = tmp_path / "n.yml"
     unhonoured = write_converted(N, out)
     text = out.read_text()
-    assert text.startswith(f"# converted from upstream DEIMv2 config") and "# not honoured (review these):" in text
+    assert text.startswith(f"# converted from upstream DEIM-family config") and "# not honoured (review these):" in text
     assert all(f"#   {line}" in text for line in unhonoured)
     assert noted(unhonoured) == COMMON_NOTES
     assert load_config(out) == dataclasses.replace(load_config(N), source=str(out))

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from deim_ray.config import ConfigError, config_from_dict, validate
-from deim_ray.config.validate import POLICY_OPS, VARIANTS
+from deim_ray.config.validate import FAMILY_VARIANTS, POLICY_OPS
 
 from .conftest import one_line
 
@@ -188,13 +188,21 @@ def test_policy_ops_names():
     bad("unknown op 'Mosiac' in `augment.policy_ops` — did you mean 'Mosaic'\\?", augment__policy_ops=["Mosiac"])
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_known_variants(variant):
-    ok(model__variant=variant)
+@pytest.mark.parametrize("family,variant", [(f, v) for f, vs in FAMILY_VARIANTS.items() for v in vs])
+def test_known_variants(family, variant):
+    ok(model__family=family, model__variant=variant)
 
 
 def test_variant_list_is_the_documented_one():
-    assert VARIANTS == ("tiny", "atto", "femto", "pico", "n", "s", "m", "l", "x")
+    assert FAMILY_VARIANTS == {"deimv2": ("tiny", "atto", "femto", "pico", "n", "s", "m", "l", "x"),
+                               "dfine": ("tiny", "n", "s", "m", "l", "x"),
+                               "rtdetrv2": ("tiny", "r18", "r34", "r50", "r50m", "r101")}
+
+
+def test_unknown_family_and_a_variant_of_another_family():
+    bad("`model.family` must be one of deimv2, dfine, rtdetrv2, got 'dfin' — did you mean 'dfine'", model__family="dfin")
+    bad("`model.variant` must be one of tiny, r18, r34, r50, r50m, r101, got 'n'", model__family="rtdetrv2",
+        model__variant="n")
 
 
 def test_unknown_variant():

@@ -1,0 +1,67 @@
+"""models layer: upstream's decoder-head options that transformers' D-FINE / RT-DETRv2 configs lack.
+
+Upstream DEIM configures the MLP heads of the decoder (`mlp_act`: relu or silu; the DEIM recipe uses silu) and,
+for RT-DETRv2, the query position head (`query_pos_method: as_reg`, a 3-layer d->d->d MLP instead of the 2-layer
+4->2d->d one). transformers hard-codes ReLU heads and the default query head, but keeps unknown config keys as
+attributes, so the options travel inside the model config (and so inside `final.pth`) and `apply_head_options`
+re-applies them whenever a model is built from such a config.
+
+Activations are switched by changing the class of the existing head modules (or their `act`), never by
+building new ones, so parameter names, initial values and tied weights stay as transformers made them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import init
+
+HEAD_NAMES = frozenset({"query_pos_head", "enc_bbox_head", "pre_bbox_head"})
+"""Modules named so (or inside a `bbox_embed` list) are the MLP heads upstream builds with `mlp_act`."""
+MLP_ACTS = ("relu", "silu")
+QUERY_POS_METHODS = ("default", "as_reg")
+
+
+class SiluPredictionHead(nn.Module):
+    """Forward of transformers' MLP prediction heads (`layers` ModuleList) with SiLU between layers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = nn.functional.silu(x)
+        return x
+
+
+def apply_head_options(model: nn.Module) -> None:
+    """Apply `config.query_pos_method` and `config.mlp_act` (when present) to a freshly built model, in place."""
+    config = model.config
+    if getattr(config, "query_pos_method", "default") == "as_reg":
+        _query_pos_as_reg(model)
+    if getattr(config, "mlp_act", "relu") == "silu":
+        for name, module in model.named_modules():
+            if _is_head(name):
+                _use_silu(module)
+
+
+def _is_head(name: str) -> bool:
+    parts = name.split(".")
+    return parts[-1] in HEAD_NAMES or (len(parts) >= 2 and parts[-2] == "bbox_embed")
+
+
+def _use_silu(module: nn.Module) -> None:
+    if isinstance(getattr(module, "act", None), nn.Module):  # D-FINE's MLP keeps its activation as a module
+        module.act = nn.SiLU()
+    else:  # transformers' prediction heads apply ReLU in forward; same parameters, SiLU forward
+        module.__class__ = SiluPredictionHead
+
+
+def _query_pos_as_reg(model: nn.Module) -> None:
+    """Replace the decoder's 4 -> 2d -> d query position head by upstream's 4 -> d -> d -> d head."""
+    decoder = model.model.decoder
+    old = decoder.query_pos_head
+    d = old.layers[-1].out_features
+    new = type(old)(4, d, d, num_layers=3).to(old.layers[0].weight.device)
+    for layer in new.layers[:2]:  # upstream initialises the first two layers this way
+        init.xavier_uniform_(layer.weight)
+    decoder.query_pos_head = new
