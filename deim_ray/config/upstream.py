@@ -9,7 +9,8 @@ upstream-style files; `write_converted` backs `deim-ray import-config`.
 
 Equivalences applied (documented, not reported): a disabled or empty MixUp/CopyBlend range becomes [0, 0];
 a `flat_epoch` beyond the run (upstream N: 7800) with a constant tail becomes flat_epoch = epochs -
-no_aug_epoch with lr_gamma 1.0 (the same LR curve); `scaler: GradScaler` selects float16 AMP as upstream.
+no_aug_epoch with lr_gamma 1.0 (the same LR curve), and any constant LR (lr_gamma 1.0) puts its flat/tail split at
+stop_epoch; `scaler: GradScaler` selects float16 AMP as upstream.
 """
 
 from __future__ import annotations
@@ -214,6 +215,12 @@ def _convert_schedule(r: _Reader) -> None:
         r.note(f"{COLLATE}.stop_epoch", None, "upstream never enters stage 2 without it; set schedule.stop_epoch")
     else:
         r.put("schedule.stop_epoch", stop, f"{COLLATE}.stop_epoch")
+    epochs = r.out.get("schedule", {}).get("epochs")
+    if isinstance(stop, int) and isinstance(epochs, int) and 1 < epochs <= stop:
+        # upstream's 72-epoch RT-DETRv2 R50/R101 baselines never reach their stop_epoch: a single stage
+        r.note(f"{COLLATE}.stop_epoch", stop, f"upstream never enters stage 2 (epochs {epochs}); deim_ray's job has "
+               f"two stages, so its last epoch runs as stage 2 (stop_epoch {epochs - 1})")
+        r.put("schedule.stop_epoch", epochs - 1, f"{COLLATE}.stop_epoch")
     r.take(f"{COLLATE}.ema_restart_decay", "schedule.ema_restart_decay")
 
 
@@ -240,6 +247,23 @@ def _convert_lr(r: _Reader) -> None:
 
 
 def _fit_flat_epoch(r: _Reader) -> None:
+    _fit_flat_tail(r)
+    _constant_lr_at_stop_epoch(r)
+
+
+def _constant_lr_at_stop_epoch(r: _Reader) -> None:
+    """With lr_gamma 1 the LR is constant after warm-up wherever the flat/tail split lies; place it at stop_epoch,
+    as deim_ray's schedule check asks (upstream's plain D-FINE/RT-DETRv2 baselines write no_aug_epoch 0)."""
+    lr, s = r.out.get("lr_scheduler", {}), r.out.get("schedule", {})
+    epochs, stop = s.get("epochs"), s.get("stop_epoch")
+    if lr.get("lr_gamma", 1.0) != 1.0 or not all(isinstance(v, int) for v in (epochs, stop)):
+        return
+    if lr.get("no_aug_epoch") != epochs - stop:
+        r.put("lr_scheduler.no_aug_epoch", epochs - stop, "no_aug_epoch")
+        r.put("lr_scheduler.flat_epoch", stop, "flat_epoch")
+
+
+def _fit_flat_tail(r: _Reader) -> None:
     lr, epochs = r.out.get("lr_scheduler", {}), r.out.get("schedule", {}).get("epochs")
     flat, no_aug, gamma = lr.get("flat_epoch"), lr.get("no_aug_epoch"), lr.get("lr_gamma", 1.0)
     if not all(isinstance(v, int) for v in (flat, no_aug, epochs)) or flat <= epochs - no_aug:
@@ -317,11 +341,23 @@ def _convert_policy(r: _Reader) -> None:
         reason = "without it upstream runs every op in every epoch; deim_ray gates them by augment.policy_epoch"
         r.note(policy, None, reason)
     r.take(f"{policy}.epoch", "augment.policy_epoch")
+    _end_policy_by_stop_epoch(r, policy)
     r.take(f"{policy}.ops", "augment.policy_ops")
     # Upstream's default mosaic_prob (-0.1) means "never"; any negative value does.
     prob = r.get(f"{TRANSFORMS}.mosaic_prob", 0.0)
     prob = max(prob, 0.0) if isinstance(prob, (int, float)) else prob
     r.put("augment.mosaic_prob", prob, f"{TRANSFORMS}.mosaic_prob")
+
+
+def _end_policy_by_stop_epoch(r: _Reader, policy: str) -> None:
+    value, stop = r.out.get("augment", {}).get("policy_epoch"), r.out.get("schedule", {}).get("stop_epoch")
+    epochs = value if isinstance(value, list) else [value]  # upstream writes one epoch as a scalar
+    if not (isinstance(stop, int) and epochs and all(isinstance(e, int) for e in epochs)) or epochs[-1] <= stop:
+        return
+    # upstream's rtdetrv2_r18vd_120e_coco: stop_epoch 72 from its base, policy 117
+    r.note(f"{policy}.epoch", value, f"strong augmentation ends at stop_epoch {stop} in deim_ray (policy_epoch "
+           "clamped to it); upstream keeps it past its stage switch")
+    r.put("augment.policy_epoch", [min(e, stop) for e in epochs], f"{policy}.epoch")
 
 
 def _convert_collate(r: _Reader) -> None:

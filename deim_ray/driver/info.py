@@ -10,10 +10,11 @@ from __future__ import annotations
 from deim_ray.config.schedule import Stage
 from deim_ray.config.schema import Config
 from deim_ray.data.gates import phase_table
-from transformers import Deimv2ForObjectDetection
+import torch
 
 from deim_ray.models.backbone_weights import backbone_note
-from deim_ray.models.build import build_model_config, count_parameters
+from deim_ray.models.build import build_from_config, build_model_config, count_parameters
+from deim_ray.models.families import get_family
 
 
 def lr_phases(cfg: Config) -> list[tuple[int, int, str]]:
@@ -63,10 +64,11 @@ def _backbone_weights(cfg: Config) -> str:
 
 def describe_config(cfg: Config, num_classes: int | None = None) -> str:
     classes = num_classes or (cfg.data.synthetic.num_classes if cfg.data.synthetic else 80)
-    params = count_parameters(Deimv2ForObjectDetection(build_model_config(cfg.model, classes)))  # no weights read
+    with torch.device("meta"):  # no weights read or initialised
+        params = count_parameters(build_from_config(build_model_config(cfg.model, classes)))
     s, lr = cfg.schedule, cfg.lr_scheduler
     lines = [
-        f"model: DEIMv2-{cfg.model.variant} ({classes} classes)",
+        f"model: {get_family(cfg.model.family).title}-{cfg.model.variant} ({classes} classes)",
         f"parameters: {params}",
         f"backbone weights: {_backbone_weights(cfg)}",
         f"epochs: {s.epochs}",

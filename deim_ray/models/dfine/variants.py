@@ -12,8 +12,10 @@ Each variant mirrors the architecture upstream DEIM builds from `configs/deim_df
 | l | HGNetv2-B4 | 8, 16, 32 | 256 | 6 | 31.29M |
 | x | HGNetv2-B5 | 8, 16, 32 | 256 (encoder 384) | 6 | 61.14M |
 
-The plain D-FINE baselines (`dfine_hgnetv2_*`) are the same networks with ReLU in the decoder and frozen
-backbone norms for L and X (`model.extra` carries those differences; see `configs/dfine/`).
+`mlp_act` is upstream's activation of the decoder's MLP heads (SiLU under DEIM); transformers' config carries it
+as an extra attribute and `heads.apply_head_options` applies it. The plain D-FINE baselines (`dfine_hgnetv2_*`)
+are the same networks with ReLU in the decoder and its heads, and frozen backbone norms for L and X
+(`model.extra` carries those differences; see `configs/dfine/`).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def _three_levels(backbone: dict[str, Any], in_channels: list[int], *, hidden: i
         "decoder_ffn_dim": 1024,
         "decoder_activation_function": "silu",
         "num_queries": 300,
+        "mlp_act": "silu",
     }
 
 
@@ -102,6 +105,7 @@ def n() -> dict[str, Any]:
         "decoder_ffn_dim": 512,
         "decoder_activation_function": "silu",
         "num_queries": 300,
+        "mlp_act": "silu",
     }
 
 

@@ -6,7 +6,7 @@ the 3-layer `as_reg` query position head, trainable backbone batch norms):
 
 | variant | backbone | encoder width / expansion | decoder layers | params (80 classes, upstream) |
 |---|---|---|---|---|
-| tiny | ResNet18-vd | 32 / 0.5 | 2 | tests and CPU smoke runs |
+| tiny | ResNet-vd, 1 block per stage, 1/4 width | 32 / 0.5 | 2 | tests and CPU smoke runs |
 | r18 | ResNet18-vd | 256 / 0.5 | 3 | 20.18M |
 | r34 | ResNet34-vd | 256 / 0.5 | 4 | 31.44M |
 | r50 | ResNet50-vd | 256 / 1.0 | 6 | 42.94M |
@@ -14,7 +14,7 @@ the 3-layer `as_reg` query position head, trainable backbone batch norms):
 | r101 | ResNet101-vd | 384 / 1.0 | 6 | 76.66M |
 
 `mlp_act` and `query_pos_method` are upstream's decoder options; transformers' config carries them as extra
-attributes and `rtdetrv2.patches` applies them after the model is built. The plain RT-DETRv2 baselines
+attributes and `heads.apply_head_options` applies them after the model is built. The plain RT-DETRv2 baselines
 (`rtdetrv2_*`) set them back to `relu` / `default` (see `configs/rtdetrv2/`).
 """
 
@@ -67,9 +67,11 @@ def _rtdetrv2(depth: int, *, hidden: int = 256, expansion: float = 1.0, layers: 
 
 
 def tiny() -> dict[str, Any]:
-    """R18's layout at 32 wide with 2 decoder layers and 30 queries: fast enough for tests on one CPU core."""
+    """R18's layout with one block per stage at a quarter of its width, a 32-wide head with 2 decoder layers
+    and 30 queries: fast enough for tests on one CPU core."""
     kwargs = _rtdetrv2(18, hidden=32, expansion=0.5, layers=2, ffn=64)
-    kwargs.update(d_model=32, decoder_ffn_dim=64, decoder_attention_heads=4, encoder_attention_heads=4,
+    kwargs["backbone_config"].update(depths=[1, 1, 1, 1], hidden_sizes=[16, 32, 64, 128], embedding_size=16)
+    kwargs.update(encoder_in_channels=[32, 64, 128], d_model=32, decoder_ffn_dim=64, decoder_attention_heads=4, encoder_attention_heads=4,
                   num_queries=30, num_denoising=30)
     return kwargs
 
