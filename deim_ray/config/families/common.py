@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from deim_ray.config.errors import ConfigError
-from deim_ray.config.upstream_model import (_DECODER_FIELDS, _DECODER_KW, _ENCODER_KW, Reader, _compare_backbone,
-                                            _compare_section, _convert_matcher)
+from deim_ray.config.upstream_model import (_DECODER_FIELDS, _DECODER_KW, _ENCODER_KW, Reader, _compare_section,
+                                            _convert_matcher, _section)
 
 # Upstream DEIMCriterion weight -> transformers config keyword (MAL and VFL share the classification weight).
 _WEIGHTS = {"loss_mal": "weight_loss_vfl", "loss_vfl": "weight_loss_vfl", "loss_bbox": "weight_loss_bbox",
@@ -20,6 +20,8 @@ _BACKBONE_KW: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "use_lab": ("backbone_config.use_learnable_affine_block", bool),
 }
 _FREEZE_NOTE = "deim_ray trains every backbone layer (no freeze_at); the stem/stages upstream freezes are trained"
+_PRETRAINED_NOTE = ("backbone-only pretrained weights are not loaded for D-FINE / RT-DETRv2 yet (the backbone starts "
+                    "from random weights); fine-tune a whole model with model.pretrained")
 
 
 @dataclass(frozen=True)
@@ -78,8 +80,13 @@ def _convert_backbone(r: Reader, section: str, expected: dict[str, Any]) -> None
             r.put(f"model.extra.{keyword}", cast(value), path)
     if r.get(f"{section}.freeze_at", -1) != -1:
         r.note(f"{section}.freeze_at", r.peek(f"{section}.freeze_at"), _FREEZE_NOTE)
-    r.ignore(f"{section}.freeze_stem_only")
-    _compare_backbone(r, section, {k: v for k, v in expected.items() if k not in (*_BACKBONE_KW, "freeze_at")})
+    if r.get(f"{section}.pretrained", False):
+        r.note(f"{section}.pretrained", True, _PRETRAINED_NOTE)
+    for key in ("local_model_dir", "freeze_stem_only"):
+        r.ignore(f"{section}.{key}")
+    for key in _section(r, section):
+        if key in expected and key not in (*_BACKBONE_KW, "freeze_at"):
+            r.expect(f"{section}.{key}", expected[key])
 
 
 def _normalise_decoder(r: Reader, section: str, expected: dict[str, Any]) -> dict[str, Any]:
