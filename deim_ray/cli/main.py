@@ -7,16 +7,62 @@ stderr, `deim-ray: error: <what is wrong and how to fix it>`, with exit status 2
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import traceback
 
 from deim_ray.cli import commands
 from deim_ray.logs import setup_logging
+from deim_ray.redact import redact
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error of every other deim-ray error (usage stays behind --help)."""
+
+    def error(self, message: str):
+        self.exit(2, f"deim-ray: error: {redact(message)} (see `{self.prog} --help`)\n")
+
+
+def _number(kind: type, low: float, inclusive: bool):
+    """An argparse type: a finite `kind` at least `low` (or above it when not `inclusive`)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not math.isfinite(value) or value < low or (value == low and not inclusive):
+            bound = f"at least {low:g}" if inclusive else f"above {low:g}"
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number, {bound}")
+        return value
+    return parse
+
+
+POSITIVE_INT, COUNT, POSITIVE = _number(int, 1, True), _number(int, 0, True), _number(float, 0, False)
 
 
 def _is_user_error(e: BaseException) -> bool:
     """Every exception type deim_ray defines carries a one-line, actionable message (ConfigError, DataError,
-    StorageError, RunError, CheckpointError, ...); so do missing or existing files named on the command line."""
-    return type(e).__module__.startswith("deim_ray.") or isinstance(e, (FileNotFoundError, FileExistsError))
+    StorageError, RunError, CheckpointError, ...); so do missing or existing files named on the command line
+    and any file-system error that names its path (no permission, not a directory, disk full, ...)."""
+    return (type(e).__module__.startswith("deim_ray.") or isinstance(e, (FileNotFoundError, FileExistsError))
+            or (isinstance(e, OSError) and e.filename is not None and e.strerror is not None))
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror is not None:
+        return f"{e.filename}: {e.strerror}; check the path and its permissions"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def report_error(e: BaseException) -> int:
+    """The CLI's one exit for errors: a user error is one redacted line and status 2; anything else is a
+    redacted traceback and status 1."""
+    if _is_user_error(e):
+        print(f"deim-ray: error: {redact(_one_line(e))}", file=sys.stderr)
+        return 2
+    print(redact("".join(traceback.format_exception(e))).rstrip(), file=sys.stderr)
+    return 1
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -28,15 +74,15 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def _add_run_args(p: argparse.ArgumentParser, default_name: str | None) -> None:
     p.add_argument("--storage", default="./runs", help="run storage: a directory or s3://bucket/prefix (default ./runs)")
     p.add_argument("--name", default=default_name, required=default_name is None, help="run name (same name resumes)")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default 2)")
+    p.add_argument("--workers", type=POSITIVE_INT, default=2, help="Ray Train workers (default 2)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, AMP per config")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
-    p.add_argument("--max-failures", type=int, default=3, help="worker failures to survive per stage (default 3)")
+    p.add_argument("--cpus-per-worker", type=POSITIVE, default=1.0, help="CPUs reserved per worker (default 1)")
+    p.add_argument("--max-failures", type=COUNT, default=3, help="worker failures to survive per stage (default 3)")
     p.add_argument("--restart", action="store_true", help="start this run name over instead of resuming it")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deim-ray", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="deim-ray", description=__doc__.splitlines()[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -54,18 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--space", required=True, help="YAML: dotted config key -> {loguniform|uniform|quniform|"
                    "randint|choice|grid: [...]}")
-    p.add_argument("--samples", type=int, default=4, help="trials to sample (each grid point repeats; default 4)")
+    p.add_argument("--samples", type=POSITIVE_INT, default=4, help="trials to sample (each grid point repeats; default 4)")
     p.add_argument("--scheduler", default="asha", choices=["asha", "fifo"],
                    help="asha stops weak trials early, by epoch AP (default asha)")
     p.add_argument("--metric", default="ap", choices=["ap", "ap50", "loss"],
                    help="epoch metric the scheduler compares (default ap; trials are ranked by final AP)")
-    p.add_argument("--max-concurrent", type=int, default=2, help="trials running at once (default 2)")
+    p.add_argument("--max-concurrent", type=POSITIVE_INT, default=2, help="trials running at once (default 2)")
     p.add_argument("--storage", default="./runs", help="a directory or s3://bucket/prefix (default ./runs)")
     p.add_argument("--name", default="tune", help="search name; trials are <storage>/<name>/trial-<id> (default tune)")
-    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default 1)")
+    p.add_argument("--workers-per-trial", type=POSITIVE_INT, default=1, help="Ray Train workers per trial (default 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, AMP per config")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
-    p.add_argument("--max-failures", type=int, default=3, help="worker failures each stage survives (default 3)")
+    p.add_argument("--cpus-per-worker", type=POSITIVE, default=1.0, help="CPUs reserved per worker (default 1)")
+    p.add_argument("--max-failures", type=COUNT, default=3, help="worker failures each stage survives (default 3)")
     p.set_defaults(func=commands.tune)
 
     p = sub.add_parser("resolve", help="print a run's final artifact and why it was chosen")
@@ -88,9 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show-augment", help="draw augmented training images with boxes for one epoch")
     _add_config_args(p)
-    p.add_argument("--epoch", type=int, required=True, help="epoch whose augmentation to show (0-based)")
+    p.add_argument("--epoch", type=COUNT, required=True, help="epoch whose augmentation to show (0-based)")
     p.add_argument("-o", "--output", default="augment.png", help="PNG to write (default augment.png)")
-    p.add_argument("-n", type=int, default=8, help="number of images (default 8)")
+    p.add_argument("-n", type=POSITIVE_INT, default=8, help="number of images (default 8)")
     p.set_defaults(func=commands.show_augment)
 
     p = sub.add_parser("import-config", help="convert an upstream DEIMv2 YAML config to deim_ray's format")
@@ -101,19 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed as one line
+        return e.code if isinstance(e.code, int) else 0
     setup_logging(quiet=args.quiet)
     try:
         return int(args.func(args) or 0)
-    except Exception as e:
-        if not _is_user_error(e):
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"deim-ray: error: {msg}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("deim-ray: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        return report_error(e)
 
 
 if __name__ == "__main__":

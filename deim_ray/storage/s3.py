@@ -2,7 +2,9 @@
 
 The endpoint is `storage.endpoint_url` when set, else whatever botocore resolves (AWS_ENDPOINT_URL_S3,
 AWS_ENDPOINT_URL, the profile), like every AWS tool. A custom endpoint gets path-style addressing. Requests
-are SigV4 with standard-mode retries (8 attempts ride out a ~1-3 s endpoint outage). Every object carries
+are SigV4 with botocore's standard retry rules (up to 8 attempts ride out a ~1-3 s endpoint outage), bounded in
+time: one request, retries included, gives up after `DEIM_RAY_S3_TIMEOUT` seconds (default 60), so an endpoint
+that accepts connections and never answers is a one-line error, not a hang. Every object carries
 an x-amz-checksum-sha256 the server verifies and `Metadata={'sha256': hex}` of the whole content, which
 downloads are checked against. A PUT or a completed multipart upload is atomic, so readers never see a
 partial object; a failed multipart upload is aborted (or swept later with `abort_stale_uploads`).
@@ -15,14 +17,18 @@ import contextlib
 import datetime as dt
 import functools
 import hashlib
+import math
 import os
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import boto3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import ClientError
+from botocore.retries import standard
 
 from deim_ray.config.schema import StorageConfig
 from deim_ray.storage.base import (ObjectInfo, atomic_local_file, check_key, check_sha256, hash_stream, join_key,
@@ -30,6 +36,10 @@ from deim_ray.storage.base import (ObjectInfo, atomic_local_file, check_key, che
 from deim_ray.storage.errors import (BadStorageURI, BucketNotFound, ChecksumMismatch, EndpointUnreachable,
                                      ObjectNotFound)
 from deim_ray.storage.s3_errors import S3_ERRORS, map_s3_error, public_endpoint
+
+TIMEOUT_ENV = "DEIM_RAY_S3_TIMEOUT"
+"""Environment variable: seconds one S3 request may take, retries included (default DEFAULT_TIMEOUT_S)."""
+DEFAULT_TIMEOUT_S = 60.0
 
 MB = 1 << 20
 TRANSFER = TransferConfig(multipart_threshold=16 * MB, multipart_chunksize=8 * MB, max_concurrency=4)
@@ -43,16 +53,90 @@ def _is_aws(endpoint: str) -> bool:
     return host.endswith((".amazonaws.com", ".amazonaws.com.cn"))
 
 
-def _check_endpoint(url: str | None) -> None:
-    parts = urlsplit(url or "")
-    if url is not None and (parts.scheme not in ("http", "https") or not parts.hostname):
-        raise BadStorageURI(f"storage.endpoint_url {public_endpoint(url)!r} is not an http(s) URL; "
+def _check_endpoint(url: str | None, source: str) -> None:
+    """BadStorageURI unless `url` (from `source`) is an http(s) URL with a host and a valid port."""
+    if url is None:
+        return
+    parts = urlsplit(url)
+    try:
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
+    except ValueError:  # a port that is not a number in 0..65535
+        valid = False
+    if not valid:
+        raise BadStorageURI(f"{source} {public_endpoint(url)!r} is not an http(s) URL with a host and a valid port; "
                             "use e.g. http://127.0.0.1:8333 or https://s3.example.com")
 
 
-def _client_config(max_attempts: int, path_style: bool) -> BotoConfig:
-    return BotoConfig(signature_version="s3v4", retries={"mode": "standard", "total_max_attempts": max_attempts},
-                      connect_timeout=5, read_timeout=60, tcp_keepalive=True,
+def _configured_endpoint(cfg: StorageConfig) -> tuple[str | None, str]:
+    """The endpoint URL set in the config or the environment, and where it was set."""
+    for source, url in (("storage.endpoint_url", cfg.endpoint_url),
+                        ("AWS_ENDPOINT_URL_S3", os.environ.get("AWS_ENDPOINT_URL_S3")),
+                        ("AWS_ENDPOINT_URL", os.environ.get("AWS_ENDPOINT_URL"))):
+        if url:
+            return url, source
+    return None, "the AWS profile's endpoint_url"
+
+
+def request_timeout_s() -> float:
+    """Seconds one S3 request may take, retries included: DEIM_RAY_S3_TIMEOUT, else 60."""
+    text = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        value = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise BadStorageURI(f"{TIMEOUT_ENV}={text!r} is not a positive number of seconds; unset it or use e.g. 60")
+    return value
+
+
+@dataclass(frozen=True)
+class _Timeouts:
+    """Per-attempt connect/read timeouts derived from the total time one request may take."""
+
+    total: float
+
+    @property
+    def connect(self) -> float:
+        return min(5.0, self.total / 4)
+
+    @property
+    def read(self) -> float:
+        return min(20.0, self.total / 2)
+
+
+class _RetryDeadline:
+    """botocore's standard retry rules and backoff, stopped by a deadline as well as by the attempt count.
+
+    botocore itself only counts attempts, so a server that accepts connections and never answers would cost
+    attempts x read timeout. The client is built with one attempt; this `needs-retry` handler, registered
+    first, asks for another only while the next one can still end before the deadline."""
+
+    def __init__(self, max_attempts: int, timeouts: _Timeouts):
+        self.timeouts = timeouts
+        self._checker = standard.StandardRetryConditions(max_attempts=max_attempts)
+        self._backoff = standard.ExponentialBackoff()
+        self._adapter = standard.RetryEventAdapter()
+
+    def install(self, client) -> None:
+        client.meta.events.register("before-call.s3", self._start)
+        client.meta.events.register_first("needs-retry.s3", self._needs_retry)
+
+    def _start(self, context: dict, **_) -> None:
+        context["deim_ray_deadline"] = time.monotonic() + self.timeouts.total
+
+    def _needs_retry(self, **kwargs) -> float | None:
+        context = self._adapter.create_retry_context(**kwargs)
+        if not self._checker.is_retryable(context):
+            return None
+        delay = self._backoff.delay_amount(context)
+        deadline = kwargs["request_dict"]["context"].get("deim_ray_deadline", math.inf)
+        worst_next = self.timeouts.connect + self.timeouts.read
+        return delay if time.monotonic() + delay + worst_next <= deadline else None
+
+
+def _client_config(timeouts: _Timeouts, path_style: bool) -> BotoConfig:
+    return BotoConfig(signature_version="s3v4", retries={"mode": "standard", "total_max_attempts": 1},
+                      connect_timeout=timeouts.connect, read_timeout=timeouts.read, tcp_keepalive=True,
                       s3={"addressing_style": "path"} if path_style else None)
 
 
@@ -62,20 +146,27 @@ class S3Storage:
     def __init__(self, bucket: str, prefix: str = "", storage_cfg: StorageConfig | None = None, *,
                  max_attempts: int = 8):
         cfg = storage_cfg or StorageConfig()
-        _check_endpoint(cfg.endpoint_url)
+        endpoint, source = _configured_endpoint(cfg)
+        _check_endpoint(endpoint, source)
         self.bucket, self.prefix, self.max_attempts = bucket, prefix.strip("/"), max_attempts
+        self.retry = _RetryDeadline(max_attempts, _Timeouts(request_timeout_s()))
         self._session = boto3.session.Session(region_name=cfg.region)
         self.region_explicit = bool(cfg.region or self._session.region_name or os.environ.get("AWS_REGION"))
         self.region = cfg.region or self._session.region_name or os.environ.get("AWS_REGION") or "us-east-1"
         # A first client only learns which endpoint botocore resolves (argument, env, profile); the real one
         # is then built with path-style addressing when that endpoint is not AWS.
-        probe = self._session.client("s3", endpoint_url=cfg.endpoint_url, region_name=self.region,
-                                     config=_client_config(max_attempts, path_style=False))
-        self.endpoint_url: str = probe.meta.endpoint_url
-        self.custom_endpoint = bool(cfg.endpoint_url) or not _is_aws(self.endpoint_url)
-        self.client = self._session.client(
-            "s3", endpoint_url=self.endpoint_url if self.custom_endpoint else None, region_name=self.region,
-            config=_client_config(max_attempts, path_style=self.custom_endpoint))
+        try:
+            probe = self._session.client("s3", endpoint_url=cfg.endpoint_url, region_name=self.region,
+                                         config=_client_config(self.retry.timeouts, path_style=False))
+            self.endpoint_url: str = probe.meta.endpoint_url
+            self.custom_endpoint = bool(cfg.endpoint_url) or not _is_aws(self.endpoint_url)
+            self.client = self._session.client(
+                "s3", endpoint_url=self.endpoint_url if self.custom_endpoint else None, region_name=self.region,
+                config=_client_config(self.retry.timeouts, path_style=self.custom_endpoint))
+        except ValueError as e:  # botocore refuses an endpoint from the profile; its text may quote the URL
+            raise BadStorageURI(f"the S3 endpoint from {source} cannot be used ({type(e).__name__}); "
+                                "set AWS_ENDPOINT_URL_S3 to e.g. http://127.0.0.1:8333") from None
+        self.retry.install(self.client)
         self._bucket_seen = False
 
     def __repr__(self) -> str:
@@ -113,7 +204,7 @@ class S3Storage:
         except S3_ERRORS as e:
             raise map_s3_error(e, bucket=self.bucket, key=self._full(key) if key else self.prefix,
                                endpoint=public_endpoint(self.endpoint_url), attempts=self.max_attempts,
-                               redact=self._redact) from e
+                               redact=self._redact, seconds=self.retry.timeouts.total) from e
 
     def _check_bucket(self) -> None:
         """Tell a missing bucket from a missing key (both answer HEAD with a bare 404)."""
@@ -261,7 +352,9 @@ class S3Storage:
         """
         import pyarrow.fs as pafs
 
-        kwargs = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts)}
+        timeouts = self.retry.timeouts
+        kwargs = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=self.max_attempts),
+                  "connect_timeout": timeouts.connect, "request_timeout": timeouts.read}
         if self.custom_endpoint:
             parts = urlsplit(self.endpoint_url)
             kwargs.update(endpoint_override=parts.netloc + parts.path.rstrip("/"), scheme=parts.scheme,

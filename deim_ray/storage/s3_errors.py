@@ -29,17 +29,17 @@ S3_ERRORS: tuple[type[BaseException], ...] = (BotoCoreError, ClientError)
 
 
 def public_endpoint(url: str | None) -> str:
-    """The endpoint URL without any user:password part (safe to print)."""
+    """The endpoint URL without any user:password part, query or fragment (safe to print, even when malformed)."""
     if not url:
         return "the default AWS endpoint"
+    if "://" not in url:  # no scheme: whatever precedes an '@' is user info
+        return url.rpartition("@")[2].split("/")[0]
     parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
 
 
 def map_s3_error(exc: BaseException, *, bucket: str, key: str, endpoint: str, attempts: int,
-                 redact: Callable[[str], str]) -> StorageError:
+                 redact: Callable[[str], str], seconds: float | None = None) -> StorageError:
     """The StorageError subclass (with its one-line message) that explains `exc` for s3://bucket/key."""
     where = f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
     cause = getattr(exc, "last_exception", None)  # s3transfer's retries-exceeded wrapper
@@ -49,9 +49,10 @@ def map_s3_error(exc: BaseException, *, bucket: str, key: str, endpoint: str, at
         return NoCredentials(f"no S3 credentials found for {where}: set AWS_ACCESS_KEY_ID and "
                              "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) on every node")
     if isinstance(exc, _UNREACHABLE):
+        budget = f"within {seconds:g} s (DEIM_RAY_S3_TIMEOUT), " if seconds else ""
         return EndpointUnreachable(
-            f"cannot reach S3 endpoint {endpoint} for {where} after {attempts} attempts ({type(exc).__name__}): "
-            "check storage.endpoint_url / AWS_ENDPOINT_URL_S3 and that the server is up")
+            f"cannot reach S3 endpoint {endpoint} for {where} {budget}up to {attempts} attempts "
+            f"({type(exc).__name__}): check storage.endpoint_url / AWS_ENDPOINT_URL_S3 and that the server is up")
     if isinstance(exc, ClientError):
         return _map_client_error(exc, where=where, bucket=bucket, endpoint=endpoint, redact=redact)
     return StorageError(f"S3 request for {where} at {endpoint} failed: {type(exc).__name__}: "
