@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from deim_ray.config.errors import ConfigError
+
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "shapes.yml"
 
 
@@ -70,14 +72,14 @@ def tune(args: argparse.Namespace) -> int:
 def resolve(args: argparse.Namespace) -> int:
     from deim_ray.storage import describe_run
 
-    print(describe_run(args.run))
+    print(describe_run(args.run, verify=not args.no_verify))
     return 0
 
 
 def fetch(args: argparse.Namespace) -> int:
     from deim_ray.storage.retrieve import fetch as fetch_artifact
 
-    path = fetch_artifact(args.run, which=args.which, out_dir=args.output)
+    path = fetch_artifact(args.run, which=args.which, out_dir=args.output, force=args.force)
     print(f"{args.which}: {path} (sha256 verified)")
     return 0
 
@@ -92,7 +94,8 @@ def ls(args: argparse.Namespace) -> int:
     print(f"{'name':<28} {'state':<15} {'final AP':>8}  updated")
     for r in runs:
         ap = f"{r.final_ap:.4f}" if r.final_ap is not None else "-"
-        print(f"{r.name:<28} {r.state:<15} {ap:>8}  {r.updated_at or '-'}")
+        print(f"{r.name:<28} {r.state:<15} {ap:>8}  {r.updated_at or '-'}"
+              + (f"  ({r.problem})" if r.problem else ""))
     return 0
 
 
@@ -107,19 +110,30 @@ def info(args: argparse.Namespace) -> int:
 def show_augment(args: argparse.Namespace) -> int:
     from deim_ray.data.visualize import render_augment_grid
 
+    _refuse_existing(args.output, args.force)
     cfg = _load(args)
     from deim_ray.config.schedule import stage_of
 
+    if args.epoch >= cfg.schedule.epochs:
+        raise ConfigError(f"--epoch {args.epoch} is beyond the schedule (epochs 0..{cfg.schedule.epochs - 1})")
     path = render_augment_grid(cfg, args.epoch, args.output, n=args.n)
     print(f"wrote {path} (epoch {args.epoch}, stage {stage_of(args.epoch, cfg.schedule.stop_epoch)})")
     return 0
 
 
+def _refuse_existing(output: str, force: bool | None) -> None:
+    """A file the user names as output is replaced only with --force (None: the command has no --force)."""
+    if Path(output).is_dir():
+        raise FileExistsError(f"output {output} is a directory; name a file")
+    if Path(output).exists() and not force:
+        raise FileExistsError(f"{output} exists; choose another --output, remove it first"
+                              + (", or pass --force" if force is not None else ""))
+
+
 def import_config(args: argparse.Namespace) -> int:
     from deim_ray.config.upstream import write_converted
 
-    if Path(args.output).exists():
-        raise FileExistsError(f"{args.output} exists; choose another --output or remove it first")
+    _refuse_existing(args.output, force=None)
     unhonoured = write_converted(args.config, args.output)
     print(f"wrote {args.output}")
     for line in unhonoured:

@@ -116,12 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resolve", help="print a run's final artifact and why it was chosen")
     p.add_argument("run", help="run directory or s3://bucket/prefix/NAME")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip re-reading the artifact to check its size and sha256 against the manifest")
     p.set_defaults(func=commands.resolve)
 
     p = sub.add_parser("fetch", help="download a run's artifact and verify its sha256")
     p.add_argument("run", help="run directory or s3://bucket/prefix/NAME")
     p.add_argument("-o", "--output", default=".", help="output directory (default .)")
     p.add_argument("--which", default="final", choices=["final", "best_stg1", "best_stg2", "last"])
+    p.add_argument("--force", action="store_true", help="replace a different file of the same name in the output")
     p.set_defaults(func=commands.fetch)
 
     p = sub.add_parser("ls", help="list runs under a storage root with state and final AP")
@@ -137,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch", type=COUNT, required=True, help="epoch whose augmentation to show (0-based)")
     p.add_argument("-o", "--output", default="augment.png", help="PNG to write (default augment.png)")
     p.add_argument("-n", type=POSITIVE_INT, default=8, help="number of images (default 8)")
+    p.add_argument("--force", action="store_true", help="replace the output file if it exists")
     p.set_defaults(func=commands.show_augment)
 
     p = sub.add_parser("import-config", help="convert an upstream DEIMv2 YAML config to deim_ray's format")

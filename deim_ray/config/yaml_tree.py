@@ -10,6 +10,9 @@ Implements the DEIM include/override semantics on plain dicts, before any typing
   over the resolved tree.
 
 Every call builds fresh dicts (upstream's loader shares a mutable default accumulator between loads).
+YAML is parsed safely: plain data types only, nesting at most `MAX_DEPTH` deep, and at most `MAX_NODES`
+values once anchors/aliases are expanded (a "billion laughs" file is refused before it is built); a file
+that is not UTF-8 is refused too. Each is a one-line ConfigError.
 Alongside the tree we keep `origins`: for each key path, the file (or `-u` string) that last set it,
 so later errors can name the right file.
 """
@@ -31,6 +34,10 @@ KeyPath = tuple[str, ...]
 Origins = dict[KeyPath, str]
 
 INCLUDE_KEY = "__include__"
+MAX_DEPTH = 64
+"""Deepest nesting of mappings/lists a config may have (real configs stay under 10)."""
+MAX_NODES = 100_000
+"""Most values (keys, scalars, mappings, lists) a config may hold with every alias expanded."""
 _KEY_SEGMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
@@ -57,14 +64,57 @@ def display_path(path: str | os.PathLike[str]) -> str:
 
 
 def parse_yaml_text(text: str, where: str) -> Any:
-    """Parse YAML text; a syntax error becomes a ConfigError naming `where` and the line."""
+    """Parse YAML text within the depth and size bounds; any problem is a ConfigError naming `where`."""
     try:
-        return yaml.load(text, Loader=_Loader)
+        _check_depth(text, where)
+        loader = _Loader(text)
+        try:
+            node = loader.get_single_node()
+            if node is not None:
+                _check_expanded_size(node, where)
+            return loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err)
+        problem = getattr(err, "problem", None) or type(err).__name__
         raise ConfigError(f"malformed YAML in {where}{line}: {problem}; fix the syntax at that line") from None
+
+
+def _check_depth(text: str, where: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH from the event stream (composing such a file would recurse)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                line = event.start_mark.line + 1
+                raise ConfigError(f"{where} nests mappings/lists more than {MAX_DEPTH} deep (line {line}); "
+                                  "a config is a few levels of keys")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _check_expanded_size(root: yaml.Node, where: str) -> None:
+    """Refuse a document whose aliases expand to more than MAX_NODES values (counted per node, memoised), or
+    that contains itself through an alias."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        if sizes.get(id(node)) == 0:
+            raise ConfigError(f"{where} contains itself through a YAML alias (line {node.start_mark.line + 1}); "
+                              "remove the alias")
+        if id(node) not in sizes:
+            sizes[id(node)] = 0  # in progress
+            children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                        else node.value if isinstance(node, yaml.SequenceNode) else [])
+            sizes[id(node)] = 1 + sum(size(child) for child in children)
+        return sizes[id(node)]
+
+    if size(root) > MAX_NODES:
+        raise ConfigError(f"{where} expands to more than {MAX_NODES} values through YAML anchors/aliases; "
+                          "refusing it (write the values out, or use fewer aliases)")
 
 
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
@@ -72,6 +122,8 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     where = display_path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where} is not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {where}; check the path (working dir: {os.getcwd()})") from None
     except IsADirectoryError:

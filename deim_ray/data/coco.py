@@ -132,6 +132,8 @@ def _read_annotations(ann_file: Path) -> dict:
         raw = json.loads(ann_file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"annotation file {ann_file} is not valid JSON ({e}); repair or re-export it") from None
+    except RecursionError:
+        raise DataError(f"annotation file {ann_file} nests JSON too deeply to be COCO; re-export it") from None
     if not isinstance(raw, dict) or not all(isinstance(raw.get(k), list)
                                             for k in ("images", "annotations", "categories")):
         raise DataError(f"annotation file {ann_file} is not COCO detection format (needs `images`, `annotations` "

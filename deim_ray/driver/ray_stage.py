@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -35,6 +36,39 @@ class ClusterTooSmall(RuntimeError):
     pass
 
 
+class ClusterUnreachable(RuntimeError):
+    """The Ray cluster named by RAY_ADDRESS (or recorded by `ray start`) does not answer."""
+
+
+CONNECT_TIMEOUT_S = 10.0
+"""How long the driver waits for a named Ray cluster's GCS port to accept a connection."""
+
+
+def _recorded_address() -> tuple[str | None, str]:
+    """The address `ray start` recorded on this machine (what a bare `ray.init()` joins), and the file."""
+    from ray._common.utils import get_ray_address_file  # Ray's own lookup of the file
+
+    path = get_ray_address_file(None)
+    try:
+        with open(path) as f:
+            return f.read().strip() or None, path
+    except OSError:
+        return None, path
+
+
+def check_reachable(address: str, source: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """ClusterUnreachable unless `address` (host:port or ray://host:port) accepts a TCP connection in `timeout` s:
+    `ray.init` would otherwise wait for a dead cluster without a word."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (OSError, ValueError):
+        hint = ("run `ray stop` to forget it, or `ray start --head` again" if source.startswith("recorded")
+                else "start the cluster or fix RAY_ADDRESS (unset it to start a local Ray)")
+        raise ClusterUnreachable(f"the Ray cluster at {address} ({source}) did not answer within {timeout:g} s; "
+                                 f"{hint}") from None
+
+
 def ensure_ray(address: str | None = None, resources: dict[str, float] | None = None) -> None:
     """Connect to the cluster (RAY_ADDRESS / `ray job submit`) or start a local Ray instance.
 
@@ -43,11 +77,16 @@ def ensure_ray(address: str | None = None, resources: dict[str, float] | None = 
     """
     if ray.is_initialized():
         return
+    source = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:  # a cluster (or `ray job submit`): its runtime_env stays in charge
+    if address in (None, "", "auto"):
+        address, file = _recorded_address()
+        source = f"recorded by `ray start` in {file}"
+    if address and address != "local":  # a cluster (or `ray job submit`): its runtime_env stays in charge
+        check_reachable(address, source)
         ray.init(address=address, logging_level=logging.WARNING)
         return
-    ray.init(logging_level=logging.WARNING, resources=resources, runtime_env={"env_vars": {
+    ray.init(address="local", logging_level=logging.WARNING, resources=resources, runtime_env={"env_vars": {
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}})
 
 

@@ -27,12 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from deim_ray.config.errors import ConfigError
 from deim_ray.config.loader import override_config
 from deim_ray.config.schema import Config
 from deim_ray.config.validate import validate
+from deim_ray.config.yaml_tree import read_yaml_mapping
 
 
 class SpaceError(ConfigError):
@@ -84,12 +83,12 @@ class SearchSpace:
 def load_space(path: str | Path) -> SearchSpace:
     """Read and check a space file (YAML mapping of dotted key -> {distribution: args})."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpaceError(f"search space file not found: {path}; pass --space SPACE.yml") from None
-    except yaml.YAMLError as err:
-        raise SpaceError(f"malformed YAML in search space {path}: {err}") from None
+    if not path.is_file():
+        raise SpaceError(f"search space file not found: {path}; pass --space SPACE.yml")
+    try:  # the config's safe YAML reader: bounded depth and alias expansion, UTF-8 only
+        raw = read_yaml_mapping(path)
+    except ConfigError as err:
+        raise SpaceError(f"search space: {err}") from None
     return parse_space(raw, where=str(path))
 
 

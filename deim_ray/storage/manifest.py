@@ -92,16 +92,35 @@ class ArtifactRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ArtifactRecord:
+        if not isinstance(data, dict):
+            raise ManifestError(f"an artifact record is a {type(data).__name__}, not an object; the manifest is "
+                                "damaged — restore it or re-run with --restart")
         known = {f.name for f in fields(cls)} - {"extra"}
         missing = {"uri", "sha256", "epoch", "stage", "ap"} - data.keys()
         if missing:
             raise ManifestError(f"artifact record lacks {sorted(missing)}; the manifest is damaged — "
                                 "restore it or re-run with --restart")
+        _check_types(data, _RECORD_TYPES, "artifact record")
         return cls(**{k: v for k, v in data.items() if k in known},
                    extra={k: v for k, v in data.items() if k not in known})
 
 
 _CONTRACT_KEYS = ("schema", "name", "state", "config_sha256", "epochs", "stop_epoch", "switch", "artifacts", "final")
+_NUMBER = (int, float, type(None))
+_RECORD_TYPES = {"uri": str, "sha256": str, "epoch": int, "stage": int, "ap": _NUMBER, "size": (int, type(None)),
+                 "key": str, "updated_at": str}
+_MANIFEST_TYPES = {"name": str, "config_sha256": str, "epochs": int, "stop_epoch": int, "switch": (dict, type(None)),
+                   "artifacts": dict, "final": (dict, type(None)), "attempt": int, "created_at": str,
+                   "updated_at": str, "transitions": list}
+
+
+def _check_types(data: dict[str, Any], types: dict[str, type | tuple[type, ...]], what: str) -> None:
+    """ManifestError naming the first field of `data` whose JSON type is not the expected one."""
+    for key, expected in types.items():
+        value = data.get(key)
+        if key in data and (not isinstance(value, expected) or (isinstance(value, bool) and expected is int)):
+            raise ManifestError(f"{what} field `{key}` is a {type(value).__name__}; the manifest is damaged — "
+                                "restore it or re-run with --restart")
 
 
 @dataclass
@@ -168,9 +187,10 @@ class Manifest:
         if not isinstance(data["schema"], int) or data["schema"] > SCHEMA:
             raise ManifestError(f"manifest schema {data['schema']!r} is newer than this deim_ray understands "
                                 f"({SCHEMA}); upgrade deim_ray")
+        _check_types(data, _MANIFEST_TYPES, "manifest")
         try:
             state = RunState(data["state"])
-        except ValueError:
+        except (ValueError, TypeError):
             raise ManifestError(f"manifest state {data['state']!r} is not one of "
                                 f"{[s.value for s in RunState]}") from None
         artifacts = dict.fromkeys(ARTIFACT_NAMES)
@@ -189,6 +209,9 @@ class Manifest:
         except json.JSONDecodeError as e:
             raise ManifestError(f"{source} is not valid JSON ({e.msg} at line {e.lineno}); restore it from "
                                 "a backup or re-run with --restart") from None
+        except RecursionError:
+            raise ManifestError(f"{source} nests JSON too deeply to be a manifest; restore it or re-run with "
+                                "--restart") from None
         if not isinstance(data, dict):
             raise ManifestError(f"{source} is not a JSON object; restore it or re-run with --restart")
         return cls.from_json(data)

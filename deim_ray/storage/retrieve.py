@@ -10,12 +10,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from deim_ray.config.schedule import ARTIFACT_NAMES
+from deim_ray.config.schedule import ARTIFACT_NAMES, FINAL
 from deim_ray.config.schema import StorageConfig
 from deim_ray.storage.base import open_storage, sha256_file, split_run_uri
-from deim_ray.storage.errors import BadStorageURI, ChecksumMismatch, ManifestError
+from deim_ray.storage.errors import BadStorageURI, ManifestError, ResolveError, StorageError
 from deim_ray.storage.manifest import MANIFEST_KEY, Manifest, finite_ap
-from deim_ray.storage.resolve import format_resolution
+from deim_ray.storage.resolve import format_resolution, resolve_final
 from deim_ray.storage.run_store import RunStore
 
 
@@ -44,13 +44,16 @@ def _safe_destination(out_dir: str | os.PathLike, filename: str) -> Path:
 
 
 def fetch(run_uri: str, which: str = "final", out_dir: str | os.PathLike = ".",
-          storage_cfg: StorageConfig | None = None) -> Path:
+          storage_cfg: StorageConfig | None = None, force: bool = False) -> Path:
     """Download artifact `which` of the run into `out_dir/<which>.pth`, verified against the manifest's sha256.
 
-    A file already there with the right sha256 is kept; otherwise it is replaced only by a verified download.
+    A file already there with the right sha256 is kept; a different one is replaced (by a verified download)
+    only with `force`, else FileExistsError: the user named the folder, not that file.
     """
     if which not in ARTIFACT_NAMES:
         raise BadStorageURI(f"unknown artifact {which!r}; choose one of: {', '.join(ARTIFACT_NAMES)}")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise FileExistsError(f"output {out_dir} is a file, not a directory; pass a directory with -o")
     store = open_run_dir(run_uri, storage_cfg)
     manifest = _existing_manifest(store)
     record = manifest.artifacts.get(which)
@@ -59,16 +62,39 @@ def fetch(run_uri: str, which: str = "final", out_dir: str | os.PathLike = ".",
         raise ManifestError(f"run {store.uri} ({manifest.state.value}) has no '{which}' artifact; it has: "
                             f"{', '.join(present)}")
     dest = _safe_destination(out_dir, f"{which}.pth")
+    if dest.exists():
+        if dest.is_file() and sha256_file(dest)[0] == record.sha256:
+            return dest
+        if not force or not dest.is_file():
+            raise FileExistsError(f"{dest} exists and is not this run's {which}; remove it, choose another -o, "
+                                  "or pass --force to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.is_file() and sha256_file(dest)[0] == record.sha256:
-        return dest
     return store.open_artifact(which, dest.parent)
 
 
-def describe_run(run_uri: str, storage_cfg: StorageConfig | None = None) -> str:
-    """Text for `deim-ray resolve`: the run's state, final artifact, URI, AP/epoch/stage and the reason."""
+def describe_run(run_uri: str, storage_cfg: StorageConfig | None = None, verify: bool = True) -> str:
+    """Text for `deim-ray resolve`: the run's state, final artifact, URI, AP/epoch/stage and the reason.
+
+    With `verify`, the artifact it names (final, or the leading best of an unfinished run) is checked first:
+    present, of the recorded size and sha256 (re-hashed, so the stored bytes are read once); ChecksumMismatch
+    if not."""
     store = open_run_dir(run_uri, storage_cfg)
-    return format_resolution(_existing_manifest(store))
+    manifest = _existing_manifest(store)
+    named = _named_artifact(manifest)
+    if verify and named is not None:
+        store.verify_artifact(named)
+    text = format_resolution(manifest)
+    return f"{text}\n  verified: size and sha256 match" if verify and named is not None else text
+
+
+def _named_artifact(manifest: Manifest) -> str | None:
+    """The artifact `deim-ray resolve` names: final when resolved, else what would win now (None if nothing)."""
+    if manifest.final:
+        return FINAL if manifest.artifacts.get(FINAL) else None
+    try:
+        return resolve_final(manifest.artifacts).artifact
+    except ResolveError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -77,10 +103,12 @@ class RunSummary:
 
     name: str
     state: str
-    """RunState value, or "UNREADABLE" when the manifest cannot be parsed."""
+    """RunState value, or "DAMAGED" when the manifest cannot be read or parsed."""
     final_ap: float | None
     updated_at: str | None
     uri: str
+    problem: str | None = None
+    """Why a DAMAGED run's manifest could not be used."""
 
 
 def list_runs(root_uri: str, storage_cfg: StorageConfig | None = None) -> list[RunSummary]:
@@ -94,8 +122,8 @@ def list_runs(root_uri: str, storage_cfg: StorageConfig | None = None) -> list[R
             continue
         try:
             m = Manifest.loads(storage.read_bytes(key).decode("utf-8"), source=storage.child_uri(key))
-        except (ManifestError, ChecksumMismatch, UnicodeDecodeError):
-            runs.append(RunSummary(name, "UNREADABLE", None, None, storage.child_uri(name)))
+        except (StorageError, UnicodeDecodeError) as e:  # one damaged run must not hide the others
+            runs.append(RunSummary(name, "DAMAGED", None, None, storage.child_uri(name), problem=str(e)))
             continue
         final_ap = finite_ap((m.final or {}).get("ap"))
         runs.append(RunSummary(name, m.state.value, final_ap, m.updated_at or None, storage.child_uri(name)))

@@ -116,8 +116,16 @@ class RunStore:
         return record
 
     def verify_artifact(self, name: str) -> ArtifactRecord:
-        """Re-hash the stored `artifacts/<name>.pth` and compare with the manifest; ChecksumMismatch if not equal."""
+        """Compare the stored `artifacts/<name>.pth` with the manifest (present, same size, same re-hashed sha256);
+        ChecksumMismatch if not."""
         record = self._record(name)
+        stored = self.storage.stat(self.key(artifact_key(name)))
+        if stored is None:
+            raise ChecksumMismatch(f"{record.uri} is missing although the manifest records it; resume the run to "
+                                   "write it again")
+        if record.size is not None and stored.size != record.size:
+            raise ChecksumMismatch(f"{record.uri} has {stored.size} bytes but the manifest records {record.size}; "
+                                   "the object was replaced or truncated: resume the run to write it again")
         actual = self.storage.hash_object(self.key(artifact_key(name)))
         if actual != record.sha256:
             raise ChecksumMismatch(f"{record.uri} has sha256 {actual[:16]}... but the manifest records "

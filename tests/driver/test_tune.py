@@ -67,7 +67,7 @@ def test_space_file_errors_name_the_file(tmp_path):
         load_space(tmp_path / "missing.yml")
     bad = tmp_path / "bad.yml"
     bad.write_text("optimizer.lr: {loguniform: [1e-4, 1e-2\n")
-    with pytest.raises(SpaceError, match="malformed YAML in search space .*bad.yml"):
+    with pytest.raises(SpaceError, match="search space: malformed YAML in .*bad.yml"):
         load_space(bad)
     wrong = tmp_path / "wrong.yml"
     wrong.write_text("optimizer.lr: {normal: [0, 1]}\n")

@@ -60,8 +60,10 @@ def test_fetch_never_replaces_a_file_with_a_bad_download(storage, tmp_path):
     out.mkdir()
     (out / "best_stg2.pth").write_bytes(b"an older local copy")
     overwrite_behind_our_back(storage, "person-n/artifacts/best_stg2.pth", b"damaged")
-    with pytest.raises(ChecksumMismatch):
+    with pytest.raises(FileExistsError, match="--force"):  # a file the user did not name is never replaced
         fetch(store.uri, BEST_STG2, out)
+    with pytest.raises(ChecksumMismatch):  # with --force, only by a verified download
+        fetch(store.uri, BEST_STG2, out, force=True)
     assert (out / "best_stg2.pth").read_bytes() == b"an older local copy"
     assert sorted(p.name for p in out.iterdir()) == ["best_stg2.pth"]
 
@@ -99,6 +101,6 @@ def test_list_runs(storage, tmp_path):
     storage.write_bytes("broken/manifest.json", b"{oops")
     runs = list_runs(storage.uri)
     assert [(r.name, r.state, r.final_ap) for r in runs] == [
-        ("alpha", "DONE", 0.45), ("beta", "NEW", None), ("broken", "UNREADABLE", None)]
+        ("alpha", "DONE", 0.45), ("beta", "NEW", None), ("broken", "DAMAGED", None)]
     assert runs[0].updated_at and runs[0].uri == storage.child_uri("alpha")
     assert list_runs(storage.uri.rstrip("/") + "/empty-subdir") == []
