@@ -8,8 +8,13 @@ the raw id as the class index, so `num_classes` had to exceed max(category_id), 
 Loading happens once, when the dataset object is built:
 - crowd annotations (iscrowd=1) are left out of training targets; they stay in `coco_gt`, as COCO
   evaluation expects;
-- xywh boxes become xyxy clamped to the image; boxes left without width or height are dropped and counted;
+- xywh boxes become xyxy clamped to the image; boxes left without width or height are dropped and counted,
+  and so are boxes with a NaN or infinite number (left out of `coco_gt` as well);
 - images without annotations are kept;
+- pixels are read the way a viewer shows them: EXIF orientation is applied (annotation tools draw boxes on
+  the upright image, so `width`/`height` and boxes refer to it), and 16-bit greyscale is scaled to 8 bits
+  (PIL's own conversion would clip it to white);
+- images above MAX_IMAGE_PIXELS are skipped like unreadable ones (ZoomOut would multiply them by up to 16);
 - image files that are missing, unreadable or truncated are SKIPPED with one warning and a count. The check
   is cheap (header parse plus the JPEG/PNG end-of-file marker; a file without the marker is decoded once to
   decide), so a 100k-image folder is checked in seconds. A file that passes it but fails to decode later
@@ -33,7 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import tv_tensors
 
 from deim_ray.data.errors import DataError
@@ -44,6 +49,13 @@ PER_BOX_FIELDS = ("labels", "area", "iscrowd", "ann_id")
 """Target fields with one entry per box; every op keeps them aligned with `boxes`."""
 
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+MAX_IMAGE_PIXELS = 40_000_000
+"""Largest image (width x height) a dataset uses, e.g. 8000 x 5000; larger ones are refused at preflight and
+skipped by the dataset: ZoomOut alone makes a canvas up to 16 times the image."""
+_ORIENTATION = 0x0112
+"""EXIF tag: values 5..8 mean the stored pixels are transposed relative to the upright image."""
+_HIGH_DEPTH_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+"""PIL modes of 16-bit (and 32-bit integer) greyscale images."""
 
 
 class CategoryMap:
@@ -114,9 +126,11 @@ class LoadReport:
     """What loading dropped, for the one summary line and for tests."""
 
     skipped_images: dict[str, list[str]] = field(default_factory=dict)
-    """reason ('missing', 'unreadable', 'truncated') -> file names."""
+    """reason ('missing', 'unreadable', 'truncated', 'too large') -> file names."""
     crowd: int = 0
     degenerate: int = 0
+    non_finite: int = 0
+    """Boxes (or areas) with a NaN or infinite number, dropped from training and evaluation."""
     size_mismatch: int = 0
     """Images whose file size differs from the annotation's width/height (the file's size is used)."""
 
@@ -151,15 +165,28 @@ def _has_end_marker(path: Path, fmt: str | None) -> bool:
         return f.read() == marker
 
 
+def too_large(width: int, height: int) -> bool:
+    return width * height > MAX_IMAGE_PIXELS
+
+
+def upright_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of the image as shown, i.e. after its EXIF orientation."""
+    w, h = im.size
+    return (h, w) if im.getexif().get(_ORIENTATION) in (5, 6, 7, 8) else (w, h)
+
+
 def check_image(path: Path) -> tuple[str | None, tuple[int, int]]:
-    """(None, (width, height)) for a usable image file, else (reason, (0, 0))."""
+    """(None, (width, height)) for a usable image file (upright size), else (reason, (0, 0)); a "too large"
+    image keeps its size, for the message."""
     try:
         with Image.open(path) as im:
-            size, fmt = im.size, im.format
+            size, fmt = upright_size(im), im.format
     except FileNotFoundError:
         return "missing", (0, 0)
     except Exception:  # PIL raises many types for garbage files; all mean the same here
         return "unreadable", (0, 0)
+    if too_large(*size):
+        return "too large", size
     if _has_end_marker(path, fmt):
         return None, size
     try:  # no end marker: trailing bytes after it, or a truncated file; decoding decides
@@ -175,7 +202,8 @@ def _image_entries(raw: dict, source: Path) -> list[dict]:
     if not images:
         raise DataError(f"annotation file {source} lists no images; it must describe at least one image")
     for im in images:
-        if not isinstance(im, dict) or not isinstance(im.get("id"), int) or not isinstance(im.get("file_name"), str):
+        if (not isinstance(im, dict) or not isinstance(im.get("id"), int) or not -2**63 <= im["id"] < 2**63
+                or not isinstance(im.get("file_name"), str)):
             raise DataError(f"annotation file {source} has an image without an integer `id` and a `file_name` "
                             f"({str(im)[:80]}); fix the `images` list")
     if len({im["id"] for im in images}) != len(images):
@@ -209,9 +237,9 @@ def _annotation_table(raw: dict, source: Path, image_ids: set[int], cats: Catego
             x, y, w, h = (float(v) for v in a["bbox"])
             ints[i] = (int(a["id"]), int(a["image_id"]), int(a["category_id"]), int(bool(a.get("iscrowd", 0))))
             floats[i] = (x, y, w, h, float(a.get("area", w * h)))
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"annotation #{i} in {source} needs integer `id`, `image_id`, `category_id` and a "
-                            f"4-number `bbox`; fix that entry") from None
+        except (KeyError, TypeError, ValueError, OverflowError):
+            raise DataError(f"annotation #{i} in {source} needs 64-bit integer `id`, `image_id`, `category_id` "
+                            f"and a 4-number `bbox`; fix that entry") from None
         if ints[i, 1] not in image_ids:
             raise DataError(f"annotation {ints[i, 0]} in {source} refers to image_id {ints[i, 1]}, which is not in "
                             f"`images`; fix the annotation or add the image")
@@ -237,10 +265,12 @@ def _training_boxes(table: dict[str, np.ndarray], sizes: dict[int, tuple[str, in
     table["xyxy"] = np.stack([x0, y0, x1, y1], axis=1).astype(np.float32)
     on_usable = np.array([int(i) in sizes for i in ints[:, 1]], dtype=bool)
     crowd = ints[:, 3] == 1
-    degenerate = (x1 <= x0) | (y1 <= y0)
+    finite = np.isfinite(floats).all(axis=1)
+    degenerate = finite & ((x1 <= x0) | (y1 <= y0))
     report.crowd = int((crowd & on_usable).sum())
     report.degenerate = int((~crowd & degenerate & on_usable).sum())
-    keep = np.flatnonzero(on_usable & ~crowd & ~degenerate)
+    report.non_finite = int((~finite & on_usable).sum())
+    keep = np.flatnonzero(on_usable & ~crowd & ~degenerate & finite)
     by_image: dict[int, list[int]] = {}
     for row in keep:
         by_image.setdefault(int(ints[row, 1]), []).append(int(row))
@@ -256,8 +286,19 @@ def _log_report(report: LoadReport, ann_file: Path, n_images: int) -> None:
     if report.size_mismatch:
         log.warning("%s: %d image(s) differ in size from their annotation's width/height; using the files' sizes",
                     ann_file, report.size_mismatch)
+    if report.non_finite:
+        log.warning("%s: %d box(es) with NaN or infinite numbers left out of training and evaluation; fix them in "
+                    "the annotation file", ann_file, report.non_finite)
     log.info("%s: %d images, %d crowd and %d degenerate boxes left out of training targets", ann_file, n_images,
              report.crowd, report.degenerate)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB; 16-bit greyscale is scaled (65535 -> 255), not clipped."""
+    if im.mode in _HIGH_DEPTH_MODES:
+        scaled = np.asarray(im, dtype=np.float64) / 257.0
+        im = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+    return im.convert("RGB")
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -323,7 +364,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def _decode(self, rec: ImageRecord) -> Image.Image:
         try:
             with Image.open(rec.path) as im:
-                image = im.convert("RGB")
+                image = to_rgb(ImageOps.exif_transpose(im))
         except Exception as e:
             raise DataError(f"image {rec.path} could not be decoded ({e}); re-encode it or remove it from "
                             f"{self.ann_file}") from None
@@ -354,7 +395,7 @@ class CocoDetection(torch.utils.data.Dataset):
                   for r in self.records]
         anns = [{"id": int(i[0]), "image_id": int(i[1]), "category_id": int(i[2]), "iscrowd": int(i[3]),
                  "bbox": [float(v) for v in f[:4]], "area": float(f[4])}
-                for i, f in zip(ints, floats) if int(i[1]) in kept]
+                for i, f in zip(ints, floats) if int(i[1]) in kept and np.isfinite(f).all()]
         return {"images": images, "annotations": anns, "categories": [dict(c) for c in self._categories_raw]}
 
     def __getstate__(self) -> dict:

@@ -8,10 +8,12 @@ errors at once:
 - the request: at least one worker, positive CPUs per worker, non-negative --max-failures;
 - each split, with the data layer's own annotation rules and messages: the image folder is a folder; the
   annotation file exists, is JSON and is COCO detection format; categories are usable; at least one image is
-  listed; every annotation names a listed image and a known category; besides, the training set has boxes and
-  the val set has ground truth (COCO AP needs it); train and val list the same categories; a sample of the
-  listed files exists in the image folder (a wrong folder);
-- `model.pretrained` when it is a local file: it loads with `weights_only=True` and holds a state dict.
+  listed; every annotation names a listed image and a known category; besides, the training set has usable
+  boxes (finite, with width and height inside the image, not crowd) and the val set has ground truth (COCO AP
+  needs it); train and val list the same categories; a sample of the listed files exists in the image folder
+  (a wrong folder); no listed or sampled image is above the data layer's MAX_IMAGE_PIXELS;
+- `model.pretrained` when it is a local file or folder: it loads with `weights_only=True` and holds a state
+  dict.
 
 Image decoding is left to the data layer, which skips unreadable or truncated files with a warning count.
 Synthetic datasets (`data.synthetic`) are generated on the workers and are not checked here. Connected to a
@@ -28,10 +30,11 @@ from pathlib import Path
 
 from deim_ray.config.schema import Config, SplitConfig
 # the data layer's own annotation checks (same rules and messages as when the workers load the dataset)
-from deim_ray.data.coco import CategoryMap
+from deim_ray.data.coco import MAX_IMAGE_PIXELS, CategoryMap, LoadReport, check_image, too_large
 from deim_ray.data.coco import _annotation_table as annotation_table
 from deim_ray.data.coco import _image_entries as image_entries
 from deim_ray.data.coco import _read_annotations as read_annotations
+from deim_ray.data.coco import _training_boxes as training_boxes
 from deim_ray.data.errors import DataError
 from deim_ray.models.errors import ModelError
 from deim_ray.models.pretrained import read_state_dict
@@ -96,13 +99,42 @@ def check_split(split: str, paths: SplitConfig, on_cluster: bool = False) -> Spl
     raw = read_annotations(ann_file)
     cats = CategoryMap.from_coco(raw["categories"], str(ann_file))
     images = image_entries(raw, ann_file)
-    annotation_table(raw, ann_file, {int(im["id"]) for im in images}, cats)
+    table = annotation_table(raw, ann_file, {int(im["id"]) for im in images}, cats)
     if not raw["annotations"]:
         use = "training needs boxes" if split == "train" else "COCO evaluation needs ground-truth boxes"
         raise DataError(f"{ann_file} ({split}) has no annotations; {use}: add annotations or point "
                         f"data.{split}.ann_file to the right file")
+    if split == "train":
+        _check_usable_boxes(table, images, cats, ann_file)
+    _check_listed_sizes(images, ann_file)
     _check_files_exist(images, folder, ann_file, split)
     return SplitSummary(split, len(images), len(raw["annotations"]), cats.ids)
+
+
+def _check_usable_boxes(table: dict, images: list[dict], cats: CategoryMap, ann_file: Path) -> None:
+    """The data layer's own box rules, with the annotation's image sizes (unbounded where it gives none)."""
+    sizes = {int(im["id"]): ("", _number(im.get("width")), _number(im.get("height"))) for im in images}
+    report = LoadReport()
+    if not training_boxes(table, sizes, cats, report):
+        raise DataError(f"{ann_file} (train) has no usable box: of {len(table['ints'])} annotations, "
+                        f"{report.crowd} are crowd, {report.degenerate} have no width or height inside the image "
+                        f"and {report.non_finite} hold NaN or infinite numbers; fix the boxes")
+
+
+def _number(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("inf")
+
+
+def _huge(w: float, h: float, name: str, where: str) -> DataError:
+    return DataError(f"image {name} in {where} is {w:g}x{h:g} pixels, above the {MAX_IMAGE_PIXELS / 1e6:g} MP "
+                     "limit (augmentation multiplies it up to 16 times); downscale it and its boxes, or remove it")
+
+
+def _check_listed_sizes(images: list[dict], ann_file: Path) -> None:
+    for im in images:
+        w, h = _number(im.get("width")), _number(im.get("height"))
+        if w != float("inf") and h != float("inf") and too_large(w, h):
+            raise _huge(w, h, im["file_name"], str(ann_file))
 
 
 def _check_files_exist(images: list[dict], folder: Path, ann_file: Path, split: str) -> None:
@@ -112,6 +144,10 @@ def _check_files_exist(images: list[dict], folder: Path, ann_file: Path, split: 
     if not any((folder / im["file_name"]).is_file() for im in sample):
         raise DataError(f"none of the {len(sample)} sampled image files of {ann_file} exist in {folder} (e.g. "
                         f"{sample[0]['file_name']}); check data.{split}.img_folder")
+    for im in sample:
+        problem, size = check_image(folder / im["file_name"])
+        if problem == "too large":
+            raise _huge(*size, im["file_name"], str(folder))
 
 
 def _check_same_categories(summaries: list[SplitSummary], cfg: Config) -> None:
@@ -122,12 +158,12 @@ def _check_same_categories(summaries: list[SplitSummary], cfg: Config) -> None:
 
 
 def _check_pretrained(source: str | None) -> None:
-    """A local weights file must load safely now, not in every worker later (folders and hub ids load on the
+    """Local weights (a file or a folder) must load safely now, not in every worker later (hub ids load on the
     workers: a hub id may need a download the driver should not do)."""
     if not source:
         return
     path = Path(source).expanduser()
-    if path.is_file():
+    if path.exists():
         read_state_dict(source)
     elif not path.exists() and (source.endswith(WEIGHT_SUFFIXES) or source.startswith((".", "/", "~"))):
         raise ModelError(f"model.pretrained {source!r} does not exist; fix the path")

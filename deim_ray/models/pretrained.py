@@ -34,6 +34,7 @@ of which nothing matches is an error, never a silent from-scratch run.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def read_state_dict(source: str) -> dict[str, torch.Tensor]:
         return _from_transformers(str(path), source)
     if path.is_file():
         if path.suffix == ".safetensors":
-            return load_safetensors(str(path))
+            return _from_safetensors(path)
         return _from_torch_file(path)
     if _looks_like_hub_id(source):
         return _from_transformers(source, source)
@@ -122,10 +123,23 @@ def _from_transformers(location: str, source: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in src.state_dict().items() if k not in missing}
 
 
+def _from_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_safetensors(str(path))
+    except Exception as e:  # safetensors raises its own error types for a bad header or truncated data
+        raise ModelError(f"cannot read {path} as safetensors ({type(e).__name__}: {_first_line(e)[:120]}); the "
+                         "file is damaged or not safetensors") from None
+
+
 def _from_torch_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt files and refused pickles
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if refused:
+            raise ModelError(f"refusing {path}: it holds the Python object {refused[1]}, which would run code if "
+                             "unpickled, so weights_only=True does not load it; give a plain state-dict checkpoint "
+                             "(load it unsafely only if you trust its source)") from None
         raise ModelError(f"cannot load {path} with weights_only=True ({_first_line(e)}); give a plain "
                          "state-dict checkpoint") from None
     state = _pick_state_dict(obj)
