@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from deim_ray.config.errors import ConfigError
-
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "shapes.yml"
 
 
@@ -115,6 +113,8 @@ def show_augment(args: argparse.Namespace) -> int:
     from deim_ray.config.schedule import stage_of
 
     if args.epoch >= cfg.schedule.epochs:
+        from deim_ray.config.errors import ConfigError
+
         raise ConfigError(f"--epoch {args.epoch} is beyond the schedule (epochs 0..{cfg.schedule.epochs - 1})")
     path = render_augment_grid(cfg, args.epoch, args.output, n=args.n)
     print(f"wrote {path} (epoch {args.epoch}, stage {stage_of(args.epoch, cfg.schedule.stop_epoch)})")
@@ -123,7 +123,11 @@ def show_augment(args: argparse.Namespace) -> int:
 
 def _refuse_existing(output: str, force: bool | None) -> None:
     """A file the user names as output is replaced only with --force (None: the command has no --force)."""
-    if Path(output).is_dir():
+    path = Path(output).absolute()
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise FileExistsError(f"cannot write {output}: {blocker} is a file, not a directory")
+    if path.is_dir():
         raise FileExistsError(f"output {output} is a directory; name a file")
     if Path(output).exists() and not force:
         raise FileExistsError(f"{output} exists; choose another --output, remove it first"

@@ -3,6 +3,9 @@
 Ray's own storage lives in the run directory (`<storage>/<name>/ray/stage<N>-a<attempt>`), so a worker failure
 resumes from the latest committed checkpoint of the current stage on any node, and re-running the driver with
 the same name resumes the same Ray run. Workers get S3 settings from their environment, never pickled secrets.
+A worker error caused by the input (config, data, weights) ends the stage at once (`StopOnInputErrors`): only
+failures a retry can cure use `max_failures`. A named or recorded cluster address is probed with a timeout
+before `ray.init`, which would otherwise wait silently for a dead one.
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from deim_ray.config.errors import ConfigError
 from deim_ray.config.schedule import Stage
+from deim_ray.data.errors import DataError
+from deim_ray.engine.optim import ParamGroupError
+from deim_ray.engine.state import CheckpointError
+from deim_ray.models.errors import ModelError
 from deim_ray.storage import RunStore
 
 log = logging.getLogger("deim_ray.driver")
@@ -34,6 +42,25 @@ class StageRunFailed(RuntimeError):
 
 class ClusterTooSmall(RuntimeError):
     pass
+
+
+INPUT_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, ParamGroupError)
+"""Worker errors caused by the run's input (config, data, weights, checkpoint): deterministic, never retried."""
+
+
+class InputFailure(RuntimeError):
+    """A worker failed on the run's input; raised in Ray's controller to end the stage without retries."""
+
+
+class StopOnInputErrors(ray.train.UserCallback):
+    """Ends the stage at the first worker error in INPUT_ERRORS: the same input fails the same way on every
+    retry, so `max_failures` retries would only repeat it (and bury its one-line message)."""
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        for rank, error in sorted(worker_exceptions.items()):
+            if isinstance(error, INPUT_ERRORS):
+                text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise InputFailure(f"{text} (worker {rank}; not retried: the input would fail again)")
 
 
 class ClusterUnreachable(RuntimeError):
@@ -70,7 +97,8 @@ def check_reachable(address: str, source: str, timeout: float = CONNECT_TIMEOUT_
 
 
 def ensure_ray(address: str | None = None, resources: dict[str, float] | None = None) -> None:
-    """Connect to the cluster (RAY_ADDRESS / `ray job submit`) or start a local Ray instance.
+    """Connect to the cluster (`address`, else RAY_ADDRESS / `ray job submit`, else the one `ray start` recorded
+    on this machine) or start a local Ray instance. ClusterUnreachable if a named cluster does not answer.
 
     `resources` are custom resources of a local instance (e.g. `train_driver` for Tune's trial drivers);
     a cluster declares its own with `ray start --resources`.
@@ -134,10 +162,12 @@ def run_stage(*, stage: Stage, args: dict, store: RunStore, attempt: int, worker
             name=f"stage{int(stage)}-a{attempt}", storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=max(keep_checkpoints, 1)),
-            callbacks=list(_STAGE_CALLBACKS.get())),
+            callbacks=[StopOnInputErrors(), *_STAGE_CALLBACKS.get()]),
     )
     log.info("stage %d: starting %d worker(s) (%s)", int(stage), workers, "GPU/NCCL" if gpu else "CPU/gloo")
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as e:
-        raise StageRunFailed(str(e).strip().splitlines()[0][:300]) from e
+        cause = getattr(e, "controller_failure", None)
+        text = str(cause) if isinstance(cause, InputFailure) else str(e).strip().splitlines()[0][:300]
+        raise StageRunFailed(text) from e

@@ -24,7 +24,7 @@ from deim_ray.config.schedule import BEST_STG1, FINAL, Stage
 from deim_ray.config.loader import config_from_dict, config_sha256, config_to_dict, diff_configs, dump_yaml
 from deim_ray.config.schema import Config
 from deim_ray.config.validate import validate
-from deim_ray.driver.preflight import check_request, preflight
+from deim_ray.driver.preflight import absolute_paths, check_request, check_writable, preflight
 from deim_ray.driver.ray_stage import StageRunFailed, check_capacity, ensure_ray, run_stage
 from deim_ray.engine.state import load_train_state
 from deim_ray.models.export import make_final_checkpoint
@@ -91,7 +91,9 @@ def open_run(req: RunRequest, store: RunStore) -> Manifest:
 
 
 def _stage_args(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | None) -> dict:
-    tree = config_to_dict(req.cfg)
+    """What every worker gets: the config with paths made absolute here (the workers' working directory is
+    not ours), and the identity of the config as the user wrote it."""
+    tree = config_to_dict(absolute_paths(req.cfg))
     tree.pop("source", None)
     return {"config": tree, "config_sha256": config_sha256(req.cfg), "stage": int(stage),
             "storage_uri": store.storage.uri, "run_name": req.name, "best_stg1_sha256": stg1_sha}
@@ -165,6 +167,7 @@ def run_training(req: RunRequest) -> Manifest:
     check_request(req.workers, req.cpus_per_worker, req.max_failures)
     validate(req.cfg, workers=req.workers)
     store = RunStore(open_storage(req.storage_uri, req.cfg.storage), req.name)
+    check_writable(req.storage_uri)
     preflight(req.cfg)
     existing = store.read_manifest()
     check_same_config(req, store, existing)

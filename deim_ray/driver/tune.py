@@ -30,6 +30,7 @@ from deim_ray.config.loader import load_config, override_config
 from deim_ray.config.schema import Config
 from deim_ray.config.validate import validate
 from deim_ray.driver.ray_stage import check_capacity, ensure_ray, stage_callbacks
+from deim_ray.driver.preflight import absolute_paths
 from deim_ray.driver.run import RunRequest, _write_final, run_training
 from deim_ray.driver.tune_space import SearchSpace, check_space_against_config, parse_space, plain
 from deim_ray.storage import Manifest, RunState, RunStore, Storage, StorageError, open_storage
@@ -252,7 +253,7 @@ def run_tune(cfg_path: str, overrides: list[str], space: dict | SearchSpace, sam
     if samples < 1 or max_concurrent < 1 or workers_per_trial < 1:
         raise TuneError("--samples, --max-concurrent and --workers-per-trial must be at least 1")
     space = space if isinstance(space, SearchSpace) else parse_space(space)
-    base = load_config(cfg_path, overrides)
+    base = absolute_paths(load_config(cfg_path, overrides))  # trials run in their own working directories
     validate(base, workers=workers_per_trial)
     check_space_against_config(space, base, workers_per_trial)
     root = RunStore(open_storage(storage_uri, base.storage), name)

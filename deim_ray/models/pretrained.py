@@ -117,8 +117,9 @@ def _from_transformers(location: str, source: str) -> dict[str, torch.Tensor]:
                          "convert_deimv2_original_pytorch_checkpoint_to_hf.py first")
     try:
         src, info = Deimv2ForObjectDetection.from_pretrained(location, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelError(f"cannot load weights from {source} ({_first_line(e)}); check the checkpoint") from None
+    except Exception as e:  # torch.load inside refuses pickles with its own error types
+        raise _refused(source, e) or ModelError(f"cannot load weights from {source} ({_first_line(e)}); check the "
+                                                "checkpoint") from None
     missing = set(info.get("missing_keys", ()))
     return {k: v for k, v in src.state_dict().items() if k not in missing}
 
@@ -135,13 +136,8 @@ def _from_torch_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt files and refused pickles
-        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if refused:
-            raise ModelError(f"refusing {path}: it holds the Python object {refused[1]}, which would run code if "
-                             "unpickled, so weights_only=True does not load it; give a plain state-dict checkpoint "
-                             "(load it unsafely only if you trust its source)") from None
-        raise ModelError(f"cannot load {path} with weights_only=True ({_first_line(e)}); give a plain "
-                         "state-dict checkpoint") from None
+        raise _refused(str(path), e) or ModelError(f"cannot load {path} with weights_only=True ({_first_line(e)}); "
+                                                   "give a plain state-dict checkpoint") from None
     state = _pick_state_dict(obj)
     if state is None:
         raise ModelError(f"{path} holds no state dict (looked for ema.module, model, or a dict of tensors); "
@@ -149,6 +145,17 @@ def _from_torch_file(path: Path) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def _refused(source: str, e: BaseException) -> ModelError | None:
+    """The error for weights torch's weights-only unpickler refused (torch's own text spans many lines and
+    starts with how to load the file unsafely), or None for any other failure."""
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    if refused is None:
+        return None
+    return ModelError(f"refusing {source}: it holds the Python object {refused[1]}, which would run code if "
+                      "unpickled, so weights_only=True does not load it; give a plain state-dict checkpoint (load "
+                      "it unsafely only if you trust its source)")
 
 
 def _pick_state_dict(obj: object) -> dict[str, torch.Tensor] | None:

@@ -1,14 +1,16 @@
 """Bad input, table-driven, through the real command line (`deim_ray.cli.main.main`, in process).
 
 Every case must end with exit status 2 and ONE stderr line `deim-ray: error: ...` that names the problem and
-the fix (no traceback), and must leave an existing run directory byte-for-byte untouched. All of them fail
-before a Ray worker starts: config checks, the driver's preflight (data and weights files), storage URI and
-run-name checks, the config-hash check of an existing run; only the cluster-capacity case needs Ray (the
-session's local instance, 2 CPUs).
+the fix (no traceback, no password it was fed), and must leave the case's files (data, config, an existing run
+directory, files it was told to write over) byte-for-byte untouched. All of them fail before a Ray worker
+starts: argument and config checks (YAML bombs, deep nesting, encodings), the driver's preflight (data, images
+and weights files), storage URI and run-name checks, the config-hash check of an existing run; only the
+cluster-capacity case needs Ray (the session's local instance, 2 CPUs). Cases whose environment matters (S3
+endpoints, Ray addresses) run as separate processes in test_hostile_input.py.
 
-A second table covers input that is not an error but must be handled the documented way (corrupt images and
-degenerate boxes are skipped and counted by the data layer), checkpoint files a resume refuses, and a
-fine-tune across class counts. Last, the safety rules: every torch.load in the package is weights-only.
+A second table covers input that is not an error but must be handled the documented way (corrupt images,
+degenerate and NaN boxes are skipped and counted by the data layer; 16-bit and EXIF-rotated images are read as
+shown), checkpoint files a resume refuses, and a fine-tune across class counts. Last, the safety rules: every torch.load in the package is weights-only.
 """
 
 from __future__ import annotations
@@ -16,20 +18,25 @@ from __future__ import annotations
 import json
 import logging
 import re
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
 import yaml
+from PIL import Image
 
 from deim_ray.cli.main import main
 from deim_ray.config.loader import load_config
 from deim_ray.config.schema import SyntheticConfig
 from deim_ray.data.coco import CocoDetection
+from deim_ray.data.errors import DataError
 from deim_ray.data.synthetic import generate_shapes
+from deim_ray.driver.preflight import absolute_paths, preflight
 from deim_ray.driver.run import RunRequest, open_run
 from deim_ray.engine.state import CheckpointError, load_train_state, make_train_state, save_train_state
 from deim_ray.models.build import build_model
@@ -38,6 +45,8 @@ from deim_ray.storage import RunStore, open_storage
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "demo" / "tiny.yml"
+URL_PASSWORD = "UrlPassw0rd-Xy9q"
+FILE_SECRET = "hunter2-Pw-5Rt8"
 
 
 class Payload:
@@ -100,16 +109,21 @@ def env(pristine, tmp_path) -> Env:
         if path.is_file() and not path.name.startswith("."):
             (data / path.relative_to(pristine)).parent.mkdir(parents=True, exist_ok=True)
             (data / path.relative_to(pristine)).write_bytes(path.read_bytes())
+    return Env(tmp_path, data, *config_and_existing_run(tmp_path, data))
+
+
+def config_and_existing_run(tmp: Path, data: Path) -> tuple[Path, Path]:
+    """`tmp/config.yml` (the tiny config on the shapes in `data`) and `tmp/runs` holding run `existing` (NEW)."""
     tree = yaml.safe_load(TINY.read_text())
     tree["data"].update(train={"img_folder": str(data / "train"), "ann_file": str(data / "annotations/train.json")},
                         val={"img_folder": str(data / "val"), "ann_file": str(data / "annotations/val.json")},
                         synthetic=None)
-    config = tmp_path / "config.yml"
+    config = tmp / "config.yml"
     config.write_text(yaml.safe_dump(tree))
-    storage = tmp_path / "runs"
+    storage = tmp / "runs"
     open_run(RunRequest(cfg=load_config(config), storage_uri=str(storage), name="existing"),
              RunStore(open_storage(str(storage)), "existing"))
-    return Env(tmp_path, data, config, storage)
+    return config, storage
 
 
 def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
@@ -118,10 +132,10 @@ def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
 
 # ---- the cases: (id, build argv from the Env, words the error line must contain) ----------------------------------
 
-def _yaml_text(text: str) -> Callable[[Env], list[str]]:
+def _yaml_text(text: str | bytes) -> Callable[[Env], list[str]]:
     def make(e: Env) -> list[str]:
         path = e.tmp / "case.yml"
-        path.write_text(text)
+        path.write_bytes(text.encode() if isinstance(text, str) else text)
         return e.train(config=path)
     return make
 
@@ -154,9 +168,9 @@ def _ann_text(split: str, text: str) -> Callable[[Env], list[str]]:
     return make
 
 
-def _pretrained(write: Callable[[Path], None]) -> Callable[[Env], list[str]]:
+def _pretrained(write: Callable[[Path], None], name: str = "weights.pth") -> Callable[[Env], list[str]]:
     def make(e: Env) -> list[str]:
-        weights = e.tmp / "weights.pth"
+        weights = e.tmp / name
         write(weights)
         return e.train("-u", f"model.pretrained={weights}")
     return make
@@ -165,6 +179,56 @@ def _pretrained(write: Callable[[Path], None]) -> Callable[[Env], list[str]]:
 def _truncated_weights(path: Path) -> None:
     torch.save({"model.w": torch.zeros(1000)}, path)
     path.write_bytes(path.read_bytes()[:300])
+
+
+def _alias_bomb(open_: str, close: str) -> str:
+    """A "billion laughs" document: 10 values, each level 10 aliases of the one below, 8 levels (10**9)."""
+    lines = [f"l0: &l0 {open_}" + ", ".join(f"k{i}: 1" if open_ == "{" else "1" for i in range(10)) + close]
+    for n in range(1, 9):
+        refs = [f"k{i}: *l{n - 1}" if open_ == "{" else f"*l{n - 1}" for i in range(10)]
+        lines.append(f"l{n}: &l{n} {open_}" + ", ".join(refs) + close)
+    return "\n".join(lines) + "\n"
+
+
+def _include_secret(e: Env) -> list[str]:
+    (e.tmp / "passwd").write_text(f"root:x:0:0:{FILE_SECRET}:/root:/bin/bash\nadmin: {FILE_SECRET}\n")
+    return _yaml_text("__include__: [passwd]\n")(e)
+
+
+def _unusable_boxes(doc: dict) -> None:
+    for a in doc["annotations"]:
+        a["bbox"] = [5, 5, 0, 3] if a["id"] % 2 else [float("nan"), 1, 2, 3]
+
+
+def _pickle_folder(path: Path) -> None:
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "deimv2"}))
+    torch.save({"model.w": Payload()}, path / "pytorch_model.bin")
+
+
+def _storage_under_a_file(e: Env) -> list[str]:
+    (e.tmp / "file").write_bytes(b"x")
+    return ["train", "-c", str(e.config), "--storage", str(e.tmp / "file" / "runs"), "--name", "r"]
+
+
+def _damaged_manifest(e: Env) -> list[str]:
+    manifest = e.storage / "existing" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"artifacts": {', '"artifacts": [], "was": {'))
+    return e.train()
+
+
+def _show_augment(*extra: str) -> Callable[[Env], list[str]]:
+    return lambda e: ["show-augment", "-c", str(e.config), *extra]
+
+
+def _show_augment_over(e: Env) -> list[str]:
+    (e.tmp / "notes.png").write_bytes(b"not yours")
+    return _show_augment("--epoch", "0", "-o", str(e.tmp / "notes.png"))(e)
+
+
+def _show_augment_under_a_file(e: Env) -> list[str]:
+    (e.tmp / "file").write_bytes(b"x")
+    return _show_augment("--epoch", "0", "-o", str(e.tmp / "file" / "grid.png"))(e)
 
 
 def _set(section: str, key: str, value):
@@ -220,6 +284,39 @@ CLI_CASES = [
     ("existing-run-other-config", lambda e: e.train("-u", "optimizer.lr=0.001"),
      ["another config", "optimizer.lr", "--restart"]),
     ("workers-beyond-the-cluster", lambda e: e.train("--workers", "4"), ["needs 4 CPU", "has 2", "lower --workers"]),
+    # broken and hostile input (issue 15)
+    ("cpus-per-worker-nan", lambda e: e.train("--cpus-per-worker", "nan"), ["--cpus-per-worker", "finite"]),
+    ("cpus-per-worker-inf", lambda e: e.train("--cpus-per-worker", "inf"), ["--cpus-per-worker", "finite"]),
+    ("workers-not-a-number", lambda e: e.train("--workers", "two"), ["--workers", "not an integer"]),
+    ("config-endpoint-with-password-and-bad-port",
+     lambda e: ["train", "-c", str(e.config), "--storage", "s3://bucket-x/runs", "--name", "r", "-u",
+                f"storage.endpoint_url=http://KEYID:{URL_PASSWORD}@127.0.0.1:99999"],
+     ["storage.endpoint_url", "valid port"]),
+    ("yaml-mapping-alias-bomb", _yaml_text(_alias_bomb("{", "}")), ["aliases", "refusing"]),
+    ("yaml-list-alias-bomb", _yaml_text(_alias_bomb("[", "]")), ["aliases", "refusing"]),
+    ("yaml-alias-containing-itself", _yaml_text("a: &a {b: *a}\n"), ["contains itself"]),
+    ("yaml-nested-20000-deep", _yaml_text("a: " + "[" * 20_000 + "]" * 20_000), ["nests", "deep"]),
+    ("config-not-utf8", _yaml_text(b'model: {variant: "\xff\xfe"}\n'), ["not UTF-8"]),
+    ("include-of-a-password-file", _include_secret, ["passwd"]),
+    ("annotation-json-100000-deep", _ann_text("train", "[" * 100_000 + "]" * 100_000), ["nests JSON too deeply"]),
+    ("train-boxes-all-unusable", _ann_edit("train", _unusable_boxes), ["no usable box", "NaN"]),
+    ("image-8000x8000", _ann_edit("val", lambda d: d["images"][0].update(width=8000, height=8000)),
+     ["8000x8000", "MP"]),
+    ("annotation-id-2**70", _ann_edit("train", lambda d: d["annotations"][0].__setitem__("id", 2 ** 70)),
+     ["64-bit integer"]),
+    ("safetensors-garbage", _pretrained(lambda p: p.write_bytes(b"\x08" + b"\x00" * 7 + b"garbage!"),
+                                        "w.safetensors"), ["safetensors"]),
+    ("safetensors-huge-header", _pretrained(lambda p: p.write_bytes(struct.pack("<Q", 2 ** 40) + b"{}"),
+                                            "w.safetensors"), ["safetensors"]),
+    ("pth-pickle-payload-says-why", _pretrained(lambda p: torch.save({"model": Payload()}, p)),
+     ["would run code", "weights_only=True"]),
+    ("pretrained-folder-pickle-payload", _pretrained(_pickle_folder, "weights"), ["would run code"]),
+    ("storage-under-a-file", _storage_under_a_file, ["which is a file"]),
+    ("damaged-manifest-of-the-run", _damaged_manifest, ["`artifacts`", "damaged"]),
+    ("show-augment-over-an-existing-file", _show_augment_over, ["exists", "--force"]),
+    ("show-augment-under-a-file", _show_augment_under_a_file, ["is a file"]),
+    ("show-augment-negative-epoch", _show_augment("--epoch", "-5"), ["--epoch", "at least 0"]),
+    ("show-augment-epoch-beyond-schedule", _show_augment("--epoch", "99"), ["--epoch 99", "beyond"]),
 ]
 
 
@@ -229,22 +326,23 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(make_argv, words, env,
     if needs_ray:
         request.getfixturevalue("ray_local")  # the only case that needs a cluster to ask
     ray_before = ray.is_initialized()
-    before = _snapshot(env.storage)
     argv = make_argv(env)
+    before = _snapshot(env.tmp)
     capsys.readouterr()
     rc = main(argv)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert needs_ray or ray.is_initialized() == ray_before, "the error came after Ray was started"
     errors = [line for line in err.splitlines() if line.startswith("deim-ray: error:")]
     assert rc == 2, err
     assert len(errors) == 1 and err.rstrip().endswith(errors[0]) and "Traceback" not in err, err
+    assert URL_PASSWORD not in out + err and FILE_SECRET not in out + err
     for word in words:
         assert word in errors[0], (word, errors[0])
-    assert _snapshot(env.storage) == before
+    assert _snapshot(env.tmp) == before
 
 
 def test_the_matrix_is_large_enough():
-    assert len(CLI_CASES) >= 25
+    assert len(CLI_CASES) >= 55
 
 
 # ---- handled, not refused ------------------------------------------------------------------------------------------
@@ -276,6 +374,76 @@ def test_degenerate_and_out_of_image_boxes_are_clamped_or_dropped(env):
     assert ds.report.degenerate == 2
     boxes = torch.cat([torch.as_tensor(r.boxes) for r in ds.records])
     assert boxes.shape == (1, 4) and boxes[0].tolist() == [0.0, 0.0, 20.0, 20.0]
+
+
+def test_nan_and_infinite_boxes_are_dropped_and_counted(env):
+    def edit(doc):
+        doc["annotations"][0]["bbox"] = [float("nan"), 1, 5, 5]
+        doc["annotations"][1]["bbox"] = [1, 1, float("inf"), 5]
+        doc["annotations"][2]["area"] = float("nan")
+    env.edit_ann("train", edit)
+    ds = _dataset(env)
+    kept = {int(a) for r in ds.records for a in r.ann_ids}
+    dropped = {a["id"] for a in json.loads(env.ann("train").read_text())["annotations"][:3]}
+    assert ds.report.non_finite == 3 and not kept & dropped
+    assert all(np.isfinite(r.boxes).all() for r in ds.records)
+    assert not {a["id"] for a in ds._gt_dict()["annotations"]} & dropped  # nor in evaluation
+
+
+def _single_image_set(env: Env, image: Image.Image, box: list[float], **save) -> CocoDetection:
+    """A one-image dataset whose only box is `box` (xywh, in the upright image)."""
+    folder = env.tmp / "one"
+    folder.mkdir()
+    image.save(folder / "a.png" if "exif" not in save else folder / "a.jpg", **save)
+    name = next(folder.iterdir()).name
+    ann = env.tmp / "one.json"
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": name}],
+                               "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": box}],
+                               "categories": [{"id": 1, "name": "thing"}]}))
+    return CocoDetection(folder, ann)
+
+
+def test_16_bit_png_is_scaled_not_clipped(env):
+    ramp = (np.arange(64 * 32, dtype=np.uint32).reshape(32, 64) * 32).astype(np.uint16)  # 0..65504
+    image, _ = _single_image_set(env, Image.fromarray(ramp), [0, 0, 10, 10]).load_item(0)
+    pixels = np.asarray(image)
+    assert image.mode == "RGB" and np.abs(pixels[..., 0].astype(float) - ramp / 257).max() <= 0.5
+    assert 100 < pixels.mean() < 155  # PIL's own conversion gives ~255 everywhere
+
+
+def test_exif_orientation_is_applied_and_boxes_refer_to_the_upright_image(env):
+    upright = Image.new("RGB", (40, 80), "black")
+    upright.paste((255, 255, 255), (5, 50, 25, 70))  # the object, drawn on the image as a viewer shows it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated: a viewer turns it 90 degrees clockwise
+    ds = _single_image_set(env, upright.transpose(Image.Transpose.ROTATE_90), [5, 50, 20, 20], exif=exif,
+                           quality=100)
+    image, target = ds.load_item(0)
+    assert image.size == (40, 80) and (ds.records[0].width, ds.records[0].height) == (40, 80)
+    x0, y0, x1, y1 = (int(v) for v in target["boxes"][0].tolist())
+    inside = np.asarray(image)[y0:y1, x0:x1]
+    assert inside.mean() > 200 and np.asarray(image).mean() < 60
+
+
+def test_huge_images_are_skipped_by_the_dataset(env, monkeypatch):
+    import deim_ray.data.coco as coco
+
+    monkeypatch.setattr(coco, "MAX_IMAGE_PIXELS", 63 * 63)  # the 64x64 shapes stand for 8000x8000 photos
+    with pytest.raises(DataError, match="no usable image"):
+        _dataset(env)
+
+
+def test_preflight_generates_a_synthetic_dataset_once_on_the_driver(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(TINY, ["data.train.img_folder=d/shapes/train", "data.train.ann_file=d/shapes/annotations/"
+                             "train.json", "data.val.img_folder=d/shapes/val",
+                             "data.val.ann_file=d/shapes/annotations/val.json"])
+    summaries = preflight(cfg)
+    assert (tmp_path / "d" / "shapes" / ".complete").is_file() and [s.split for s in summaries] == ["train", "val"]
+    worker_cfg = absolute_paths(cfg)
+    assert worker_cfg.data.train.img_folder == str(tmp_path / "d" / "shapes" / "train")
+    assert worker_cfg.data.val.ann_file == str(tmp_path / "d" / "shapes" / "annotations" / "val.json")
 
 
 def _tiny_state(cfg, classes: int, sha: str) -> dict:

@@ -4,11 +4,13 @@ EMA restart decay in effect, and a final artifact that reproduces its recorded A
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from deim_ray.config.loader import load_config
 from deim_ray.driver.run import RunError, RunRequest, run_training
 from deim_ray.engine.data import build_data
 from deim_ray.engine.loop import evaluate
@@ -17,17 +19,33 @@ from deim_ray.engine.trainer import state_digest
 from deim_ray.models.build import build_model
 from deim_ray.models.export import load_final
 
+from tests.driver.conftest import TINY, data_overrides
+
 pytestmark = pytest.mark.slow
 
 RESTART_DECAY = 0.9995
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _relative_cfg(tiny_data_root, *overrides):
+    return load_config(REPO / TINY, [*data_overrides(tiny_data_root.name), *overrides])
+
+
 @pytest.fixture(scope="module")
-def run(ray_local, tiny_cfg, tmp_path_factory):
+def run(ray_local, tiny_data_root, tmp_path_factory):
+    """The module runs from the data's parent folder with RELATIVE data paths, as the README allows: the driver
+    generates the synthetic set there once and hands the workers (other working directories) absolute paths."""
     storage = tmp_path_factory.mktemp("runs")
-    cfg = tiny_cfg(f"schedule.ema_restart_decay={RESTART_DECAY}")
-    manifest = run_training(RunRequest(cfg=cfg, storage_uri=str(storage), name="t1", workers=2))
-    return cfg, storage / "t1", manifest
+    cwd = os.getcwd()
+    os.chdir(tiny_data_root.parent)
+    try:
+        cfg = _relative_cfg(tiny_data_root, f"schedule.ema_restart_decay={RESTART_DECAY}")
+        manifest = run_training(RunRequest(cfg=cfg, storage_uri=str(storage), name="t1", workers=2))
+        yield cfg, storage / "t1", manifest
+    finally:
+        os.chdir(cwd)
 
 
 def _sha(path: Path) -> str:
@@ -104,8 +122,8 @@ def test_rerun_of_a_done_run_trains_nothing(run):
     assert (run_dir / "manifest.json").read_text() == before
 
 
-def test_other_config_under_same_name_is_refused(run, tiny_cfg):
+def test_other_config_under_same_name_is_refused(run, tiny_data_root):
     _, run_dir, _ = run
-    other = tiny_cfg(f"schedule.ema_restart_decay={RESTART_DECAY}", "optimizer.lr=0.001")
+    other = _relative_cfg(tiny_data_root, f"schedule.ema_restart_decay={RESTART_DECAY}", "optimizer.lr=0.001")
     with pytest.raises(RunError, match="optimizer.lr"):
         run_training(RunRequest(cfg=other, storage_uri=str(run_dir.parent), name="t1", workers=2))
