@@ -98,10 +98,14 @@ def ls(args: argparse.Namespace) -> int:
 
 
 def info(args: argparse.Namespace) -> int:
-    cfg = _load(args)  # config errors surface before the model libraries load
+    from deim_ray.config.loader import load_config_explained
+    from deim_ray.config.validate import validate
+
+    cfg, derived = load_config_explained(args.config, args.update)
+    validate(cfg, workers=args.workers)  # exactly `train`'s checks, before the model libraries load
     from deim_ray.driver.info import describe_config
 
-    print(describe_config(cfg))
+    print(describe_config(cfg, derived=derived))
     return 0
 
 

@@ -1,8 +1,9 @@
 """config layer: the one entry point from YAML files to a frozen `Config`, and its identity.
 
 `load_config(path, overrides)` = resolve `__include__` chains, apply `-u` overrides, convert upstream DEIM
-files automatically, then strictly build the dataclasses of `schema.py`. Cross-field checks live in
-`validate.py` (they need the worker count).
+files automatically, derive the schedule values a config leaves to the rule (`schedule.derive_schedule`),
+then strictly build the dataclasses of `schema.py`. Cross-field checks live in `validate.py` (they need the
+worker count).
 
 For upstream-style files, an override into a deim_ray section (`data.*`, `schedule.*`, `model.*`,
 `lr_scheduler.*`, ...) applies after conversion; every other override uses upstream key names and applies before
@@ -14,6 +15,7 @@ loads back to an equal Config) and `diff_configs` (which dotted keys differ).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -24,6 +26,7 @@ from typing import Any
 import yaml
 
 from deim_ray.config.errors import ConfigError
+from deim_ray.config.schedule import derive_schedule, mark_stale
 from deim_ray.config.schema import Config
 from deim_ray.config.typed import build_config, config_to_dict
 from deim_ray.config.upstream import (
@@ -51,6 +54,7 @@ __all__ = [
     "diff_configs",
     "dump_yaml",
     "load_config",
+    "load_config_explained",
     "override_config",
 ]
 
@@ -59,6 +63,12 @@ log = logging.getLogger(__name__)
 
 def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
     """Load a YAML config (deim_ray or upstream DEIM format) with `-u key.sub=value` overrides applied."""
+    return load_config_explained(path, overrides)[0]
+
+
+def load_config_explained(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> tuple[Config, list[str]]:
+    """`load_config`, plus one line per schedule value the rule derived: what, from what, and why (a value a
+    file set for another schedule is re-derived when a later file or `-u` moves the schedule)."""
     where = display_path(path)
     tree, origins = resolve_file(path)
     if is_upstream_config(tree):
@@ -66,7 +76,13 @@ def load_config(path: str | os.PathLike[str], overrides: Sequence[str] = ()) -> 
         tree, origins = _convert(tree, origins, overrides, where)
     else:
         apply_overrides(tree, origins, overrides)
-    return build_config(tree, lambda p: origin_of(origins, p, where), source=os.fspath(path))
+    notes = [_explain(note, origins) for note in derive_schedule(tree)]
+    return build_config(tree, lambda p: origin_of(origins, p, where), source=os.fspath(path)), notes
+
+
+def _explain(note: str, origins: Origins) -> str:
+    origin = origins.get(tuple(note.split(" ", 1)[0].split(".")), "")
+    return f"{note}; {origin}" if origin.startswith("re-derived") else note
 
 
 def _convert(
@@ -93,18 +109,25 @@ def _is_own_override(text: str) -> bool:
 def config_from_dict(tree: Mapping[str, Any], source: str = "") -> Config:
     """Build a `Config` from a plain tree in deim_ray's format (e.g. a stored `config.yaml` or Tune's search)."""
     label = source or "<dict>"
+    tree = copy.deepcopy(dict(tree))
+    derive_schedule(tree)
     return build_config(tree, lambda _path: label, source=source)
 
 
 def override_config(cfg: Config, overrides: Mapping[str, Any]) -> Config:
-    """A copy of `cfg` with dotted-key values deep-merged over it, e.g. {"optimizer.lr": 1e-3}."""
+    """A copy of `cfg` with dotted-key values deep-merged over it, e.g. {"optimizer.lr": 1e-3}. Overrides
+    that move the schedule (e.g. {"schedule.epochs": 24}) derive its other values again, as `-u` does."""
     tree = config_to_dict(cfg)
     source = tree.pop("source")
+    layer: dict[str, Any] = {}
     for key, value in overrides.items():
         nested: Any = value
         for segment in reversed(str(key).split(".")):
             nested = {segment: nested}
-        deep_merge(tree, nested)
+        deep_merge(layer, nested)
+    mark_stale(tree, layer)
+    deep_merge(tree, layer)
+    derive_schedule(tree)
     return build_config(tree, lambda _path: "overrides", source=source)
 
 

@@ -7,6 +7,11 @@ live here, never in a collate function.
 
 Epochs are 0-based. Stage 1 is `[0, stop_epoch)`, stage 2 is `[stop_epoch, epochs)`. Epoch
 ranges written as `[a, b]` mean `a <= epoch < b` (inclusive lower, exclusive upper), as upstream.
+
+The linked schedule values (stop_epoch, lr_scheduler.flat_epoch/no_aug_epoch, augment.policy_epoch,
+mixup_epochs, copyblend_epochs, schedule.matcher_change_epoch) are derived from `schedule.epochs` by
+upstream's rule when a config leaves them out or writes `auto` (`config.schedule.derive_schedule`); the
+defaults below only apply to a Config built in code.
 """
 
 from __future__ import annotations
@@ -129,7 +134,7 @@ class AugmentConfig:
     mixup_prob: float = 0.5
     mixup_epochs: tuple[int, int] = (4, 78)
     copyblend_prob: float = 0.5
-    copyblend_epochs: tuple[int, int] = (4, 78)
+    copyblend_epochs: tuple[int, int] = (4, 148)
     """CopyBlend runs on a batch only when MixUp was not applied to it."""
     copyblend: CopyBlendConfig = field(default_factory=CopyBlendConfig)
     base_size: int | None = None
@@ -143,13 +148,18 @@ class ScheduleConfig:
     epochs: int = 160
     """Total epochs (upstream spelling `epoches` is accepted)."""
     stop_epoch: int = 148
-    """First stage-2 epoch: strong augmentation ends, stage 2 restarts from best_stg1."""
+    """First stage-2 epoch: strong augmentation ends, stage 2 restarts from best_stg1. Derived when absent or
+    `auto`: epochs - lr_scheduler.no_aug_epoch if given, else epochs - min(no_aug_epochs, epochs // 2)."""
+    no_aug_epochs: int = 12
+    """Stage-2 length the schedule rule aims for (upstream's no_aug_epoch, "4n" in its README); the rule
+    keeps stage 2 at most half the run. Unused when stop_epoch or lr_scheduler.no_aug_epoch is given."""
     ema_restart_decay: float = 0.9999
     """EMA decay used from stop_epoch on (takes effect, unlike upstream)."""
     stage2_restart: bool = True
     """In stage 2, an epoch that does not beat the best so far restarts from best_stg1 (upstream behaviour)."""
     matcher_change_epoch: int | None = None
-    """From this epoch on the Hungarian matcher's cost is -(score * IoU^iou_order_alpha) (upstream DEIM)."""
+    """From this epoch on the Hungarian matcher's cost is -(score * IoU^iou_order_alpha) (upstream DEIM);
+    null (the default) keeps the plain matcher, `auto` switches at 90% of stop_epoch."""
     iou_order_alpha: float = 4.0
     """Exponent of the IoU-order matcher cost used from matcher_change_epoch."""
 

@@ -60,6 +60,8 @@ def _check_stages(cfg: Config) -> Iterable[str]:
             f"so both stages have epochs; upstream uses stop_epoch = epochs - no_aug_epoch "
             f"({s.epochs - cfg.lr_scheduler.no_aug_epoch})"
         )
+    if s.no_aug_epochs < 1:
+        yield f"`schedule.no_aug_epochs` (stage-2 length for the schedule rule) must be >= 1, got {s.no_aug_epochs}"
     m = s.matcher_change_epoch
     if m is not None and not 0 <= m < s.stop_epoch:
         yield (

@@ -7,7 +7,10 @@ Implements the DEIM include/override semantics on plain dicts, before any typing
   in list order; later ones override earlier ones and the file's own keys override all its includes.
 - Merging is recursive for dict over dict; anything else (lists, scalars, null) replaces the old value.
 - `-u a.b.c=value` splits on the first `=`, parses the value as YAML and deep-merges `{a: {b: {c: value}}}`
-  over the resolved tree.
+  over the resolved tree; all overrides together are one layer over the files.
+- A layer (a file over its includes, or the overrides over the files) that moves the schedule
+  (`schedule.epochs`, ...) marks the derived schedule values of earlier layers `auto`
+  (`schedule.mark_stale`), so they are derived again for the new schedule.
 
 Every call builds fresh dicts (upstream's loader shares a mutable default accumulator between loads).
 YAML is parsed safely: plain data types only, nesting at most `MAX_DEPTH` deep, and at most `MAX_NODES`
@@ -29,6 +32,7 @@ from typing import Any
 import yaml
 
 from deim_ray.config.errors import ConfigError
+from deim_ray.config.schedule import mark_stale
 
 KeyPath = tuple[str, ...]
 Origins = dict[KeyPath, str]
@@ -174,10 +178,17 @@ def _resolve(path: Path, stack: tuple[str, ...]) -> tuple[dict[str, Any], Origin
         sub_tree, sub_origins = _resolve(include, (*stack, real))
         deep_merge(tree, sub_tree)
         origins.update(sub_origins)
-    deep_merge(tree, own)
     where = display_path(path)
+    _mark_stale(tree, origins, own, where)
+    deep_merge(tree, own)
     origins.update({key_path: where for key_path in key_paths(own)})
     return tree, origins
+
+
+def _mark_stale(tree: dict[str, Any], origins: Origins, layer: Mapping[str, Any], label: str) -> None:
+    for key in mark_stale(tree, layer):
+        path = tuple(key.split("."))
+        origins[path] = f"re-derived: {label} moves the schedule (was set in {origin_of(origins, path, '?')})"
 
 
 def _include_list(value: Any, path: Path) -> list[Path]:
@@ -215,16 +226,25 @@ def parse_override(text: str) -> tuple[KeyPath, Any]:
 
 def apply_overrides(tree: dict[str, Any], origins: Origins, overrides: Sequence[str]) -> None:
     """Deep-merge each `-u` override over `tree` (in place), recording its origin."""
-    for text in overrides:
-        path, value = parse_override(text)
-        nested: Any = value
-        for segment in reversed(path):
-            nested = {segment: nested}
-        deep_merge(tree, nested)
+    parsed = [(text, *parse_override(text)) for text in overrides]
+    layer: dict[str, Any] = {}
+    for _text, path, value in parsed:
+        deep_merge(layer, _nest(path, value))
+    if parsed:
+        _mark_stale(tree, origins, layer, " ".join(f"-u {text}" for text, _, _ in parsed))
+    for text, path, value in parsed:
+        deep_merge(tree, _nest(path, value))
         label = f"-u {text}"
         origins.update({path[:i]: label for i in range(1, len(path) + 1)})
         if isinstance(value, Mapping):
             origins.update({(*path, *sub): label for sub in key_paths(value)})
+
+
+def _nest(path: KeyPath, value: Any) -> dict[str, Any]:
+    nested: Any = value
+    for segment in reversed(path):
+        nested = {segment: nested}
+    return nested
 
 
 def origin_of(origins: Mapping[KeyPath, str], path: KeyPath, default: str) -> str:

@@ -1,5 +1,7 @@
 """driver layer: `deim-ray info` — the model size and the whole schedule before any GPU hour is spent.
 
+The schedule values the rule derived (`config.schedule`) are listed with what they came from.
+
 The phase table joins three views of each epoch range: what the data pipeline does (from `data.gates`, the
 same functions the pipeline runs), which LR phase applies (from the flat-cosine boundaries), and what the EMA
 and best rule do (warm-up, the stage-2 restart decay and restart search).
@@ -62,7 +64,8 @@ def _backbone_weights(cfg: Config) -> str:
     return m.backbone_pretrained or "random (test size)"
 
 
-def describe_config(cfg: Config, num_classes: int | None = None) -> str:
+def describe_config(cfg: Config, num_classes: int | None = None, derived: list[str] | None = None) -> str:
+    """Model size, schedule values (with how the rule derived each derived one) and the phase table."""
     classes = num_classes or (cfg.data.synthetic.num_classes if cfg.data.synthetic else 80)
     with torch.device("meta"):  # no weights read or initialised
         params = count_parameters(build_from_config(build_model_config(cfg.model, classes)))
@@ -73,6 +76,7 @@ def describe_config(cfg: Config, num_classes: int | None = None) -> str:
         f"backbone weights: {_backbone_weights(cfg)}",
         f"epochs: {s.epochs}",
         f"stop_epoch: {s.stop_epoch}",
+        *(["derived by the schedule rule:", *(f"  {note}" for note in derived)] if derived else []),
         f"image_size: {cfg.data.image_size[0]}x{cfg.data.image_size[1]}   total_batch_size: {cfg.data.total_batch_size}",
         f"lr: {cfg.optimizer.type} {cfg.optimizer.lr:g}, {lr.type}, warm-up {lr.warmup_iter} iterations",
         "",
