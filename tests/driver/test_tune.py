@@ -90,14 +90,36 @@ def test_sampled_values_apply_to_the_config_as_plain_python(tiny_data_root):
 
 def test_values_no_trial_could_use_are_rejected_before_the_search(tiny_data_root):
     base = load_config(TINY, data_overrides(tiny_data_root))
-    # tiny uses flatcosine with no_aug_epoch = epochs - stop_epoch = 2: stop_epoch 3 breaks that rule
-    with pytest.raises(SpaceError, match=r"`schedule.stop_epoch` = 3 from choice\(2, 3\) gives an invalid config"
-                                         r".*lr_scheduler.no_aug_epoch"):
-        check_space_against_config(parse_space({"schedule.stop_epoch": {"choice": [2, 3]}}), base, workers=1)
+    # a searched stop_epoch derives the trial's whole schedule (flat-cosine phases, augmentation windows) ...
+    check_space_against_config(parse_space({"schedule.stop_epoch": {"choice": [2, 3]}}), base, workers=1)
+    # ... but stop_epoch = epochs leaves no stage 2
+    with pytest.raises(SpaceError, match=r"`schedule.stop_epoch` = 4 from choice\(2, 4\) gives an invalid config"
+                                         r".*stop_epoch.*must satisfy"):
+        check_space_against_config(parse_space({"schedule.stop_epoch": {"choice": [2, 4]}}), base, workers=1)
     with pytest.raises(SpaceError, match="data.total_batch_size"):  # 4 does not divide over 3 workers
         check_space_against_config(parse_space({"optimizer.lr": {"choice": [1e-3]}}), base, workers=3)
-    constant = load_config(TINY, [*data_overrides(tiny_data_root), "lr_scheduler.type=constant"])
-    check_space_against_config(parse_space({"schedule.stop_epoch": {"choice": [2, 3]}}), constant, workers=1)
+
+
+def test_the_shipped_demo_space_fits_the_demo_config():
+    # the README's example: `deim-ray tune -c configs/demo/shapes.yml --space configs/demo/space.yml --samples 4`
+    space = load_space("configs/demo/space.yml")
+    assert "schedule.stop_epoch" in space.keys
+    base = load_config("configs/demo/shapes.yml")
+    check_space_against_config(space, base, workers=1)
+    for stop in (4, 5):
+        cfg = override_config(base, {"schedule.stop_epoch": stop})
+        assert cfg.augment.policy_epoch[-1] == stop and cfg.lr_scheduler.no_aug_epoch == 8 - stop
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert "--space configs/demo/space.yml --samples 4" in readme
+
+
+def test_the_shipped_coco_space_fits_the_n_config():
+    space = load_space("configs/deimv2/space_coco.yml")
+    base = load_config("configs/deimv2/deimv2_hgnetv2_n_custom.yml")
+    check_space_against_config(space, base, workers=8)
+    cfg = override_config(base, {"schedule.epochs": 60, "schedule.no_aug_epochs": 8})
+    s = cfg.schedule
+    assert (s.stop_epoch, cfg.augment.policy_epoch, s.matcher_change_epoch) == (52, (4, 30, 52), 46)
 
 
 def test_cli_reports_a_bad_space_as_one_line_before_starting_ray(tmp_path, capsys):
@@ -153,8 +175,8 @@ def search(tune_ray, tiny_data_root, tmp_path_factory):
     from deim_ray.driver.tune import run_tune
 
     storage = tmp_path_factory.mktemp("tune_runs")
-    # constant LR: the flat-cosine rule ties no_aug_epoch to stop_epoch, which this search varies
-    overrides = [*data_overrides(tiny_data_root), "lr_scheduler.type=constant"]
+    # the default flat-cosine LR: each trial's stop_epoch derives its LR phases and augmentation windows
+    overrides = data_overrides(tiny_data_root)
     # the tiny model's AP is still 0.0 for every trial after an epoch or two: ASHA compares losses
     summary = run_tune(TINY, overrides, E2E_SPACE, samples=1, scheduler="asha", max_concurrent=2,
                        storage_uri=str(storage), name="hpo", workers_per_trial=1, gpu=False, metric="loss",
@@ -182,6 +204,9 @@ def test_every_trial_ends_with_a_resolved_final(search):
         assert m.state.value == "DONE" and m.final["artifact"] == resolve_final(m.artifacts).artifact
         assert m.final["ap"] == t.final_ap and m.final["uri"] == t.final_uri
         assert _sha(run_dir / "artifacts" / "final.pth") == m.final["sha256"]
+        stop = t.params["schedule.stop_epoch"]  # the trial's whole schedule was derived from it
+        cfg = load_config(run_dir / "config.yaml")
+        assert (m.stop_epoch, cfg.lr_scheduler.no_aug_epoch, cfg.augment.policy_epoch[-1]) == (stop, 4 - stop, stop)
 
 
 @pytest.mark.slow
