@@ -114,8 +114,20 @@ def ensure_ray(address: str | None = None, resources: dict[str, float] | None = 
         check_reachable(address, source)
         ray.init(address=address, logging_level=logging.WARNING)
         return
-    ray.init(address="local", logging_level=logging.WARNING, resources=resources, runtime_env={"env_vars": {
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}})
+    dashboard_port = _free_port()
+    ray.init(address="local", logging_level=logging.WARNING, resources=resources, dashboard_port=dashboard_port,
+             runtime_env={"env_vars": {
+                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
+                 # Ray Train's placement-group cleaner (it releases the workers of a run whose controller died,
+                 # e.g. a Tune trial ASHA stopped) finds the State API by auto-detection, which fails when
+                 # several local Ray instances share the machine: name this instance's API server.
+                 "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_capacity(workers: int, gpu: bool, cpus_per_worker: float) -> None:

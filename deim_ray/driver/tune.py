@@ -10,7 +10,8 @@ reaches Tune through Ray Train's `TuneReportCallback`, so ASHA's time unit (trai
 A trial driver holds one unit of the custom `train_driver` resource and no CPU, so CPUs/GPUs go to workers.
 
 ASHA stops a trial by killing its actor: the run is left mid-stage. After the search, once the stopped
-trials' placement groups are gone, each stopped run is finalized here (resolve + final.pth, the same code
+trials' placement groups are removed (by this module if Ray's own cleaner lags), each stopped run is
+finalized here (resolve + final.pth, the same code
 `train` uses), so every trial that evaluated an epoch ends with a resolved final and the comparison is
 between finals, not between last reported epochs.
 """
@@ -25,6 +26,9 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+from ray.util.state import list_placement_groups
+from ray.util.state.exception import RayStateApiException
 
 from deim_ray.config.loader import load_config, override_config
 from deim_ray.config.schema import Config
@@ -149,6 +153,30 @@ def _live_placement_groups() -> set[str]:
     return {pg_id for pg_id, pg in ray.util.placement_group_table().items() if pg["state"] != "REMOVED"}
 
 
+def _release_placement_groups(before: set[str]) -> None:
+    """Remove the placement groups this search's stopped trials left behind.
+
+    A trial Tune stops dies with its Train controller, but the worker placement group the controller created
+    lives until the job ends (Ray scopes a placement group to its job, not to the actor that created it).
+    Ray Train's detached cleaner is meant to remove it, but it finds the State API by auto-detection, which
+    fails ("Found multiple active Ray instances") when more than one local Ray instance runs on the machine,
+    and its monitor thread dies. Once `fit` returns no trial of this job is alive, so every non-detached group
+    this job created since the search began is a leftover: removing it also ends any worker still in it."""
+    left = _live_placement_groups() - before
+    if not left:
+        return
+    context = ray.get_runtime_context()
+    mine = [("creator_job_id", "=", context.get_job_id())]
+    try:
+        ours = list_placement_groups(address=context.gcs_address, filters=mine, detail=True, timeout=60)
+    except (RayStateApiException, ConnectionError) as err:  # the wait below still gives Ray's cleaner its time
+        log.warning("could not list this search's placement groups (%s); waiting for Ray to release them", err)
+        return
+    for pg in ours:
+        if pg.placement_group_id in left and not pg.is_detached:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg.placement_group_id)))
+
+
 def _wait_for_placement_groups(before: set[str], timeout_s: float = PG_CLEANUP_TIMEOUT_S) -> None:
     """Wait until the placement groups this search created are released (a stopped trial's Train workers
     are cleaned up asynchronously); only then can nothing of a stopped run still write to its manifest."""
@@ -267,6 +295,7 @@ def run_tune(cfg_path: str, overrides: list[str], space: dict | SearchSpace, sam
     log.info("tune %s: %d sample(s) x %d grid point(s), %d concurrent, scheduler %s, runs under %s", name, samples,
              space.grid_size, max_concurrent, scheduler, root.uri)
     grid = _fit(space, job, root, samples, scheduler, metric, max_concurrent, grace_period)
+    _release_placement_groups(before)
     _wait_for_placement_groups(before)
     trials_storage = open_storage(root.uri, base.storage)
     trials = [_summarize_trial(result, job, trials_storage) for result in grid]

@@ -170,6 +170,44 @@ def tune_ray():
     yield ray  # left running for later modules; Ray shuts down with the test process
 
 
+def test_workers_reach_this_instances_state_api(tune_ray):
+    # Ray Train's placement-group cleaner asks the State API, from a worker, whether a stopped trial's
+    # controller is alive; with several local Ray instances on the machine its auto-detection fails
+    # ("Found multiple active Ray instances"), the cleaner dies and the next trials wait forever for CPUs
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def ping(self):
+            return True
+
+    @ray.remote(num_cpus=0)
+    def state_of(actor_id: str) -> str:
+        from ray.util.state import get_actor
+
+        return get_actor(actor_id, timeout=60).state
+
+    controller = Controller.remote()
+    ray.get(controller.ping.remote())
+    assert ray.get(state_of.remote(controller._actor_id.hex())) == "ALIVE"
+
+
+def test_leftover_placement_groups_of_the_search_are_released(tune_ray):
+    # a trial Tune stops leaves its Train worker group's placement group to Ray's cleaner, whose State API
+    # lookup fails when several local Ray instances share the machine: the search removes what is left
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from deim_ray.driver.tune import _live_placement_groups, _release_placement_groups
+
+    before = _live_placement_groups()
+    leftover = placement_group([{"CPU": 0.01}])
+    detached = placement_group([{"CPU": 0.01}], lifetime="detached")  # not a trial's: kept
+    ray.get([leftover.ready(), detached.ready()])
+    try:
+        _release_placement_groups(before)
+        assert _live_placement_groups() - before == {detached.id.hex()}
+    finally:
+        remove_placement_group(detached)
+
+
 @pytest.fixture(scope="module")
 def search(tune_ray, tiny_data_root, tmp_path_factory):
     from deim_ray.driver.tune import run_tune
