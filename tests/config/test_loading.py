@@ -24,7 +24,8 @@ from deim_ray.config.schema import Config, ParamGroupConfig, SyntheticConfig
 from .conftest import one_line
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED = sorted(glob.glob(str(REPO / "configs" / "**" / "*.yml"), recursive=True))
+SHIPPED = sorted(p for p in glob.glob(str(REPO / "configs" / "**" / "*.yml"), recursive=True)
+                 if not Path(p).name.startswith("space"))  # Tune search spaces are not configs
 RUNNABLE = [p for p in SHIPPED if "/base/" not in p and "/dataset/" not in p]
 
 MINIMAL = """\
