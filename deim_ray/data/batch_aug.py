@@ -1,7 +1,8 @@
 """data layer: batch-level augmentations run by the collator: MixUp, CopyBlend and multi-scale resizing.
 
 They act on a stacked float batch [B, 3, H, W] and on targets whose `boxes` are normalized cxcywh, so boxes
-need no change when the batch is resized. Randomness comes from torch's RNG (seeded per loader worker).
+need no change when the batch is resized. MixUp and CopyBlend work IN PLACE on the batch (the collator owns
+it), with no full-batch temporary. Randomness comes from torch's RNG (seeded per loader worker).
 """
 
 from __future__ import annotations
@@ -26,14 +27,17 @@ def _append(target: dict, boxes: torch.Tensor, labels: torch.Tensor, op: str) ->
 
 
 def mixup(images: torch.Tensor, targets: Targets) -> tuple[torch.Tensor, Targets]:
-    """Blend each image with the previous one in the batch (cyclic), beta ~ U(0.45, 0.55); each target gets
-    the previous sample's boxes and labels appended. A batch of one is returned unchanged."""
+    """In place: blend each image with the previous one in the batch (cyclic), beta ~ U(0.45, 0.55); each
+    target gets the previous sample's boxes and labels appended. A batch of one is returned unchanged."""
     if len(targets) < 2:
         return images, targets
     beta = _uniform(0.45, 0.55)
-    mixed = beta * images + (1.0 - beta) * images.roll(1, dims=0)
+    last = images[-1].clone()  # image 0 blends with the last image, which is overwritten first
+    for i in range(len(images) - 1, 0, -1):  # backwards, so each image blends with its unmodified predecessor
+        images[i].mul_(beta).add_(images[i - 1], alpha=1.0 - beta)
+    images[0].mul_(beta).add_(last, alpha=1.0 - beta)
     previous = targets[-1:] + targets[:-1]
-    return mixed, [_append(t, p["boxes"], p["labels"], "MixUp") for t, p in zip(targets, previous)]
+    return images, [_append(t, p["boxes"], p["labels"], "MixUp") for t, p in zip(targets, previous)]
 
 
 def _pixel_box(box: torch.Tensor, w: int, h: int) -> tuple[int, int, int, int]:
@@ -54,11 +58,11 @@ def _object_pool(targets: Targets, w: int, h: int, area_threshold: float) -> lis
     return pool
 
 
-def _paste_one(out: torch.Tensor, src: torch.Tensor, box: tuple[int, int, int, int], beta: float,
-               cfg: CopyBlendConfig) -> torch.Tensor | None:
-    """Blend one object (plus a random margin when `with_expand`) into `out` at a random place;
-    returns the object's new normalized cxcywh box (without the margin)."""
-    _, h, w = out.shape
+def _cut(src: torch.Tensor, box: tuple[int, int, int, int], cfg: CopyBlendConfig
+         ) -> tuple[int, int, torch.Tensor, torch.Tensor] | None:
+    """Draw where one object (plus a random margin when `with_expand`) goes in an image of src's size; returns
+    (x, y, a copy of the patch, the object's new normalized cxcywh box without the margin)."""
+    _, h, w = src.shape
     x0, y0, x1, y1 = box
     if x1 - x0 < 1 or y1 - y0 < 1:
         return None
@@ -67,34 +71,37 @@ def _paste_one(out: torch.Tensor, src: torch.Tensor, box: tuple[int, int, int, i
     sx0, sy0, sx1, sy1 = max(0, x0 - ex), max(0, y0 - ey), min(w, x1 + ex), min(h, y1 + ey)
     pw, ph = sx1 - sx0, sy1 - sy0
     px, py = int(torch.randint(w - pw + 1, ())), int(torch.randint(h - ph + 1, ()))
-    region = out[:, py:py + ph, px:px + pw]
-    region.mul_(beta).add_(src[:, sy0:sy1, sx0:sx1], alpha=1.0 - beta)
     nx0, ny0 = px + (x0 - sx0), py + (y0 - sy0)
     bw, bh = x1 - x0, y1 - y0
-    return torch.tensor([(nx0 + bw / 2) / w, (ny0 + bh / 2) / h, bw / w, bh / h], dtype=torch.float32)
+    new_box = torch.tensor([(nx0 + bw / 2) / w, (ny0 + bh / 2) / h, bw / w, bh / h], dtype=torch.float32)
+    return px, py, src[:, sy0:sy1, sx0:sx1].clone(), new_box
 
 
 def copyblend(images: torch.Tensor, targets: Targets, cfg: CopyBlendConfig) -> tuple[torch.Tensor, Targets]:
-    """Paste up to `num_objects` objects (area >= area_threshold, drawn from the whole batch) into every
-    image, blended dest*beta + src*(1-beta); their boxes and labels are appended. No object: unchanged."""
+    """In place: paste up to `num_objects` objects (area >= area_threshold, drawn from the whole batch) into
+    every image, blended dest*beta + src*(1-beta); their boxes and labels are appended. No object: unchanged.
+    Every patch is copied out before any image changes, so sources are the images as they came in."""
     _, _, h, w = images.shape
     pool = _object_pool(targets, w, h, cfg.area_threshold)
     if not pool or cfg.num_objects < 1:
         return images, targets
     beta = _uniform(0.45, 0.55)
-    out, result = images.clone(), []
+    pastes, result = [], []
     for dest, target in enumerate(targets):
         boxes, labels = [], []
         for p in torch.randperm(len(pool))[:cfg.num_objects].tolist():
             src, j = pool[p]
-            new = _paste_one(out[dest], images[src], _pixel_box(targets[src]["boxes"][j], w, h), beta, cfg)
-            if new is not None:
-                boxes.append(new)
+            cut = _cut(images[src], _pixel_box(targets[src]["boxes"][j], w, h), cfg)
+            if cut is not None:
+                pastes.append((dest, *cut[:3]))
+                boxes.append(cut[3])
                 labels.append(targets[src]["labels"][j])
         if boxes:
             target = _append(target, torch.stack(boxes), torch.stack(labels), "CopyBlend")
         result.append(target)
-    return out, result
+    for dest, x, y, patch in pastes:
+        images[dest, :, y:y + patch.shape[1], x:x + patch.shape[2]].mul_(beta).add_(patch, alpha=1.0 - beta)
+    return images, result
 
 
 def multiscale(images: torch.Tensor, scales: tuple[int, ...]) -> torch.Tensor:

@@ -1,4 +1,10 @@
-"""data layer: the batch collator (stack, then MixUp or CopyBlend, then multi-scale) and the output contract.
+"""data layer: the batch collator (stack, scale, then MixUp or CopyBlend, then multi-scale) and the output contract.
+
+Samples may arrive as uint8 tensors (`build_*_transforms(cfg, scale=False)`, what the loaders use): the
+collator stacks them as uint8 and scales the batch to float [0,1] (and normalizes it) in one pass, with the
+arithmetic of torchvision's `to_dtype`/`Normalize`, so the batch equals what float samples would give. In a
+loader worker the float batch is allocated in shared memory, as `default_collate` does, so handing it to the
+training process copies nothing. Batch augmentations then work in place on that batch.
 
 The epoch comes with the samples (`target["epoch"]`, set by the dataset from the `(index, epoch)` key), so
 the collator holds no mutable schedule state and works unchanged in persistent loader workers.
@@ -13,11 +19,16 @@ Output of one batch: `images` float32 [B, 3, H, W] and `targets`, one dict per i
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+from torch.utils.data import get_worker_info
 
 from deim_ray.config.schema import Config
 from deim_ray.data import batch_aug, gates
 from deim_ray.data.errors import DataError
+from deim_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _output(target: dict) -> dict:
@@ -36,6 +47,28 @@ def batch_epoch(targets: list[dict]) -> int:
     return int(epochs.pop())
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor; in a loader worker its storage is shared memory, so sending the batch copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))  # as default_collate
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+
+
+def stack_images(images: list[torch.Tensor], normalize: bool) -> torch.Tensor:
+    """Float32 [B, 3, H, W] from float samples (stacked as they are) or uint8 samples (scaled to [0,1] and,
+    with `normalize`, standardized with the ImageNet statistics, once for the whole batch)."""
+    out = _empty((len(images), *images[0].shape), torch.float32)
+    if images[0].is_floating_point():
+        return torch.stack(images, out=out)
+    torch.stack(images, out=out)  # uint8 -> float32 in the copy
+    out.mul_(1.0 / 255)  # to_dtype's int -> float scaling
+    if normalize:
+        mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(-1, 1, 1)
+        out.sub_(mean).div_(torch.tensor(IMAGENET_STD, dtype=torch.float32).view(-1, 1, 1))
+    return out
+
+
 class BatchCollator:
     """`collate_fn` for the train (`train=True`, stage-aware batch augmentation) and val loaders."""
 
@@ -46,7 +79,7 @@ class BatchCollator:
             gates.check(cfg)
 
     def __call__(self, batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, list[dict]]:
-        images = torch.stack([image for image, _ in batch])
+        images = stack_images([image for image, _ in batch], self.cfg.data.normalize)
         targets = [target for _, target in batch]
         if self.train:
             images, targets = self.augment(images, targets, gates.epoch_plan(self.cfg, batch_epoch(targets)))

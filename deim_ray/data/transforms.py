@@ -2,14 +2,18 @@
 
 Train, stage 1 (ops in order; each gated by `gates.epoch_plan` for the sample's epoch):
   Mosaic | RandomPhotometricDistort | RandomZoomOut | RandomIoUCrop | SanitizeBoundingBoxes |
-  RandomHorizontalFlip | Resize(data.image_size) | SanitizeBoundingBoxes | to float [0,1] | Normalize (opt.) |
-  boxes to normalized cxcywh.
+  RandomHorizontalFlip | Resize(data.image_size) | SanitizeBoundingBoxes | to tensor | to float [0,1] |
+  Normalize (opt.) | boxes to normalized cxcywh.
   In the Mosaic phase each sample draws Mosaic with `mosaic_prob`; a Mosaic sample skips ZoomOut/IoUCrop.
 Train, stage 2: the same list with every policy op off (upstream's stage 2), i.e. SanitizeBoundingBoxes |
   RandomHorizontalFlip | Resize | ... with the released configs.
-Val: Resize | SanitizeBoundingBoxes | to float | Normalize (opt.) | normalized cxcywh.
+Val: Resize | SanitizeBoundingBoxes | to tensor | to float | Normalize (opt.) | normalized cxcywh.
 Train sanitizing drops boxes with a side under `augment.sanitize_min_size` pixels (upstream: 12/10/8 for
 Atto/Femto/Pico, 1 otherwise); val keeps every box of at least 1 pixel.
+
+With `scale=False` a pipeline stops at the uint8 tensor (no float, no Normalize): the loaders use it, and the
+batch collator converts the whole batch at once (one float pass per batch instead of a float copy per sample
+plus a float stack). Everything before the tensor works on uint8 PIL images.
 
 The probabilities of ZoomOut, IoUCrop and Flip are drawn here (the tv ops run with p=1), so `target["ops"]`
 records exactly the augmentations a sample received; tests and `show-augment` read it.
@@ -33,9 +37,12 @@ from torchvision.transforms.v2 import functional as F
 from deim_ray.config.schedule import Stage
 from deim_ray.config.schema import Config
 from deim_ray.data import gates
+from deim_ray.data.color import PhotometricDistort
+from deim_ray.data.iou_crop import IoUCrop
 from deim_ray.data.coco import PER_BOX_FIELDS
 from deim_ray.data.errors import DataError
 from deim_ray.data.mosaic import Mosaic
+from deim_ray.data.resize import Resize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,8 +65,12 @@ def _tv(op: Callable) -> Callable:
     return lambda image, target, dataset: op(image, target)
 
 
-def _to_float(image: Image.Image, target: dict, dataset) -> tuple[torch.Tensor, dict]:
-    return F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True), target
+def _to_tensor(image: Image.Image, target: dict, dataset) -> tuple[torch.Tensor, dict]:
+    return F.pil_to_tensor(image), target
+
+
+def _to_float(image: torch.Tensor, target: dict, dataset) -> tuple[torch.Tensor, dict]:
+    return F.to_dtype(image, torch.float32, scale=True), target
 
 
 def _normalized_cxcywh(image: torch.Tensor, target: dict, dataset) -> tuple[torch.Tensor, dict]:
@@ -75,12 +86,15 @@ def _sanitize(min_size: float) -> Callable:
     return _tv(v2.SanitizeBoundingBoxes(min_size=min_size, labels_getter=per_box_fields))
 
 
-def _finish_steps(cfg: Config, min_size: float = 1) -> list[Step]:
-    """Resize to data.image_size, drop boxes the resize made too small, scale to [0,1], normalize, box format."""
+def _finish_steps(cfg: Config, scale: bool, min_size: float = 1) -> list[Step]:
+    """Resize to data.image_size, drop boxes the resize made too small, to a uint8 tensor, (when `scale`) to
+    float [0,1] and normalize, box format."""
     h, w = cfg.data.image_size
-    steps: list[Step] = [("Resize", _tv(v2.Resize([h, w]))), ("SanitizeBoundingBoxes", _sanitize(min_size)),
-                         ("ToFloat", _to_float)]
-    if cfg.data.normalize:
+    steps: list[Step] = [("Resize", _tv(Resize((h, w)))), ("SanitizeBoundingBoxes", _sanitize(min_size)),
+                         ("ToTensor", _to_tensor)]
+    if scale:
+        steps.append(("ToFloat", _to_float))
+    if scale and cfg.data.normalize:
         normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         steps.append(("Normalize", lambda image, target, dataset: (normalize(image), target)))
     steps.append(("NormalizeBoxes", _normalized_cxcywh))
@@ -101,22 +115,23 @@ class TrainTransforms:
     """The stage-aware train pipeline; called as `(image, target, epoch=..., dataset=...)` per sample.
 
     Pass a list as `trace` to receive `(op name, image, target)` after every op (tests, debugging).
+    `scale=False` ends with a uint8 tensor for `BatchCollator` to scale per batch.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, scale: bool = True):
         self.cfg = cfg
         a = cfg.augment
         gates.check(cfg)
         self.mosaic = Mosaic(a.mosaic)
         self.augment_steps: dict[str, Callable] = {
             gates.MOSAIC: self.mosaic,
-            gates.PHOTOMETRIC: _tv(v2.RandomPhotometricDistort(p=a.photometric_p)),
+            gates.PHOTOMETRIC: _tv(PhotometricDistort(p=a.photometric_p)),
             gates.ZOOM_OUT: _tv(v2.RandomZoomOut(fill=0, side_range=a.zoom_out_side_range, p=1.0)),
-            gates.IOU_CROP: _tv(v2.RandomIoUCrop()),
+            gates.IOU_CROP: _tv(IoUCrop()),
             gates.FLIP: _tv(v2.RandomHorizontalFlip(p=1.0)),
         }
         self.sanitize = _sanitize(a.sanitize_min_size)
-        self.finish = _finish_steps(cfg, a.sanitize_min_size)
+        self.finish = _finish_steps(cfg, scale, a.sanitize_min_size)
 
     def select(self, epoch: int, num_boxes: int) -> list[Step]:
         """The ops one sample runs at `epoch` (random draws happen here)."""
@@ -153,10 +168,11 @@ class TrainTransforms:
 
 
 class ValTransforms:
-    """Resize + scale (+ Normalize) with boxes as normalized cxcywh; the epoch is ignored."""
+    """Resize + scale (+ Normalize) with boxes as normalized cxcywh; the epoch is ignored. `scale=False`
+    ends with a uint8 tensor for `BatchCollator` to scale per batch."""
 
-    def __init__(self, cfg: Config):
-        self.finish = _finish_steps(cfg)
+    def __init__(self, cfg: Config, scale: bool = True):
+        self.finish = _finish_steps(cfg, scale)
 
     def __call__(self, image: Image.Image, target: dict, *, epoch: int | None = None, dataset=None,
                  trace: list | None = None) -> tuple[torch.Tensor, dict]:
@@ -167,9 +183,9 @@ def _draw(p: float) -> bool:
     return p > 0 and bool(torch.rand(()) < p)
 
 
-def build_train_transforms(cfg: Config) -> TrainTransforms:
-    return TrainTransforms(cfg)
+def build_train_transforms(cfg: Config, scale: bool = True) -> TrainTransforms:
+    return TrainTransforms(cfg, scale)
 
 
-def build_val_transforms(cfg: Config) -> ValTransforms:
-    return ValTransforms(cfg)
+def build_val_transforms(cfg: Config, scale: bool = True) -> ValTransforms:
+    return ValTransforms(cfg, scale)

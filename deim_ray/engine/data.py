@@ -2,7 +2,8 @@
 
 Generates the synthetic dataset first when the config asks for it (seeded, so every node generates the same
 files), then builds the stage-aware train loader (the epoch travels with each sample index, so stage 1 and
-stage 2 use one loader) and the val loader sharded without duplicates.
+stage 2 use one loader) and the val loader sharded without duplicates. Samples leave the per-sample pipelines
+as uint8 and the collator scales each batch once.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ class DataBundle:
 
 def build_data(cfg: Config, rank: int, world_size: int) -> DataBundle:
     data = ensure_dataset(cfg.data)
-    train_set = CocoDetection(data.train.img_folder, data.train.ann_file, build_train_transforms(cfg))
-    val_set = CocoDetection(data.val.img_folder, data.val.ann_file, build_val_transforms(cfg))
+    train_set = CocoDetection(data.train.img_folder, data.train.ann_file, build_train_transforms(cfg, scale=False))
+    val_set = CocoDetection(data.val.img_folder, data.val.ann_file, build_val_transforms(cfg, scale=False))
     if train_set.categories.ids != val_set.categories.ids:
         raise DataError(f"train and val annotation files list different categories "
                         f"({data.train.ann_file} vs {data.val.ann_file}); use one category list")
