@@ -106,6 +106,11 @@ def info(args: argparse.Namespace) -> int:
     from deim_ray.driver.info import describe_config
 
     print(describe_config(cfg, derived=derived))
+    if not args.no_loader:
+        from deim_ray.driver.info import describe_loader
+
+        print()
+        print(describe_loader(cfg, args.images_per_s))
     return 0
 
 

@@ -131,10 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("root", help="storage root: a directory or s3://bucket/prefix")
     p.set_defaults(func=commands.ls)
 
-    p = sub.add_parser("info", help="model size and the whole schedule, phase by phase (checked as train checks)")
+    p = sub.add_parser("info", help="model size, the whole schedule phase by phase (checked as train checks), "
+                                    "and the loader workers needed")
     _add_config_args(p)
     p.add_argument("--workers", type=int, default=2,
                    help="workers the batch sizes must divide by (default 2, as train)")
+    p.add_argument("--images-per-s", type=POSITIVE, default=None,
+                   help="images/s one training worker (GPU) consumes; prints the data.num_workers that keeps up")
+    p.add_argument("--no-loader", action="store_true", help="skip the short loader measurement")
     p.set_defaults(func=commands.info)
 
     p = sub.add_parser("show-augment", help="draw augmented training images with boxes for one epoch")

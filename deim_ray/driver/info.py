@@ -4,16 +4,24 @@ The schedule values the rule derived (`config.schedule`) are listed with what th
 
 The phase table joins three views of each epoch range: what the data pipeline does (from `data.gates`, the
 same functions the pipeline runs), which LR phase applies (from the flat-cosine boundaries), and what the EMA
-and best rule do (warm-up, the stage-2 restart decay and restart search).
+and best rule do (warm-up, the stage-2 restart decay and restart search). When the training images are on this
+machine, a short measurement of the loader per phase follows, with the loader workers a training worker needs.
 """
 
 from __future__ import annotations
 
-from deim_ray.config.schedule import Stage
-from deim_ray.config.schema import Config
-from deim_ray.data.gates import phase_table
+import dataclasses
+import tempfile
+from pathlib import Path
+
 import torch
 
+from deim_ray.config.schedule import Stage
+from deim_ray.config.schema import Config
+from deim_ray.data.errors import DataError
+from deim_ray.data.gates import phase_table
+from deim_ray.data.synthetic import ensure_dataset, synthetic_splits
+from deim_ray.data.throughput import phase_rates, workers_needed
 from deim_ray.models.backbone_weights import backbone_note
 from deim_ray.models.build import build_from_config, build_model_config, count_parameters
 from deim_ray.models.families import get_family
@@ -85,4 +93,31 @@ def describe_config(cfg: Config, num_classes: int | None = None, derived: list[s
     for start, end, phase in _split_by_lr(cfg):
         lines.append(f"{start:>3}-{end - 1:<6} {phase.stage:<6} {_lr_at(cfg, start):<14} "
                      f"{_ema_at(cfg, phase.stage):<58} {', '.join(phase.ops)}")
+    return "\n".join(lines)
+
+
+def _with_local_data(cfg: Config, tmp: Path) -> Config:
+    """`cfg` itself, or for a synthetic dataset a copy generated under `tmp` (info writes nothing of the run's)."""
+    if cfg.data.synthetic is None:
+        return cfg
+    train, val = synthetic_splits(tmp)
+    return dataclasses.replace(cfg, data=ensure_dataset(dataclasses.replace(cfg.data, train=train, val=val)))
+
+
+def describe_loader(cfg: Config, consumed_per_s: float | None, images: int = 32) -> str:
+    """Images/s of one loader process per phase, measured here, and the workers a training worker needs."""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            rates = phase_rates(_with_local_data(cfg, Path(tmp)), images)
+    except (DataError, OSError) as e:
+        return f"loader: not measured ({e})"
+    lines = [f"loader: one worker process, measured here on {images} images per phase (images per CPU-second)"]
+    lines += [f"  epochs {r.start:>3}-{r.end - 1:<4} stage {r.stage}  {r.images_per_s:7.1f} img/s" for r in rates]
+    slowest = min(r.images_per_s for r in rates)
+    n = cfg.data.num_workers
+    lines.append(f"  data.num_workers = {n}: about {max(n, 1) * slowest:.0f} img/s per training worker in the slowest "
+                 f"phase (each loader worker needs a core of its own)")
+    if consumed_per_s is not None:
+        lines.append(f"  a training worker consuming {consumed_per_s:g} img/s needs data.num_workers >= "
+                     f"{workers_needed(consumed_per_s, rates)}")
     return "\n".join(lines)

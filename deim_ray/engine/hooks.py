@@ -31,6 +31,10 @@ class EpochRecord:
     lr: float
     epoch_time_s: float
     eval_time_s: float
+    images_per_s: float = 0.0
+    """Training images per second of the epoch's train part, all ranks together."""
+    data_wait: float = 0.0
+    """Fraction of the train part's wall time spent waiting for the loader (mean over ranks); near 1 = starved."""
     restarted_from_stg1: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -39,7 +43,8 @@ class EpochRecord:
         return {"epoch": self.epoch, "stage": self.stage, "ap": self.ap, "coco_stats": self.coco_stats,
                 "loss": self.loss, "losses": {k: v for k, v in self.losses.items() if k in main},
                 "lr": self.lr, "epoch_time_s": round(self.epoch_time_s, 3),
-                "eval_time_s": round(self.eval_time_s, 3),
+                "eval_time_s": round(self.eval_time_s, 3), "images_per_s": round(self.images_per_s, 2),
+                "data_wait": round(self.data_wait, 4),
                 "restarted_from_stg1": self.restarted_from_stg1, **self.extra}
 
 
@@ -61,7 +66,7 @@ class Hook:
 
 
 class ProgressHook(Hook):
-    """One line per epoch on rank 0: stage, loss, AP, best so far, time."""
+    """One line per epoch on rank 0: stage, loss, AP, best so far, time, images/s and data wait."""
 
     def after_epoch(self, trainer, record, decision):
         if not trainer.is_main:
@@ -69,6 +74,7 @@ class ProgressHook(Hook):
         tags = [decision.save] if decision.save else []
         if decision.restart_from_stg1:
             tags.append("next epoch restarts from best_stg1")
-        log.info("epoch %3d  stage %d  loss %.4f  AP %.4f  AP50 %.4f  best %.4f  %.1fs%s", record.epoch,
-                 record.stage, record.loss, record.ap, record.coco_stats[1], trainer.tracker.top1,
-                 record.epoch_time_s + record.eval_time_s, f"  [{', '.join(tags)}]" if tags else "")
+        log.info("epoch %3d  stage %d  loss %.4f  AP %.4f  AP50 %.4f  best %.4f  %.1fs  %.1f img/s  data wait %.0f%%%s",
+                 record.epoch, record.stage, record.loss, record.ap, record.coco_stats[1], trainer.tracker.top1,
+                 record.epoch_time_s + record.eval_time_s, record.images_per_s, 100 * record.data_wait,
+                 f"  [{', '.join(tags)}]" if tags else "")

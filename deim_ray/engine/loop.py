@@ -3,6 +3,8 @@
 Per iteration: LR for the global iteration, forward + loss (under autocast on GPU with AMP), backward (scaled for
 fp16), gradient clipping, optimizer step, EMA update. Loss values stay on the device and are reduced across
 ranks once per epoch; the only per-step host sync is the progress line every `print_freq` iterations on rank 0.
+The epoch also reports `images_per_s` (all ranks together) and `data_wait` (the rank-averaged fraction of the
+epoch's wall time spent waiting for the loader).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from deim_ray.engine import dist
 from deim_ray.engine.ema import ModelEMA
 from deim_ray.engine.evaluator import DetectionCollector, evaluate_distributed
 from deim_ray.engine.lr import LRSchedule
+from deim_ray.engine.throughput import LoaderTimer
 from deim_ray.models.loss import forward_loss
 from deim_ray.models.postprocess import postprocess
 
@@ -69,13 +72,15 @@ def _optimizer_step(model, optimizer, loss, scaler, clip_max_norm: float) -> Non
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, epoch: int,
                     lr_schedule: LRSchedule, ema: ModelEMA | None, scaler, settings: StepSettings,
                     on_step: Callable[[int], None] | None = None) -> dict[str, float]:
-    """One pass over `loader`; returns rank-averaged mean losses plus `lr` (group 0, last iteration)."""
+    """One pass over `loader`; returns rank-averaged mean losses plus `lr` (group 0, last iteration),
+    `images_per_s` and `data_wait`."""
     model.train()
     sums: dict[str, torch.Tensor] = {}
     n_iters = len(loader)
     started = time.monotonic()
     lr = optimizer.param_groups[0]["lr"]
-    for i, (images, targets) in enumerate(loader):
+    timer = LoaderTimer()
+    for i, (images, targets) in enumerate(timer.iterate(loader)):
         lr = lr_schedule.set_iteration(epoch, i)
         images = images.to(settings.device, non_blocking=True)
         targets = _to_device(targets, settings.device)
@@ -91,7 +96,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                      time.monotonic() - started)
         if on_step is not None:
             on_step(i)
-    means = dist.all_reduce_mean({k: v / max(n_iters, 1) for k, v in sums.items()})
+    means = dist.all_reduce_mean({**{k: v / max(n_iters, 1) for k, v in sums.items()},
+                                  **timer.rates(settings.device)})
+    means["images_per_s"] *= dist.world_size()
     if not math.isfinite(means.get("loss", 0.0)):
         raise NonFiniteLossError(f"mean loss of epoch {epoch} is not finite; lower the LR or check the annotations")
     means["lr"] = lr

@@ -204,7 +204,8 @@ class Trainer:
         self.epoch = epoch
         decision = self.tracker.update(epoch, stats[0], self.stage, self.cfg.schedule.stage2_restart)
         record = EpochRecord(epoch=epoch, stage=int(self.stage), ap=stats[0], coco_stats=stats,
-                             loss=losses.pop("loss"), lr=losses.pop("lr"), losses=losses,
+                             loss=losses.pop("loss"), lr=losses.pop("lr"), images_per_s=losses.pop("images_per_s"),
+                             data_wait=losses.pop("data_wait"), losses=losses,
                              epoch_time_s=t1 - t0, eval_time_s=time.monotonic() - t1,
                              restarted_from_stg1=decision.restart_from_stg1)
         if decision.restart_from_stg1:

@@ -1,5 +1,6 @@
 """The non-training commands through the real CLI entry point: info, show-augment, import-config, errors."""
 
+import math
 import re
 import subprocess
 import sys
@@ -19,7 +20,7 @@ def _data_args(root):
 
 
 def test_info_prints_model_size_and_phase_table(capsys):
-    assert main(["info", "-c", "configs/demo/shapes.yml"]) == 0
+    assert main(["info", "-c", "configs/demo/shapes.yml", "--no-loader"]) == 0
     out = capsys.readouterr().out
     assert "parameters: " in out and "epochs: 8" in out and "stop_epoch: 5" in out
     params = int(re.search(r"parameters: (\d+)", out).group(1))
@@ -34,6 +35,16 @@ def test_info_of_the_n_config_matches_the_paper_size(capsys):
     assert main(["info", "-c", "configs/deimv2/deimv2_hgnetv2_n_coco.yml"]) == 0
     params = int(re.search(r"parameters: (\d+)", capsys.readouterr().out).group(1))
     assert abs(params - 3.6e6) / 3.6e6 < 0.05
+
+
+def test_info_measures_the_loader_and_the_workers_it_needs(capsys):
+    assert main(["info", "-c", TINY, "--images-per-s", "100000"]) == 0
+    out = capsys.readouterr().out
+    rates = [float(r) for r in re.findall(r"stage [12]\s+([\d.]+) img/s", out)]
+    assert len(rates) == 3 and all(r > 0 for r in rates)  # tiny.yml: Mosaic phase, after it, stage 2
+    needed = int(re.search(r"needs data.num_workers >= (\d+)", out).group(1))
+    slowest = min(rates)  # printed to 0.1 img/s
+    assert math.ceil(100000 / (slowest + 0.05)) <= needed <= math.ceil(100000 / (slowest - 0.05))
 
 
 def test_show_augment_writes_a_grid(tmp_path, capsys):

@@ -77,6 +77,7 @@ def test_metrics_are_contiguous_one_line_per_epoch(run):
     for r in rows:
         assert len(r["coco_stats"]) == 12 and r["ap"] == r["coco_stats"][0]
         assert r["loss"] > 0 and r["lr"] > 0
+        assert r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1
 
 
 def test_both_workers_started_stage2_from_best_stg1_bit_identical(run):
