@@ -94,7 +94,8 @@ def upstream(data, cfg: Config):
         {"type": "RandomPhotometricDistort", "p": 0.5}, {"type": "RandomZoomOut", "fill": 0},
         {"type": "RandomIoUCrop", "p": 0.8}, {"type": "SanitizeBoundingBoxes", "min_size": 1},
         {"type": "RandomHorizontalFlip"}, {"type": "Resize", "size": [640, 640]},
-        {"type": "SanitizeBoundingBoxes", "min_size": 1}, {"type": "ConvertPILImage", "dtype": "float32", "scale": True},
+        {"type": "SanitizeBoundingBoxes", "min_size": 1},
+        {"type": "ConvertPILImage", "dtype": "float32", "scale": True},
         {"type": "ConvertBoxes", "fmt": "cxcywh", "normalize": True}]
     with contextlib.redirect_stdout(io.StringIO()):  # upstream prints every op it builds
         transforms = data.Compose(ops, policy={"name": "stop_epoch", "epoch": [4, 78, 148], "ops": POLICY_OPS},

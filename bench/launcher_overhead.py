@@ -1,0 +1,122 @@
+"""What deim_ray and Ray Train add to training: per-epoch train time under deim_ray (one Ray Train worker)
+against a bare PyTorch loop of the same model, loss, optimizer and loader in this process, plus the fixed
+costs of a two-stage run.
+
+Repeats interleave the two (bare, deim_ray, deim_ray, bare, ...). The train part of an epoch is compared
+(deim_ray's `epoch_time_s` from metrics.jsonl, the bare loop's own clock); evaluation is excluded from both.
+Fixed costs come from the manifest's transition times (one-second resolution): start (call to stage 1
+running), stage-1 and stage-2 worker groups (stage wall time minus its epochs' train and eval time), the
+switch (stage 1 done to stage 2 running) and the end (done to return).
+
+    python bench/launcher_overhead.py                   # configs/demo/tiny.yml, 2 repeats
+    python bench/launcher_overhead.py -c configs/demo/shapes.yml --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from deim_ray.config.loader import load_config
+from deim_ray.config.schema import Config
+from deim_ray.data.synthetic import synthetic_splits
+from deim_ray.engine.data import build_data
+from deim_ray.engine.optim import build_optimizer
+from deim_ray.models.build import build_model
+from deim_ray.models.loss import forward_loss
+
+
+def _config(path: str, root: Path) -> Config:
+    cfg = load_config(path, [])
+    if cfg.data.synthetic is None:
+        return cfg
+    train, val = synthetic_splits(root)
+    return load_config(path, [f"data.train.img_folder={train.img_folder}", f"data.train.ann_file={train.ann_file}",
+                              f"data.val.img_folder={val.img_folder}", f"data.val.ann_file={val.ann_file}"])
+
+
+def bare_epochs(cfg: Config) -> list[float]:
+    """Train-part seconds of each epoch of a plain loop: forward, loss, backward, clip, step."""
+    torch.set_num_threads(1)  # a Ray Train worker with one CPU runs with one thread
+    torch.manual_seed(cfg.train.seed)
+    data = build_data(cfg, 0, 1)
+    model = build_model(cfg.model, data.num_classes)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    model.train()
+    times = []
+    for epoch in range(cfg.schedule.epochs):
+        data.train_loader.set_epoch(epoch)
+        started = time.monotonic()
+        for images, targets in data.train_loader:
+            loss, _ = forward_loss(model, images, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.clip_max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_max_norm)
+            optimizer.step()
+        times.append(time.monotonic() - started)
+    return times
+
+
+def _when(stamp: str) -> float:
+    return dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def deim_ray_run(cfg: Config, storage: Path, name: str) -> tuple[list[float], dict[str, float]]:
+    """Train-part seconds per epoch of a real two-stage run with one Ray Train worker, and its fixed costs."""
+    from deim_ray.driver.run import RunRequest, run_training
+
+    called = time.time()
+    run_training(RunRequest(cfg=cfg, storage_uri=str(storage), name=name, workers=1))
+    returned = time.time()
+    run_dir = storage / name
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    at = {t["state"]: _when(t["time"]) for t in json.loads((run_dir / "manifest.json").read_text())["transitions"]}
+    spent = {s: sum(r["epoch_time_s"] + r["eval_time_s"] for r in rows if r["stage"] == s) for s in (1, 2)}
+    fixed = {"start": at["STAGE1_RUNNING"] - called,
+             "stage-1 worker group": at["STAGE1_DONE"] - at["STAGE1_RUNNING"] - spent[1],
+             "switch": at["STAGE2_RUNNING"] - at["STAGE1_DONE"],
+             "stage-2 worker group": at["DONE"] - at["STAGE2_RUNNING"] - spent[2],
+             "end": returned - at["DONE"]}
+    return [r["epoch_time_s"] for r in rows], fixed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--config", default="configs/demo/tiny.yml")
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _config(args.config, Path(tmp) / "data")
+        stop = cfg.schedule.stop_epoch
+        bare, ours, fixed = [], [], []
+        for r in range(args.repeats):
+            for kind in (("bare", "deim_ray") if r % 2 == 0 else ("deim_ray", "bare")):
+                if kind == "bare":
+                    bare.append(bare_epochs(cfg))
+                else:
+                    epochs, costs = deim_ray_run(cfg, Path(tmp) / "runs", f"overhead-{r}")
+                    ours.append(epochs)
+                    fixed.append(costs)
+        print(f"{args.config}: {cfg.schedule.epochs} epochs ({stop} in stage 1), {args.repeats} interleaved repeats, "
+              f"one Ray Train worker vs a bare loop in this process")
+        for stage, epochs in ((1, range(1, stop)), (2, range(stop + 1, cfg.schedule.epochs))):  # first of each warms up
+            ratios = [b[e] / o[e] for b, o in zip(bare, ours) for e in epochs]
+            if ratios:
+                print(f"stage {stage} train time per epoch, bare/deim_ray: median {statistics.median(ratios):.2f} "
+                      f"(min {min(ratios):.2f}, max {max(ratios):.2f}; bare median "
+                      f"{statistics.median(b[e] for b in bare for e in epochs):.2f}s, deim_ray median "
+                      f"{statistics.median(o[e] for o in ours for e in epochs):.2f}s)")
+        for key in fixed[0]:
+            print(f"fixed cost {key:<22} median {statistics.median(c[key] for c in fixed):6.1f}s")
+
+
+if __name__ == "__main__":
+    main()
