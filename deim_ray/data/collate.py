@@ -1,8 +1,8 @@
 """data layer: the batch collator (stack, scale, then MixUp or CopyBlend, then multi-scale) and the output contract.
 
 Samples may arrive as uint8 tensors (`build_*_transforms(cfg, scale=False)`, what the loaders use): the
-collator stacks them as uint8 and scales the batch to float [0,1] (and normalizes it) in one pass, with the
-arithmetic of torchvision's `to_dtype`/`Normalize`, so the batch equals what float samples would give. In a
+collator stacks them straight into one float batch and scales it to [0,1] (and normalizes it) in place, with
+the arithmetic of torchvision's `to_dtype`/`Normalize`, so the batch equals what float samples would give. In a
 loader worker the float batch is allocated in shared memory, as `default_collate` does, so handing it to the
 training process copies nothing. Batch augmentations then work in place on that batch.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from torch.utils.data import get_worker_info
 
 from deim_ray.config.schema import Config

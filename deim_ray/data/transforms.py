@@ -37,10 +37,10 @@ from torchvision.transforms.v2 import functional as F
 from deim_ray.config.schedule import Stage
 from deim_ray.config.schema import Config
 from deim_ray.data import gates
-from deim_ray.data.color import PhotometricDistort
-from deim_ray.data.iou_crop import IoUCrop
 from deim_ray.data.coco import PER_BOX_FIELDS
+from deim_ray.data.color import PhotometricDistort
 from deim_ray.data.errors import DataError
+from deim_ray.data.iou_crop import IoUCrop
 from deim_ray.data.mosaic import Mosaic
 from deim_ray.data.resize import Resize
 
