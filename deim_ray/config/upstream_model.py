@@ -15,7 +15,10 @@ from typing import Any, Protocol
 
 from deim_ray.config.errors import ConfigError
 
-HGNET_NAMES = {"Atto": "atto", "Femto": "femto", "Pico": "pico", "B0": "n"}
+HGNET_NAMES = {"Atto": "atto", "Femto": "femto", "Pico": "pico", "B0": "n", "B2": "hgnetv2_m", "B4": "hgnetv2_l",
+               "B5": "hgnetv2_x"}
+# B0 builds N with two feature levels (return_idx [2, 3]) and upstream's HGNetv2-S with three ([1, 2, 3])
+_B0_THREE_LEVELS = "hgnetv2_s"
 DINOV3_NAMES = {"vit_tiny": "s", "vit_tinyplus": "m", "dinov3_vits16": "l", "dinov3_vits16plus": "x"}
 LITE_VARIANTS = ("atto", "femto", "pico")
 
@@ -47,9 +50,14 @@ def _lite(channels: int, width: int, queries: int, ffn: int) -> dict[str, Any]:
     }
 
 
+def _hgnet(name: str, backbone: dict[str, Any], encoder: dict[str, Any], decoder: dict[str, Any]
+           ) -> dict[str, Any]:
+    return {"backbone": {"name": name, **backbone}, "encoder": encoder, "decoder": decoder}
+
+
 def _vit(backbone: dict[str, Any], width: int, encoder: dict[str, Any], decoder: dict[str, Any]) -> dict[str, Any]:
     return {
-        "backbone": {"interaction_indexes": [5, 8, 11], **backbone},
+        "backbone": {"interaction_indexes": [5, 8, 11], **backbone},  # S and M override: [3, 7, 11]
         "encoder": {"in_channels": [width] * 3, "hidden_dim": width, **encoder},
         "decoder": {"feat_channels": [width] * 3, "hidden_dim": width, **decoder},
     }
@@ -67,9 +75,17 @@ _VARIANT_SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
         "decoder": {"feat_channels": [128, 128], "feat_strides": [16, 32], "hidden_dim": 128, "num_levels": 2,
                     "num_points": [6, 6], "num_layers": 3, "num_queries": 300, "dim_feedforward": 512},
     },
-    "s": _vit({"embed_dim": 192, "num_heads": 3}, 192, {"depth_mult": 0.67, "expansion": 0.34, "dim_feedforward": 512},
+    "hgnetv2_s": _hgnet("B0", {"return_idx": [1, 2, 3], "use_lab": True},
+                        {"in_channels": [256, 512, 1024], "depth_mult": 0.34, "expansion": 0.5, "version": "dfine"},
+                        {"num_layers": 3}),
+    "hgnetv2_m": _hgnet("B2", {"use_lab": True}, {"in_channels": [384, 768, 1536], "depth_mult": 0.67},
+                        {"num_layers": 4}),
+    "hgnetv2_l": _hgnet("B4", {}, {}, {}),
+    "hgnetv2_x": _hgnet("B5", {"freeze_at": 0, "freeze_norm": True}, {"hidden_dim": 384, "dim_feedforward": 2048},
+                        {"feat_channels": [384] * 3, "reg_scale": 8, "dim_feedforward": 2048}),
+    "s": _vit({"embed_dim": 192, "num_heads": 3, "interaction_indexes": [3, 7, 11]}, 192, {"depth_mult": 0.67, "expansion": 0.34, "dim_feedforward": 512},
               {"dim_feedforward": 512, "num_layers": 4}),
-    "m": _vit({"embed_dim": 256, "num_heads": 4}, 256, {"depth_mult": 1, "expansion": 0.67, "dim_feedforward": 512},
+    "m": _vit({"embed_dim": 256, "num_heads": 4, "interaction_indexes": [3, 7, 11]}, 256, {"depth_mult": 1, "expansion": 0.67, "dim_feedforward": 512},
               {"dim_feedforward": 512, "num_layers": 4}),
     "l": _vit({"finetune": True, "conv_inplane": 32, "hidden_dim": 224}, 224, {"dim_feedforward": 896},
               {"num_layers": 4, "dim_feedforward": 1792}),
@@ -159,6 +175,8 @@ def _variant(r: Reader, backbone: str, decoder: str) -> str:
     if names is None:
         raise ConfigError(f"upstream backbone {backbone!r} is not supported; DEIMv2 uses HGNetv2 or DINOv3STAs")
     name = r.get(f"{backbone}.name")
+    if name == "B0" and r.peek(f"{backbone}.return_idx") == [1, 2, 3]:
+        return _B0_THREE_LEVELS
     if name not in names:
         raise ConfigError(
             f"`{backbone}.name: {name}` matches no DEIMv2 variant; known: "

@@ -39,6 +39,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 
 from deim_ray.config.schema import ModelConfig
 from deim_ray.models.backbone_weights import load_backbone_weights
+from deim_ray.models.deimv2 import UPSTREAM_ARCH_KEY, apply_upstream_arch
 from deim_ray.models.errors import ModelError
 from deim_ray.models.family_loss import DeimCriterionLoss, LossRecipe
 from deim_ray.models.families import Family, family_of_config, get_family
@@ -58,12 +59,12 @@ def build_model_config(cfg: ModelConfig, num_classes: int) -> PreTrainedConfig:
     kwargs = family.variant_kwargs(cfg.variant)
     if num_classes < 1:
         raise ModelError(f"num_classes must be >= 1, got {num_classes}; check the dataset's categories")
-    kwargs.update(
-        initializer_bias_prior_prob=cfg.prior_prob,
-        focal_loss_gamma=cfg.focal_loss_gamma,
-        # upstream trains every layer's batch norm (freeze_norm: False); transformers freezes them by default
-        freeze_backbone_batch_norms=False,
-    )
+    kwargs.update(initializer_bias_prior_prob=cfg.prior_prob, focal_loss_gamma=cfg.focal_loss_gamma)
+    # upstream trains the backbone's batch norms (freeze_norm: False) except for HGNetV2-X; transformers
+    # freezes them by default
+    kwargs.setdefault("freeze_backbone_batch_norms", False)
+    if cfg.family == "deimv2":
+        kwargs[UPSTREAM_ARCH_KEY] = {"mlp_act": "silu"}  # see models/deimv2/arch.py
     kwargs.update(_overrides(cfg))
     kwargs.update(_loss_terms(cfg, family))
     _merge_extra(kwargs, cfg.extra, family)
@@ -130,6 +131,7 @@ def build_from_config(config: PreTrainedConfig) -> PreTrainedModel:
     family = family_of_config(config)
     model = family.model_class(config)
     apply_head_options(model)
+    apply_upstream_arch(model)
     if family.loss is not None:
         losses = tuple(getattr(config, "losses", family.loss.losses))
         model.loss_function = DeimCriterionLoss(LossRecipe(losses, family.loss.use_uni_set))

@@ -15,6 +15,13 @@ switches of transformers' `Deimv2Config`:
 | m     | ViT-Tiny+ (distilled) + STA | hybrid | 256 | 4 | 300 | 18.1M |
 | l     | DINOv3 ViT-S/16 + STA       | hybrid | 224 | 4 | 300 | 32.2M |
 | x     | DINOv3 ViT-S+/16 + STA      | hybrid | 256 | 6 | 300 | 50.3M |
+| hgnetv2_s | HGNetV2-B0, 3 levels    | hybrid | 256 | 3 | 300 | 9.3M  |
+| hgnetv2_m | HGNetV2-B2, 3 levels    | hybrid | 256 | 4 | 300 | 17.3M |
+| hgnetv2_l | HGNetV2-B4, 3 levels    | hybrid | 256 | 6 | 300 | 28.7M |
+| hgnetv2_x | HGNetV2-B5, 3 levels    | hybrid | 256 | 6 | 300 | 57.9M |
+
+The `hgnetv2_*` sizes are upstream's `configs/deimv2/deimv2_hgnetv2_{s,m,l,x}_coco.yml` (D-FINE-style HGNetV2
+detectors inside DEIMv2; their parameter counts are those of upstream's built models, not the paper's).
 
 Loss settings that differ per size live here too: upstream trains Atto/Femto/Pico with the MAL and box losses
 only (no FGL/DDF distillation) and without the dense one-to-one union of matches (`use_uni_set: False`).
@@ -37,20 +44,28 @@ _HGNETV2_STAGES: dict[str, dict[str, list]] = {
              "kernel": [3, 3, 5]},
     "B0": {"in": [16, 64, 256, 512], "mid": [16, 32, 64, 128], "out": [64, 256, 512, 1024],
            "blocks": [1, 1, 2, 1], "kernel": [3, 3, 5, 5]},
+    "B2": {"stem": [3, 24, 32], "in": [32, 96, 384, 768], "mid": [32, 64, 128, 256], "out": [96, 384, 768, 1536],
+           "blocks": [1, 1, 3, 1], "kernel": [3, 3, 5, 5], "layers": 4},
+    "B4": {"stem": [3, 32, 48], "in": [48, 128, 512, 1024], "mid": [48, 96, 192, 384],
+           "out": [128, 512, 1024, 2048], "blocks": [1, 1, 3, 1], "kernel": [3, 3, 5, 5], "layers": 6},
+    "B5": {"stem": [3, 32, 64], "in": [64, 128, 512, 1024], "mid": [64, 128, 256, 512],
+           "out": [128, 512, 1024, 2048], "blocks": [1, 2, 5, 2], "kernel": [3, 3, 5, 5], "layers": 6},
 }
 
 
-def _hgnetv2_backbone(name: str, out_indices: list[int]) -> dict[str, Any]:
-    """HGNetV2 backbone dict; `out_indices` count stages from 1 (upstream `return_idx` + 1)."""
+def _hgnetv2_backbone(name: str, out_indices: list[int], lab: bool = True) -> dict[str, Any]:
+    """HGNetV2 backbone dict; `out_indices` count stages from 1 (upstream `return_idx` + 1); `lab`: upstream
+    `use_lab` (learnable affine blocks)."""
     stages = _HGNETV2_STAGES[name]
     n = len(stages["out"])
+    layers = stages.get("layers", 3)
     return {
         "model_type": "hgnet_v2",
         "out_indices": out_indices,
-        "use_learnable_affine_block": True,
-        "stem_channels": [3, 16, 16],
+        "use_learnable_affine_block": lab,
+        "stem_channels": list(stages.get("stem", [3, 16, 16])),
         "hidden_sizes": list(stages["out"]),
-        "depths": [3] * n,
+        "depths": [layers] * n,
         "stage_in_channels": list(stages["in"]),
         "stage_mid_channels": list(stages["mid"]),
         "stage_out_channels": list(stages["out"]),
@@ -59,7 +74,7 @@ def _hgnetv2_backbone(name: str, out_indices: list[int]) -> dict[str, Any]:
         # the last two stages of B0 (and the last of the small ones) use light (depthwise) blocks
         "stage_light_block": [False, False] + [True] * (n - 2),
         "stage_kernel_size": list(stages["kernel"]),
-        "stage_numb_of_layers": [3] * n,
+        "stage_numb_of_layers": [layers] * n,
     }
 
 
@@ -136,6 +151,42 @@ def n() -> dict[str, Any]:
     }
 
 
+def _hgnetv2_hybrid(backbone: str, *, lab: bool, width: int, depth_mult: float, expansion: float,
+                    trailing_conv: bool, decoder_layers: int, enc_ffn: int = 1024) -> dict[str, Any]:
+    """HGNetV2 stages 2-4 (strides 8, 16, 32) under the three-level hybrid head with a 256-wide decoder:
+    upstream's `deimv2_hgnetv2_{s,m,l,x}` layout. `trailing_conv`: upstream encoder `version: dfine`
+    (RepNCSPELAN4) rather than `deim` (RepNCSPELAN5)."""
+    kwargs = _three_level_head(width, enc_ffn=enc_ffn, expansion=expansion, depth_mult=depth_mult, dec_ffn=2048,
+                               layers=decoder_layers, d_model=256)
+    kwargs.update(backbone_config=_hgnetv2_backbone(backbone, out_indices=[2, 3, 4], lab=lab),
+                  encoder_in_channels=list(_HGNETV2_STAGES[backbone]["out"][1:]),
+                  encoder_has_trailing_conv=trailing_conv)
+    return kwargs
+
+
+def hgnetv2_s() -> dict[str, Any]:
+    return _hgnetv2_hybrid("B0", lab=True, width=256, depth_mult=0.34, expansion=0.5, trailing_conv=True,
+                           decoder_layers=3)
+
+
+def hgnetv2_m() -> dict[str, Any]:
+    return _hgnetv2_hybrid("B2", lab=True, width=256, depth_mult=0.67, expansion=1.0, trailing_conv=False,
+                           decoder_layers=4)
+
+
+def hgnetv2_l() -> dict[str, Any]:
+    return _hgnetv2_hybrid("B4", lab=False, width=256, depth_mult=1.0, expansion=1.0, trailing_conv=False,
+                           decoder_layers=6)
+
+
+def hgnetv2_x() -> dict[str, Any]:
+    """B5 with frozen backbone batch norms (upstream `freeze_norm: True`), a 384-wide encoder, reg_scale 8."""
+    kwargs = _hgnetv2_hybrid("B5", lab=False, width=384, depth_mult=1.0, expansion=1.0, trailing_conv=False,
+                             decoder_layers=6, enc_ffn=2048)
+    kwargs.update(reg_scale=8.0, freeze_backbone_batch_norms=True)
+    return kwargs
+
+
 def _vit(hidden: int, heads: int, out_indices: list[int], *, dinov3: bool, gated: bool = False) -> dict[str, Any]:
     """ViT backbone dict. `dinov3=True`: the official DINOv3 small models (register tokens, layer scale,
     key bias, final norm); False: the distilled tiny ViTs used by S and M."""
@@ -162,11 +213,11 @@ def _vit(hidden: int, heads: int, out_indices: list[int], *, dinov3: bool, gated
     }
 
 
-def _dinov3_head(width: int, *, sta: int, enc_ffn: int, expansion: float, depth_mult: float, dec_ffn: int,
-                 layers: int) -> dict[str, Any]:
-    """Hybrid encoder + decoder over three levels (strides 8, 16, 32) fused from ViT and STA features."""
+def _three_level_head(width: int, *, enc_ffn: int, expansion: float, depth_mult: float, dec_ffn: int,
+                      layers: int, d_model: int | None = None) -> dict[str, Any]:
+    """Hybrid encoder (`width` channels, AIFI on the stride-32 level) + decoder over three levels (strides 8,
+    16, 32); the decoder is `d_model` wide (default: `width`)."""
     return {
-        "spatial_tuning_adapter_inplanes": sta,
         "encoder_type": "hybrid",
         "encoder_has_trailing_conv": False,
         "encoder_in_channels": [width] * 3,
@@ -178,7 +229,7 @@ def _dinov3_head(width: int, *, sta: int, enc_ffn: int, expansion: float, depth_
         "hidden_expansion": expansion,
         "depth_mult": depth_mult,
         "activation_function": "silu",
-        "d_model": width,
+        "d_model": d_model or width,
         "decoder_in_channels": [width] * 3,
         "num_feature_levels": 3,
         "decoder_n_points": [3, 6, 3],
@@ -187,6 +238,15 @@ def _dinov3_head(width: int, *, sta: int, enc_ffn: int, expansion: float, depth_
         "decoder_activation_function": "silu",
         "num_queries": 300,
     }
+
+
+def _dinov3_head(width: int, *, sta: int, enc_ffn: int, expansion: float, depth_mult: float, dec_ffn: int,
+                 layers: int) -> dict[str, Any]:
+    """The three-level head over ViT features fused with the spatial tuning adapter's (`sta` channels)."""
+    kwargs = _three_level_head(width, enc_ffn=enc_ffn, expansion=expansion, depth_mult=depth_mult, dec_ffn=dec_ffn,
+                               layers=layers)
+    kwargs["spatial_tuning_adapter_inplanes"] = sta
+    return kwargs
 
 
 def s() -> dict[str, Any]:
@@ -215,6 +275,7 @@ def x() -> dict[str, Any]:
 
 VARIANTS: dict[str, Callable[[], dict[str, Any]]] = {
     "tiny": tiny, "atto": atto, "femto": femto, "pico": pico, "n": n, "s": s, "m": m, "l": l, "x": x,
+    "hgnetv2_s": hgnetv2_s, "hgnetv2_m": hgnetv2_m, "hgnetv2_l": hgnetv2_l, "hgnetv2_x": hgnetv2_x,
 }
 """Variant name -> function returning fresh `Deimv2Config` keyword arguments (without `num_labels`)."""
 
@@ -223,7 +284,8 @@ PAPER_PARAMS_M: dict[str, float] = {
 }
 """Parameter counts (millions, 80 COCO classes) reported by the DEIMv2 paper."""
 
-HGNETV2_VARIANTS = frozenset({"tiny", "atto", "femto", "pico", "n"})
+HGNETV2_VARIANTS = frozenset({"tiny", "atto", "femto", "pico", "n", "hgnetv2_s", "hgnetv2_m", "hgnetv2_l",
+                              "hgnetv2_x"})
 DINOV3_VARIANTS = frozenset({"s", "m", "l", "x"})
 """DINOv3 variants expect ImageNet mean/std normalised input (upstream adds `Normalize` for them)."""
 

@@ -170,8 +170,8 @@ def test_flat_phase_into_no_aug_phase_is_reported(write):
 
 
 def test_unsupported_backbone_is_an_error():
-    with pytest.raises(ConfigError, match=r"`HGNetv2.name: B4` matches no DEIMv2 variant; known: Atto \(atto\)"):
-        load_config(N, ["HGNetv2.name=B4"])
+    with pytest.raises(ConfigError, match=r"`HGNetv2.name: B6` matches no DEIMv2 variant; known: Atto \(atto\)"):
+        load_config(N, ["HGNetv2.name=B6"])
 
 
 def test_unsupported_model_is_an_error():

@@ -18,7 +18,7 @@ from deim_ray.models import (
 
 
 def test_unknown_variant_lists_valid_ones():
-    with pytest.raises(ModelError, match=r"unknown DEIMv2 variant 'q'; choose one of: tiny, atto, .*, x$"):
+    with pytest.raises(ModelError, match=r"unknown DEIMv2 variant 'q'; choose one of: tiny, atto, .*, hgnetv2_x$"):
         build_model_config(ModelConfig(variant="q"), 3)
 
 

@@ -32,7 +32,7 @@ def test_sizes_grow_monotonically(param_counts):
 
 
 def test_every_variant_is_listed_and_tiny_is_small():
-    assert set(VARIANTS) == {"tiny", *PAPER_PARAMS_M}
+    assert set(VARIANTS) == {"tiny", *PAPER_PARAMS_M, "hgnetv2_s", "hgnetv2_m", "hgnetv2_l", "hgnetv2_x"}
     assert count_parameters(build_model(ModelConfig(variant="tiny"), num_classes=80)) < 400_000
 
 
