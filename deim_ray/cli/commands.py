@@ -152,3 +152,12 @@ def import_config(args: argparse.Namespace) -> int:
     for line in unhonoured:
         print(f"  not honoured: {line}")
     return 0
+
+
+def convert_weights(args: argparse.Namespace) -> int:
+    from deim_ray.models.convert.command import convert_checkpoint
+
+    path, report = convert_checkpoint(args.checkpoint, args.config, args.output)
+    print(report.summary())
+    print(f"wrote {path}")
+    return 0

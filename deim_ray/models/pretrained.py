@@ -7,7 +7,8 @@
   `harshaljanjani/DEIMv2_HGNetv2_N_COCO_Transformers` (downloaded once into the Hugging Face cache; needs network
   or a pre-filled cache);
 - a `.pth` file: a deim_ray `final.pth` or training checkpoint, a plain state dict, or an upstream DEIMv2
-  checkpoint dict (`ema.module` preferred over `model`, as upstream's tuning loader does).
+  checkpoint (official release or your own `best_stg2.pth`; `ema.module` preferred over `model`, as upstream's
+  tuning loader does), whose tensor names are converted as `deim-ray convert-weights` does.
 
 Fine-tuning a COCO-trained model on your own classes (README snippet)::
 
@@ -25,10 +26,9 @@ denoising label embedding) start fresh for your class count.
 
 Only tensors whose name AND shape equal the built model's are copied; everything else keeps its fresh
 initialisation (e.g. class heads for another class count) and is listed in the returned `PretrainedReport`.
-Weights must be in transformers' key layout: upstream `.pth` files, and the `Intellindust/DEIMv2_*_COCO` hub
-repos as transformers' conversion script reads them, use the original layout and need transformers'
-`convert_deimv2_original_pytorch_checkpoint_to_hf.py` (GitHub source, not shipped in the wheel) first; a source
-of which nothing matches is an error, never a silent from-scratch run.
+Upstream tensor names (a `.pth` checkpoint, or the original-layout `model.safetensors` of the
+`Intellindust/DEIMv2_*_COCO` hub repos once downloaded) are renamed on the fly as `deim-ray convert-weights`
+does. A source of which nothing matches is an error, never a silent from-scratch run.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from safetensors.torch import load_file as load_safetensors
 from torch import nn
 from transformers import Deimv2ForObjectDetection, PreTrainedConfig
 
+from deim_ray.models.convert import is_upstream_state_dict, to_transformers_names
 from deim_ray.models.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,7 @@ def load_pretrained(model: nn.Module, source: str) -> PretrainedReport:
     report = _copy_matching(model, source_sd, source)
     if not report.loaded:
         raise ModelError(f"no tensor of {source} matches the model by name and shape; give a DEIMv2 checkpoint "
-                         "in transformers layout (convert upstream weights with transformers' "
-                         "convert_deimv2_original_pytorch_checkpoint_to_hf.py)")
+                         "of the same size as model.variant (transformers, deim_ray or upstream DEIMv2 layout)")
     if len(report.loaded) < len(report.reinitialised):
         log.warning("only %d of %d tensors came from %s: is model.variant the size these weights were "
                     "trained with?", len(report.loaded), len(report.loaded) + len(report.reinitialised), source)
@@ -89,9 +89,10 @@ def read_state_dict(source: str) -> dict[str, torch.Tensor]:
     if path.is_dir():
         return _from_transformers(str(path), source)
     if path.is_file():
-        if path.suffix == ".safetensors":
-            return _from_safetensors(path)
-        return _from_torch_file(path)
+        state = _from_safetensors(path) if path.suffix == ".safetensors" else _from_torch_file(path)
+        if is_upstream_state_dict(state):  # upstream DEIMv2 names: rename to transformers' (models/convert)
+            state, _, _ = to_transformers_names(state)
+        return state
     if _looks_like_hub_id(source):
         return _from_transformers(source, source)
     raise ModelError(f"model.pretrained {source!r} is not an existing file or folder, nor a hub id like "

@@ -60,11 +60,12 @@ def test_ddp_prefixed_plain_state_dict(tmp_path, source_model):
     assert torch.equal(model.state_dict()[BACKBONE_CONV], source_model.state_dict()[BACKBONE_CONV])
 
 
-def test_upstream_key_layout_is_an_error_not_a_silent_scratch_run(tmp_path):
-    upstream = {"backbone.stem.stem1.conv.weight": torch.zeros(16, 3, 3, 3),
-                "decoder.dec_score_head.0.weight": torch.zeros(80, 64)}
+def test_upstream_checkpoint_of_another_size_is_an_error_not_a_silent_scratch_run(tmp_path):
+    # upstream names are converted (test_convert.py); here no tensor has the tiny model's shape
+    upstream = {"backbone.stem.stem1.conv.weight": torch.zeros(24, 3, 3, 3),
+                "decoder.dec_score_head.0.weight": torch.zeros(80, 256)}
     torch.save({"ema": {"module": upstream, "updates": 1}, "last_epoch": 10}, tmp_path / "best_stg2.pth")
-    with pytest.raises(ModelError, match="no tensor of .* matches the model by name and shape; .*convert"):
+    with pytest.raises(ModelError, match="no tensor of .* matches the model by name and shape; .*same size"):
         build_model(ModelConfig(variant="tiny", pretrained=str(tmp_path / "best_stg2.pth")), 3)
 
 
