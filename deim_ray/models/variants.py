@@ -208,6 +208,7 @@ def _vit(hidden: int, heads: int, out_indices: list[int], *, dinov3: bool, gated
         "key_bias": dinov3,
         "apply_layernorm": dinov3,
         "rope_theta": 100.0,
+        "layer_norm_eps": 1e-5 if dinov3 else 1e-6,  # upstream: DINOv3 "layernormbf16", ViT-Tiny eps 1e-6
         "out_indices": out_indices,
         "reshape_hidden_states": True,
     }

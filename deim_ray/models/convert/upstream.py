@@ -10,7 +10,7 @@ Strict loading refuses a checkpoint when an upstream tensor has no rule or no co
 shape differs, or when a model tensor gets no value, except these, whose fresh value is what upstream computes:
 - `layer_scale{1,2}.lambda1` of ViTs without layer scale (upstream's distilled ViT-Tiny): initialised to 1.0;
 - empty `register_tokens` (ViTs without registers);
-- `embeddings.mask_token` and, without `apply_layernorm`, the ViT's final `norm`: unused at inference;
+- `embeddings.mask_token`: unused at inference;
 - a ViT key bias absent from the model: a constant added to every key, which softmax cancels.
 """
 
@@ -26,7 +26,7 @@ from torch import nn
 from deim_ray.models.convert.keys import IGNORED, rename, split_fused
 from deim_ray.models.errors import ModelError
 
-_KEEP_INIT = re.compile(r"(layer_scale[12]\.lambda1|register_tokens|embeddings\.mask_token|conv_encoder\.backbone\.norm\.\w+)$")
+_KEEP_INIT = re.compile(r"(layer_scale[12]\.lambda1|register_tokens|embeddings\.mask_token)$")
 # upstream tensors that may have no place: a ViT key bias (see above) and the decoder layers' `norm2`, which
 # upstream keeps but skips when the layer has a gateway (transformers then builds no such norm)
 _UNUSED = re.compile(r"(\.attention\.k_proj\.bias|\.encoder_attn_layer_norm\.weight)$")
@@ -152,8 +152,6 @@ def _keeps_init(config, tensor: torch.Tensor, name: str) -> bool:
         return tensor.numel() == 0
     if name.endswith("lambda1"):
         return getattr(backbone, "layerscale_value", None) == 1.0
-    if ".backbone.norm." in name:
-        return not getattr(backbone, "apply_layernorm", True)
     return True
 
 

@@ -10,6 +10,9 @@ transformers' DEIMv2 differs from upstream's `DEIMTransformer` in three places t
 - upstream's HybridEncoder projects a backbone level only when its channel count differs from the encoder
   width (`nn.Identity` otherwise: HGNetV2-S's 256-channel stride-8 level); transformers always projects.
 
+- transformers' ViT backbone always layer-normalises its last feature map; upstream's distilled ViT-Tiny
+  (DINOv3-S/M, `apply_layernorm: False`) returns it raw.
+
 It also zero-initialises the last layer of `enc_bbox_head` and `pre_bbox_head` as upstream does (transformers
 only zeroes the decoder `bbox_embed`).
 
@@ -46,6 +49,9 @@ def _apply_upstream(model: Deimv2ForObjectDetection, arch: dict) -> None:
         lqe.reg_conf.act = ACT2CLS[lqe_act]()
     inner.enc_output = nn.Identity()
     _identity_projections(model)
+    backbone = getattr(inner.conv_encoder, "backbone", None)
+    if backbone is not None and not getattr(backbone.config, "apply_layernorm", True):
+        backbone.norm = nn.Identity()
     with torch.no_grad():
         for mlp in (inner.enc_bbox_head, inner.decoder.pre_bbox_head):
             mlp.layers[-1].weight.zero_()

@@ -1,0 +1,53 @@
+"""models/deimv2/arch.py: upstream's architecture on transformers' DEIMv2, switched by `config.upstream_arch`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deim_ray.config.schema import ModelConfig
+from deim_ray.models import build_model_config
+from deim_ray.models.deimv2 import UPSTREAM_ARCH_KEY, make_detector
+
+
+X = torch.linspace(-3, 3, 13)
+
+
+def _is_silu(act) -> bool:
+    return torch.allclose(act(X), nn.functional.silu(X))
+
+
+def _heads(model):
+    inner = model.model
+    return [inner.enc_bbox_head, inner.decoder.pre_bbox_head, *inner.decoder.bbox_embed, *model.bbox_embed,
+            *(lqe.reg_conf for lqe in inner.decoder.lqe_layers)]
+
+
+def test_upstream_arch_silu_heads_no_enc_output_zero_init():
+    torch.manual_seed(0)
+    model = make_detector(build_model_config(ModelConfig(variant="tiny"), 3))
+    assert all(_is_silu(mlp.act) for mlp in _heads(model))
+    assert isinstance(model.model.enc_output, nn.Identity)
+    assert not any(k.startswith("model.enc_output.") for k in model.state_dict())
+    for mlp in (model.model.enc_bbox_head, model.model.decoder.pre_bbox_head):
+        assert not mlp.layers[-1].weight.any() and not mlp.layers[-1].bias.any()
+    with torch.no_grad():
+        out = model.eval()(pixel_values=torch.rand(1, 3, 160, 160))
+    assert torch.isfinite(out.logits).all() and out.pred_boxes.shape == (1, 30, 4)
+
+
+def test_identity_projection_where_upstream_has_none():
+    config = build_model_config(ModelConfig(variant="hgnetv2_s"), 80)
+    with torch.device("meta"):
+        model = make_detector(config)
+    projections = model.model.conv_encoder.encoder_input_proj
+    assert isinstance(projections[0], nn.Identity)  # B0 stage 2 has 256 channels, the encoder width
+    assert not isinstance(projections[1], nn.Identity) and not isinstance(projections[2], nn.Identity)
+
+
+def test_config_without_the_key_builds_transformers_architecture():
+    config = build_model_config(ModelConfig(variant="tiny"), 3)
+    delattr(config, UPSTREAM_ARCH_KEY)
+    model = make_detector(config)
+    assert not isinstance(model.model.enc_output, nn.Identity)
+    assert torch.equal(model.model.enc_bbox_head.act(X), X.relu())
