@@ -7,7 +7,8 @@ from torch import nn
 
 from deim_ray.config.schema import ModelConfig
 from deim_ray.models import build_model_config
-from deim_ray.models.deimv2 import UPSTREAM_ARCH_KEY, make_detector
+from deim_ray.models.build import build_from_config
+from deim_ray.models.deimv2 import UPSTREAM_ARCH_KEY
 
 
 X = torch.linspace(-3, 3, 13)
@@ -25,7 +26,7 @@ def _heads(model):
 
 def test_upstream_arch_silu_heads_no_enc_output_zero_init():
     torch.manual_seed(0)
-    model = make_detector(build_model_config(ModelConfig(variant="tiny"), 3))
+    model = build_from_config(build_model_config(ModelConfig(variant="tiny"), 3))
     assert all(_is_silu(mlp.act) for mlp in _heads(model))
     assert isinstance(model.model.enc_output, nn.Identity)
     assert not any(k.startswith("model.enc_output.") for k in model.state_dict())
@@ -39,7 +40,7 @@ def test_upstream_arch_silu_heads_no_enc_output_zero_init():
 def test_identity_projection_where_upstream_has_none():
     config = build_model_config(ModelConfig(variant="hgnetv2_s"), 80)
     with torch.device("meta"):
-        model = make_detector(config)
+        model = build_from_config(config)
     projections = model.model.conv_encoder.encoder_input_proj
     assert isinstance(projections[0], nn.Identity)  # B0 stage 2 has 256 channels, the encoder width
     assert not isinstance(projections[1], nn.Identity) and not isinstance(projections[2], nn.Identity)
@@ -48,6 +49,6 @@ def test_identity_projection_where_upstream_has_none():
 def test_config_without_the_key_builds_transformers_architecture():
     config = build_model_config(ModelConfig(variant="tiny"), 3)
     delattr(config, UPSTREAM_ARCH_KEY)
-    model = make_detector(config)
+    model = build_from_config(config)
     assert not isinstance(model.model.enc_output, nn.Identity)
     assert torch.equal(model.model.enc_bbox_head.act(X), X.relu())

@@ -20,7 +20,7 @@ from deim_ray.config.loader import load_config
 from deim_ray.config.schema import ModelConfig
 from deim_ray.models import ModelError, build_model_config, build_model_with_report, load_final
 from deim_ray.models.convert import match_upstream_state
-from deim_ray.models.deimv2 import make_detector
+from deim_ray.models.build import build_from_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "upstream"
 CONFIGS = Path(__file__).parents[1] / "config" / "fixtures" / "upstream" / "deimv2"
@@ -106,7 +106,7 @@ def test_unmapped_upstream_tensor_is_named(tmp_path):
     sd["decoder.extra_head.weight"] = torch.empty(3, device="meta")
     config = build_model_config(load_config(_config("hgnetv2_atto")).model, 80)
     with torch.device("meta"):
-        target = make_detector(config).state_dict()
+        target = build_from_config(config).state_dict()
     with pytest.raises(ModelError, match=r"1 upstream tensors with no deim_ray counterpart: decoder\.extra_head"):
         match_upstream_state(sd, target, config, "x.pth")
 
@@ -117,7 +117,7 @@ def test_every_upstream_tensor_maps_onto_the_model_built_from_its_config(name):
     assert cfg.model.variant == VARIANTS[name]
     config = build_model_config(cfg.model, 80)
     with torch.device("meta"):
-        model = make_detector(config)
+        model = build_from_config(config)
     sd = {k: torch.empty(s, device="meta") for k, s in MODELS[name]["shapes"].items()}
     converted, kept, _ = match_upstream_state(sd, model.state_dict(), config, name)  # raises on any misfit
     assert len(converted) + len(kept) == len(model.state_dict())
