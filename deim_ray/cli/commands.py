@@ -16,15 +16,25 @@ def _load(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace, cfg) -> int:
+    from deim_ray.driver.console import Console
     from deim_ray.driver.run import RunRequest, run_training
     from deim_ray.storage import format_resolution
 
+    console = None if args.quiet else Console()
     manifest = run_training(RunRequest(cfg=cfg, storage_uri=args.storage, name=args.name, workers=args.workers,
                                        gpu=args.gpu, max_failures=args.max_failures, restart=args.restart,
-                                       cpus_per_worker=args.cpus_per_worker))
-    print(epoch_table(args.storage, args.name))
+                                       cpus_per_worker=args.cpus_per_worker, console=console))
+    if console is None or not console.epochs_shown:  # the epochs were not streamed by this command
+        print(epoch_table(args.storage, args.name, cfg.storage, cfg.schedule.epochs))
     print(format_resolution(manifest))
+    print(_next_steps(args.storage, args.name))
     return 0
+
+
+def _next_steps(storage: str, name: str) -> str:
+    run = f"{storage.rstrip('/')}/{name}"
+    return (f"plots: {run}/plots/metrics.png   tensorboard: tensorboard --logdir {run}/tb\n"
+            f"use it: deim-ray predict {run} IMAGES... -o predictions/   deim-ray export {run} --format onnx")
 
 
 def train(args: argparse.Namespace) -> int:
@@ -39,20 +49,17 @@ def demo(args: argparse.Namespace) -> int:
     return _run(args, _load(args))
 
 
-def epoch_table(storage_uri: str, name: str) -> str:
-    """The per-epoch table printed at the end of a run (from its metrics.jsonl)."""
+def epoch_table(storage_uri: str, name: str, storage_cfg=None, epochs: int | None = None) -> str:
+    """The run's epochs, one line each as the console prints them (from its metrics.jsonl, read with the
+    run's own storage settings)."""
+    from deim_ray.driver.console import epoch_line
     from deim_ray.storage import RunStore, open_storage
 
-    store = RunStore(open_storage(storage_uri), name)
+    store = RunStore(open_storage(storage_uri, storage_cfg), name)
     if not store.exists("metrics.jsonl"):
         return "(no metrics recorded)"
     rows = [json.loads(line) for line in store.read_text("metrics.jsonl").splitlines() if line.strip()]
-    lines = [f"{'epoch':>5}  {'stage':>5}  {'loss':>8}  {'AP':>7}  {'AP50':>7}  {'lr':>9}  note"]
-    for r in rows:
-        note = "restart from best_stg1" if r.get("restarted_from_stg1") else ""
-        lines.append(f"{r['epoch']:>5}  {r['stage']:>5}  {r['loss']:>8.4f}  {r['ap']:>7.4f}  "
-                     f"{r['coco_stats'][1]:>7.4f}  {r['lr']:>9.2e}  {note}")
-    return "\n".join(lines)
+    return "\n".join(epoch_line(r, epochs) for r in rows)
 
 
 def tune(args: argparse.Namespace) -> int:
@@ -67,25 +74,63 @@ def tune(args: argparse.Namespace) -> int:
     return 0 if summary.best else 1
 
 
+def _storage_cfg(args: argparse.Namespace):
+    """`--endpoint-url` as a StorageConfig (None keeps the AWS environment's endpoint)."""
+    from deim_ray.config.schema import StorageConfig
+
+    return StorageConfig(endpoint_url=args.endpoint_url) if getattr(args, "endpoint_url", None) else None
+
+
 def resolve(args: argparse.Namespace) -> int:
     from deim_ray.storage import describe_run
 
-    print(describe_run(args.run, verify=not args.no_verify))
+    print(describe_run(args.run, _storage_cfg(args), verify=not args.no_verify))
     return 0
 
 
 def fetch(args: argparse.Namespace) -> int:
     from deim_ray.storage.retrieve import fetch as fetch_artifact
 
-    path = fetch_artifact(args.run, which=args.which, out_dir=args.output, force=args.force)
+    path = fetch_artifact(args.run, which=args.which, out_dir=args.output, storage_cfg=_storage_cfg(args),
+                          force=args.force)
     print(f"{args.which}: {path} (sha256 verified)")
+    return 0
+
+
+def plot(args: argparse.Namespace) -> int:
+    from deim_ray.driver.plots import redraw
+    from deim_ray.storage import open_run_dir
+
+    print(f"wrote {redraw(open_run_dir(args.run, _storage_cfg(args)))}")
+    return 0
+
+
+def predict(args: argparse.Namespace) -> int:
+    from deim_ray.driver.use import UseError, predict as run_predict
+
+    if args.batch_size < 1 or not 0.0 <= args.score <= 1.0:
+        raise UseError("--batch-size must be >= 1 and --score within [0, 1]")
+    path = run_predict(args.model, args.images, args.output, score=args.score, batch_size=args.batch_size,
+                       device=args.device, storage_cfg=_storage_cfg(args), force=args.force)
+    count = len(json.loads(path.read_text()))
+    print(f"wrote {path} ({count} detections with score >= {args.score}) and the drawn images in {path.parent}")
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    from deim_ray.driver.use import export as run_export
+
+    path = run_export(args.model, args.output, fmt=args.format, opset=args.opset, dynamic_batch=args.dynamic_batch,
+                      storage_cfg=_storage_cfg(args), force=args.force)
+    print(f"wrote {path} (inputs: images, orig_target_sizes; outputs: labels, boxes, scores; class names and "
+          "preprocessing in its metadata)")
     return 0
 
 
 def ls(args: argparse.Namespace) -> int:
     from deim_ray.storage.retrieve import list_runs
 
-    runs = list_runs(args.root)
+    runs = list_runs(args.root, _storage_cfg(args))
     if not runs:
         print(f"no runs under {args.root}")
         return 0

@@ -81,9 +81,45 @@ def _add_run_args(p: argparse.ArgumentParser, default_name: str | None) -> None:
     p.add_argument("--restart", action="store_true", help="start this run name over instead of resuming it")
 
 
+def _add_endpoint_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
+
+
+def _add_use_commands(sub) -> None:
+    """Commands that look at a finished run or use its model: plot, predict, export."""
+    p = sub.add_parser("plot", help="redraw a run's plots/metrics.png (AP, loss, LR per epoch) from its metrics")
+    p.add_argument("run", help="run directory or s3://bucket/prefix/NAME")
+    _add_endpoint_arg(p)
+    p.set_defaults(func=commands.plot)
+
+    p = sub.add_parser("predict", help="detect objects in images with a run's final model")
+    p.add_argument("model", metavar="RUN|final.pth", help="run directory, s3://bucket/prefix/NAME or a final.pth")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    p.add_argument("-o", "--output", default="predictions", help="output folder (default predictions)")
+    p.add_argument("--score", type=float, default=0.3, help="keep detections scoring at least this (default 0.3)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    _add_endpoint_arg(p)
+    p.set_defaults(func=commands.predict)
+
+    p = sub.add_parser("export", help="export a run's final model (postprocessing included) for deployment")
+    p.add_argument("model", metavar="RUN|final.pth", help="run directory, s3://bucket/prefix/NAME or a final.pth")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="output format (default onnx)")
+    p.add_argument("-o", "--output", default="model.onnx", help="file to write (default model.onnx)")
+    p.add_argument("--dynamic-batch", action="store_true", help="any batch size instead of a fixed batch of 1")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    _add_endpoint_arg(p)
+    p.set_defaults(func=commands.export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="deim-ray", description=__doc__.splitlines()[0])
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    noise.add_argument("-v", "--verbose", action="store_true",
+                       help="also Ray's own lines, the workers' logs and library chatter")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="two-stage training on Ray Train")
@@ -118,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory or s3://bucket/prefix/NAME")
     p.add_argument("--no-verify", action="store_true",
                    help="skip re-reading the artifact to check its size and sha256 against the manifest")
+    _add_endpoint_arg(p)
     p.set_defaults(func=commands.resolve)
 
     p = sub.add_parser("fetch", help="download a run's artifact and verify its sha256")
@@ -125,11 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default=".", help="output directory (default .)")
     p.add_argument("--which", default="final", choices=["final", "best_stg1", "best_stg2", "last"])
     p.add_argument("--force", action="store_true", help="replace a different file of the same name in the output")
+    _add_endpoint_arg(p)
     p.set_defaults(func=commands.fetch)
 
     p = sub.add_parser("ls", help="list runs under a storage root with state and final AP")
     p.add_argument("root", help="storage root: a directory or s3://bucket/prefix")
+    _add_endpoint_arg(p)
     p.set_defaults(func=commands.ls)
+
+    _add_use_commands(sub)
 
     p = sub.add_parser("info", help="model size, the whole schedule phase by phase (checked as train checks), "
                                     "and the loader workers needed")
@@ -168,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed as one line
         return e.code if isinstance(e.code, int) else 0
-    setup_logging(quiet=args.quiet)
+    setup_logging(quiet=args.quiet, verbose=args.verbose)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

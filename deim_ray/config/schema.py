@@ -219,6 +219,8 @@ class TrainConfig:
     """Ray checkpoints kept per stage (the latest is always kept too)."""
     print_freq: int = 10
     """Log a progress line every this many iterations."""
+    tensorboard: bool = True
+    """Write TensorBoard event files (losses, COCO stats, LR, times) under the run directory's `tb/`."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from contextvars import ContextVar
 
 import ray
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from deim_ray.config.errors import ConfigError
@@ -28,6 +28,7 @@ from deim_ray.data.errors import DataError
 from deim_ray.engine.optim import ParamGroupError
 from deim_ray.engine.state import CheckpointError
 from deim_ray.models.errors import ModelError
+from deim_ray.logs import is_verbose
 from deim_ray.storage import RunStore
 
 log = logging.getLogger("deim_ray.driver")
@@ -107,27 +108,44 @@ def ensure_ray(address: str | None = None, resources: dict[str, float] | None = 
         return
     source = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
+    level = logging.INFO if is_verbose() else logging.WARNING
     if address in (None, "", "auto"):
         address, file = _recorded_address()
         source = f"recorded by `ray start` in {file}"
     if address and address != "local":  # a cluster (or `ray job submit`): its runtime_env stays in charge
         check_reachable(address, source)
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=level)
         return
     dashboard_port = _free_port()
-    ray.init(address="local", logging_level=logging.WARNING, resources=resources, dashboard_port=dashboard_port,
-             runtime_env={"env_vars": {
-                 "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
-                 # Ray Train's placement-group cleaner (it releases the workers of a run whose controller died,
-                 # e.g. a Tune trial ASHA stopped) finds the State API by auto-detection, which fails when
-                 # several local Ray instances share the machine: name this instance's API server.
-                 "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}})
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
+           # Ray Train's placement-group cleaner (it releases the workers of a run whose controller died,
+           # e.g. a Tune trial ASHA stopped) finds the State API by auto-detection, which fails when
+           # several local Ray instances share the machine: name this instance's API server.
+           "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
+    if not is_verbose():  # a local instance is never preempted; its watcher only logs a core_worker error per stage
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    with _quiet_token_notice():
+        ray.init(address="local", logging_level=level, resources=resources, dashboard_port=dashboard_port,
+                 runtime_env={"env_vars": env})
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def _quiet_token_notice() -> Iterator[None]:
+    """Hide Ray's "Token authentication is enabled" notice about the local instance we start (shown with -v)."""
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    old = notice.level
+    if not is_verbose():
+        notice.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        notice.setLevel(old)
 
 
 def check_capacity(workers: int, gpu: bool, cpus_per_worker: float) -> None:
@@ -174,7 +192,9 @@ def run_stage(*, stage: Stage, args: dict, store: RunStore, attempt: int, worker
             name=f"stage{int(stage)}-a{attempt}", storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=max(keep_checkpoints, 1)),
-            callbacks=[StopOnInputErrors(), *_STAGE_CALLBACKS.get()]),
+            callbacks=[StopOnInputErrors(), *_STAGE_CALLBACKS.get()],
+            # Ray Train's per-report and per-checkpoint lines stay in its log files unless -v
+            logging_config=LoggingConfig(log_level="INFO" if is_verbose() else "WARNING")),
     )
     log.info("stage %d: starting %d worker(s) (%s)", int(stage), workers, "GPU/NCCL" if gpu else "CPU/gloo")
     try:

@@ -12,6 +12,7 @@ cluster must be able to place the workers (`check_capacity`), so bad input fails
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -24,9 +25,11 @@ from deim_ray.config.schedule import BEST_STG1, FINAL, Stage
 from deim_ray.config.loader import config_from_dict, config_sha256, config_to_dict, diff_configs, dump_yaml
 from deim_ray.config.schema import Config
 from deim_ray.config.validate import validate
+from deim_ray.driver.console import Console
 from deim_ray.driver.preflight import absolute_paths, check_request, check_writable, preflight
 from deim_ray.driver.ray_stage import StageRunFailed, check_capacity, ensure_ray, run_stage
 from deim_ray.engine.state import load_train_state
+from deim_ray.logs import is_verbose
 from deim_ray.models.export import make_final_checkpoint
 from deim_ray.storage import Manifest, RunState, RunStore, open_storage, resolve_final
 
@@ -49,6 +52,8 @@ class RunRequest:
     max_failures: int = 3
     restart: bool = False
     cpus_per_worker: float = 1.0
+    console: Console | None = None
+    """Prints one line per epoch (and a progress bar on a terminal); None under Tune or `-q`."""
 
 
 def _stored_config(store: RunStore) -> Config | None:
@@ -90,13 +95,14 @@ def open_run(req: RunRequest, store: RunStore) -> Manifest:
     return manifest
 
 
-def _stage_args(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | None) -> dict:
+def _stage_args(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | None, board: str | None) -> dict:
     """What every worker gets: the config with paths made absolute here (the workers' working directory is
-    not ours), and the identity of the config as the user wrote it."""
+    not ours), the identity of the config as the user wrote it, and the console's board."""
     tree = config_to_dict(absolute_paths(req.cfg))
     tree.pop("source", None)
     return {"config": tree, "config_sha256": config_sha256(req.cfg), "stage": int(stage),
-            "storage_uri": store.storage.uri, "run_name": req.name, "best_stg1_sha256": stg1_sha}
+            "storage_uri": store.storage.uri, "run_name": req.name, "best_stg1_sha256": stg1_sha,
+            "board": board, "verbose": is_verbose()}
 
 
 def _run_stage(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | None = None) -> dict:
@@ -104,11 +110,13 @@ def _run_stage(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | N
     checkpoint); returns the last report: per-worker digests of the weights the workers started from and
     whether they resumed from a checkpoint (an empty dict when a finished run had nothing left to report)."""
     manifest = store.read_manifest()
+    watch = req.console.watch(req.cfg.schedule.epochs) if req.console else contextlib.nullcontext()
     try:
-        result = run_stage(stage=stage, args=_stage_args(req, store, stage, stg1_sha), store=store,
-                  attempt=manifest.attempt, workers=req.workers, gpu=req.gpu,
-                  max_failures=req.max_failures, cpus_per_worker=req.cpus_per_worker,
-                  keep_checkpoints=req.cfg.train.keep_checkpoints)
+        with watch as board:
+            result = run_stage(stage=stage, args=_stage_args(req, store, stage, stg1_sha, board), store=store,
+                               attempt=manifest.attempt, workers=req.workers, gpu=req.gpu,
+                               max_failures=req.max_failures, cpus_per_worker=req.cpus_per_worker,
+                               keep_checkpoints=req.cfg.train.keep_checkpoints)
     except StageRunFailed as e:
         reason = _worker_error(e.__cause__) or str(e)
         store.transition(RunState.FAILED, note=f"stage {int(stage)}: {reason}")
@@ -134,6 +142,8 @@ def _switch(store: RunStore, stop_epoch: int) -> str:
                        "best_stg1_epoch": record.epoch, "best_stg1_ap": record.ap}
     store.write_manifest(manifest)
     store.transition(RunState.STAGE1_DONE, note=f"best_stg1 epoch {record.epoch} AP {record.ap:.4f} verified")
+    log.info("stage 1 -> 2: best_stg1 (epoch %d, AP %.3f, sha256 %s) verified; stage 2 trains on clean data from it",
+             record.epoch, record.ap, record.sha256[:12])
     return record.sha256
 
 

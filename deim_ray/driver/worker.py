@@ -18,7 +18,10 @@ import ray.train.torch
 
 from deim_ray.config.loader import config_from_dict
 from deim_ray.config.schedule import BEST_STG1, Stage
+from deim_ray.driver.console import BoardHook
 from deim_ray.driver.hooks import FaultHook, RayReportHook, RunSyncHook
+from deim_ray.driver.plots import PlotHook
+from deim_ray.driver.tensorboard import TensorBoardHook
 from deim_ray.engine.hooks import ProgressHook
 from deim_ray.logs import setup_logging
 from deim_ray.engine.state import load_train_state
@@ -40,6 +43,9 @@ class WorkerArgs:
     storage_uri: str
     run_name: str
     best_stg1_sha256: str | None = None
+    board: str | None = None
+    """Name of the driver's console board (driver/console.py); None where no console watches (Tune)."""
+    verbose: bool = False
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -68,8 +74,8 @@ def _read_best_stg1(store: RunStore, expected_sha256: str, sha: str) -> dict:
 
 def train_stage(args_dict: dict) -> None:
     """Ray Train entry point (`train_loop_per_worker`)."""
-    setup_logging()
     args = WorkerArgs(**args_dict)
+    setup_logging(quiet=not args.verbose, verbose=args.verbose)
     cfg = config_from_dict(args.config)
     stage = Stage(args.stage)
     fault = FaultHook.from_env(os.environ)  # test-only; None unless DEIM_RAY_FAULT is set
@@ -80,6 +86,8 @@ def train_stage(args_dict: dict) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="deim_ray_scratch_"))
     sync = RunSyncHook(store, scratch, resume=resume)
     # the fault hook sits between the state save (sync) and Ray's report: its `checkpoint_write` point
-    hooks = [ProgressHook(), sync, fault, RayReportHook(sync, CKPT_FILE, resumed=resume is not None)]
+    hooks = [ProgressHook() if args.verbose else None, BoardHook(args.board) if args.board else None, sync, fault,
+             RayReportHook(sync, CKPT_FILE, resumed=resume is not None), PlotHook(sync, store),
+             TensorBoardHook(sync, store) if cfg.train.tensorboard else None]
     trainer = Trainer(cfg, args.config_sha256, device=ray.train.torch.get_device(), hooks=[h for h in hooks if h])
     trainer.run_stage(StageStart(stage=stage, resume=resume, stage1_best=stage1_best))

@@ -1,0 +1,102 @@
+"""driver layer: `plots/metrics.png`, the picture of a run, redrawn after every epoch and by `deim-ray plot`.
+
+Three panels over epochs: AP and AP50 with the stage switch marked and each stage's best highlighted, the
+training loss, and the LR. The image is drawn from `metrics.jsonl` lines alone, so a run anywhere (local or S3)
+can be redrawn from its directory. Matplotlib's object API (no pyplot state) lets rank 0 draw on its uploader
+thread while training goes on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+from deim_ray.engine.hooks import Hook
+from deim_ray.storage import RunStore
+
+log = logging.getLogger("deim_ray.worker")
+
+PLOT_KEY = "plots/metrics.png"
+METRICS_KEY = "metrics.jsonl"
+_STAGE_COLOURS = {1: "tab:blue", 2: "tab:orange"}
+
+
+def render_metrics(records: list[dict], stop_epoch: int | None, title: str = "") -> bytes:
+    """PNG bytes of the three panels for the given metrics.jsonl lines (sorted by epoch)."""
+    from matplotlib.figure import Figure
+
+    records = sorted(records, key=lambda r: r["epoch"])
+    epochs = [r["epoch"] for r in records]
+    fig = Figure(figsize=(11, 3.6), dpi=100)
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.14, top=0.82 if title else 0.9, wspace=0.22)
+    ap_ax, loss_ax, lr_ax = fig.subplots(1, 3)
+    ap_ax.plot(epochs, [r["ap"] for r in records], "o-", color="tab:green", label="AP")
+    ap_ax.plot(epochs, [r["coco_stats"][1] for r in records], "s--", color="tab:olive", ms=4, label="AP50")
+    _mark_bests(ap_ax, records)
+    loss_ax.plot(epochs, [r["loss"] for r in records], "o-", color="tab:red", ms=4)
+    lr_ax.plot(epochs, [r["lr"] for r in records], "o-", color="tab:purple", ms=4)
+    for ax, name in ((ap_ax, "AP (COCO)"), (loss_ax, "training loss"), (lr_ax, "learning rate (end of epoch)")):
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if stop_epoch is not None and epochs and epochs[0] < stop_epoch <= epochs[-1] + 1:
+            ax.axvline(stop_epoch - 0.5, color="grey", ls=":", lw=1.5)
+    if stop_epoch is not None:
+        ap_ax.text(stop_epoch - 0.5, 0.98, " stage 2", transform=ap_ax.get_xaxis_transform(), va="top",
+                   fontsize=8, color="grey")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ap_ax.set_ylim(bottom=0)
+    ap_ax.legend(loc="lower right", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _mark_bests(ax, records: list[dict]) -> None:
+    """A star on each stage's best epoch, labelled with its AP."""
+    for stage in sorted({r["stage"] for r in records}):
+        best = max((r for r in records if r["stage"] == stage), key=lambda r: r["ap"])
+        ax.plot([best["epoch"]], [best["ap"]], "*", ms=16, color=_STAGE_COLOURS.get(stage, "black"),
+                label=f"best stage {stage}: {best['ap']:.3f} (epoch {best['epoch']})", zorder=5)
+
+
+def write_plot(store: RunStore, records: list[dict], stop_epoch: int | None) -> str:
+    """Draw `records` into the run's plots/metrics.png; returns its URI."""
+    png = render_metrics(records, stop_epoch, title=f"run {store.name}")
+    key = store.key(PLOT_KEY)
+    store.storage.write_bytes(key, png)
+    return store.storage.child_uri(key)
+
+
+def redraw(store: RunStore) -> str:
+    """`deim-ray plot`: redraw a run's PNG from its metrics.jsonl; returns the PNG's URI."""
+    from deim_ray.storage import ManifestError
+
+    manifest = store.read_manifest()
+    if manifest is None:
+        raise ManifestError(f"no run at {store.uri} (no manifest.json); check the URI")
+    if not store.exists(METRICS_KEY):
+        raise ManifestError(f"run {store.uri} has no metrics.jsonl yet (no epoch finished); nothing to plot")
+    records = [json.loads(line) for line in store.read_text(METRICS_KEY).splitlines() if line.strip()]
+    return write_plot(store, records, manifest.stop_epoch)
+
+
+class PlotHook(Hook):
+    """Rank 0: redraw plots/metrics.png after each epoch, on the run's uploader thread (after metrics.jsonl)."""
+
+    def __init__(self, sync, store: RunStore):
+        self.sync, self.store = sync, store
+
+    def after_epoch(self, trainer, record, decision):
+        if trainer.is_main:
+            lines = list(self.sync.metrics)
+            self.sync.uploader.submit(self._draw, lines, trainer.cfg.schedule.stop_epoch)
+
+    def _draw(self, lines: list[dict], stop_epoch: int) -> None:
+        try:  # a picture never ends a run; the next epoch draws it again
+            write_plot(self.store, lines, stop_epoch)
+        except Exception as e:
+            log.warning("could not draw %s: %s", PLOT_KEY, str(e).splitlines()[0] if str(e) else type(e).__name__)
