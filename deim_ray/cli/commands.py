@@ -33,8 +33,7 @@ def _run(args: argparse.Namespace, cfg) -> int:
 
 def _next_steps(storage: str, name: str) -> str:
     run = f"{storage.rstrip('/')}/{name}"
-    return (f"plots: {run}/plots/metrics.png   tensorboard: tensorboard --logdir {run}/tb\n"
-            f"use it: deim-ray predict {run} IMAGES... -o predictions/   deim-ray export {run} --format onnx")
+    return f"see {run}/plots/metrics.png, tensorboard --logdir {run}/tb; use it: deim-ray predict|export {run}"
 
 
 def train(args: argparse.Namespace) -> int:

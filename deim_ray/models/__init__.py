@@ -10,6 +10,7 @@ What the engine uses (the same for every family):
 - `set_matcher_epoch(model, epoch, cfg.schedule.matcher_change_epoch)` at each epoch start
 - `postprocess(logits, pred_boxes, orig_sizes_wh, num_top_queries)` -> per-image scores/labels/boxes
 - `make_final_checkpoint(...)` / `load_final(path)` for the deployable artifact
+- `inference.Detector` (images in, pixel boxes out) and `onnx_export.export_onnx` for `deim-ray predict|export`
 - `validate_input_size`, `feature_strides`, `count_parameters`; errors are `ModelError`
 """
 

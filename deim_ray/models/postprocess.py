@@ -30,6 +30,13 @@ def postprocess(logits: torch.Tensor, pred_boxes: torch.Tensor, orig_sizes: torc
                          f"and {tuple(pred_boxes.shape)}; pass model outputs unchanged")
     if orig_sizes.shape != (logits.shape[0], 2):
         raise ModelError(f"orig_sizes must be [B,2] (width, height) per image, got {tuple(orig_sizes.shape)}")
+    scores, labels, boxes = topk_detections(logits, pred_boxes, orig_sizes, num_top_queries)
+    return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]
+
+
+def topk_detections(logits: torch.Tensor, pred_boxes: torch.Tensor, orig_sizes: torch.Tensor,
+                    num_top_queries: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`postprocess` as batched tensors (scores [B,K], labels [B,K], boxes [B,K,4]); traceable for ONNX export."""
     num_classes = logits.shape[-1]
     k = min(num_top_queries, logits.shape[1] * num_classes)
     scores, flat_idx = torch.topk(logits.sigmoid().flatten(1), k, dim=1)
@@ -37,8 +44,7 @@ def postprocess(logits: torch.Tensor, pred_boxes: torch.Tensor, orig_sizes: torc
     query = flat_idx // num_classes
     boxes = _cxcywh_to_xyxy(pred_boxes.gather(1, query.unsqueeze(-1).expand(-1, -1, 4)))
     scale = orig_sizes.to(boxes.dtype).repeat(1, 2).unsqueeze(1)  # (w, h, w, h) per image
-    boxes = boxes * scale
-    return [{"scores": s, "labels": lab, "boxes": b} for s, lab, b in zip(scores, labels, boxes)]
+    return scores, labels, boxes * scale
 
 
 def _cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
