@@ -104,15 +104,20 @@ class Console:
         finally:
             stop.set()
             thread.join()
-            self._show(board, epochs)  # lines that arrived after the last poll
-            ray.kill(board)
+            self._safely(self._show, board, epochs)  # lines that arrived after the last poll
+            self._clear_bar()
+            self._safely(ray.kill, board)
 
     def _poll(self, board, epochs: int, stop: threading.Event) -> None:
         while not stop.wait(POLL_S):
-            try:
-                self._show(board, epochs)
-            except Exception as e:  # the console must never end a run
-                log.debug("console poll failed: %s", e)
+            self._safely(self._show, board, epochs)
+
+    @staticmethod
+    def _safely(fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # the console must never end (or mask the end of) a run
+            log.debug("console: %s failed: %s", getattr(fn, "__name__", fn), e)
 
     def _show(self, board, epochs: int) -> None:
         progress, lines = ray.get(board.drain.remote(), timeout=30)

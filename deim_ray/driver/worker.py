@@ -57,7 +57,9 @@ def _resume_state(sha: str) -> dict | None:
         return None
     with ckpt.as_directory() as d:
         state = load_train_state(Path(d) / CKPT_FILE, expected_config_sha256=sha)
-    log.info("resuming stage %d after epoch %d from Ray checkpoint %s", state["stage"], state["last_epoch"], ckpt.path)
+    # a warning: a resume means a worker or the driver failed, which the console shows even without -v
+    log.warning("resuming stage %d after epoch %d from Ray checkpoint %s", state["stage"], state["last_epoch"],
+                ckpt.path)
     return state
 
 

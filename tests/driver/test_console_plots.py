@@ -75,9 +75,15 @@ def test_tensorboard_scalars_cover_losses_every_coco_stat_lr_times_and_throughpu
     assert "data/images_per_s" not in epoch_scalars(RECORDS[1])
 
 
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
 @pytest.mark.slow
-def test_console_prints_each_epoch_the_board_receives_once(ray_local):
-    stream = io.StringIO()
+@pytest.mark.parametrize("terminal", [False, True], ids=["plain", "terminal"])
+def test_console_prints_each_epoch_the_board_receives_once(ray_local, terminal):
+    stream = _Terminal() if terminal else io.StringIO()
     console = Console(stream=stream)
     trainer = SimpleNamespace(is_main=True, stage=2, tracker=SimpleNamespace(top1=0.31),
                               data=SimpleNamespace(train_loader=[0] * 4))
@@ -85,12 +91,17 @@ def test_console_prints_each_epoch_the_board_receives_once(ray_local):
         hook = BoardHook(board)
         for i in range(4):
             hook.on_step(trainer, 4, i)
+        time.sleep(1.0)  # a poll draws the bar (on a terminal)
         record = SimpleNamespace(to_json=lambda: RECORDS[4])
         hook.after_epoch(trainer, record, SimpleNamespace(save="best_stg2"))
         time.sleep(1.0)  # the poll thread prints it ...
         hook.after_epoch(trainer, SimpleNamespace(to_json=lambda: RECORDS[3]), SimpleNamespace(save=""))
-    lines = stream.getvalue().splitlines()  # ... and the closing drain the one that arrived last
+    text = stream.getvalue()
+    if terminal:  # the bar of the running epoch, erased before the epoch's line
+        assert "\r" + _bar({"epoch": 4, "stage": 2, "iteration": 4, "iterations": 4, "elapsed_s": 0})[:40] in text
+        text = text.split("\r\033[K", 1)[1]
+    assert "\r" not in text  # no bar on a plain stream, nor after the lines on a terminal
+    lines = text.splitlines()  # ... and the closing drain printed the one that arrived last
     assert console.epochs_shown == 2 and len(lines) == 2
     assert lines[0].startswith("epoch  4/5  stage 2") and lines[0].endswith("-> saved best_stg2")
     assert lines[1].startswith("epoch  3/5")
-    assert "\r" not in stream.getvalue()  # not a terminal: no progress bar

@@ -48,7 +48,8 @@ def trained(bucket, tiny_data_root, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("s3run-cwd")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
         "TMPDIR": str(tmp), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-    argv = ["train", "-c", str(ROOT / TINY), "--storage", f"s3://{bucket}/runs", "--name", NAME, "--workers", "2",
+    # -v: Ray's and the workers' own lines too, so the secret scan below covers the most output there is
+    argv = ["-v", "train", "-c", str(ROOT / TINY), "--storage", f"s3://{bucket}/runs", "--name", NAME, "--workers", "2",
             "--max-failures", "1", "-u", *data_overrides(tiny_data_root)]
     proc = _deim_ray(argv, env, cwd, timeout=TRAIN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -104,6 +105,16 @@ def test_fetch_from_a_fresh_process_gives_the_verified_final(trained, manifest, 
     assert outputs.logits.shape[-1] == meta["num_classes"]
 
 
+def test_plot_from_a_fresh_process_with_only_endpoint_url(trained, bucket, s3_endpoint, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_ENDPOINT_URL")}
+    uri = f"s3://{bucket}/runs/{NAME}"
+    proc = _deim_ray(["plot", uri, "--endpoint-url", s3_endpoint], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {uri}/plots/metrics.png" in proc.stdout
+    proc = _deim_ray(["resolve", uri, "--endpoint-url", s3_endpoint], env, tmp_path)
+    assert proc.returncode == 0 and f"run {NAME}: DONE" in proc.stdout, proc.stderr
+
+
 def test_ls_from_a_fresh_process_lists_the_run(trained, manifest, bucket, tmp_path):
     proc = _deim_ray(["ls", f"s3://{bucket}/runs"], dict(os.environ), tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -116,8 +127,9 @@ def test_bucket_holds_manifest_artifacts_and_ray_checkpoints(trained, manifest, 
     run = f"runs/{NAME}/"
     # pyarrow (Ray) also writes empty "folder/" markers, e.g. `runs/`: nothing else lies outside the run
     assert all(k.startswith(run) or (k.endswith("/") and run.startswith(k)) for k in objects), sorted(objects)
-    for key in ("manifest.json", "config.yaml", "metrics.jsonl"):
+    for key in ("manifest.json", "config.yaml", "metrics.jsonl", "plots/metrics.png"):
         assert run + key in objects
+    assert len([k for k in objects if k.startswith(run + "tb/events.out.tfevents.")]) == 2
     recorded = {n: r for n, r in manifest["artifacts"].items() if r}
     assert {"best_stg1", "last", "final"} <= set(recorded)
     for name, record in recorded.items():

@@ -3,6 +3,7 @@ a two-stage run ends DONE with verified artifacts, an identical stage-2 start on
 EMA restart decay in effect, and a final artifact that reproduces its recorded AP."""
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from deim_ray.cli.main import main
 from deim_ray.config.loader import load_config
+from deim_ray.driver.console import Console
 from deim_ray.driver.run import RunError, RunRequest, run_training
 from deim_ray.engine.data import build_data
 from deim_ray.engine.loop import evaluate
@@ -42,7 +45,10 @@ def run(ray_local, tiny_data_root, tmp_path_factory):
     os.chdir(tiny_data_root.parent)
     try:
         cfg = _relative_cfg(tiny_data_root, f"schedule.ema_restart_decay={RESTART_DECAY}")
-        manifest = run_training(RunRequest(cfg=cfg, storage_uri=str(storage), name="t1", workers=2))
+        console = Console(stream=io.StringIO())
+        manifest = run_training(RunRequest(cfg=cfg, storage_uri=str(storage), name="t1", workers=2,
+                                           console=console))
+        (storage / "console.txt").write_text(console.stream.getvalue())
         yield cfg, storage / "t1", manifest
     finally:
         os.chdir(cwd)
@@ -128,3 +134,36 @@ def test_other_config_under_same_name_is_refused(run, tiny_data_root):
     other = _relative_cfg(tiny_data_root, f"schedule.ema_restart_decay={RESTART_DECAY}", "optimizer.lr=0.001")
     with pytest.raises(RunError, match="optimizer.lr"):
         run_training(RunRequest(cfg=other, storage_uri=str(run_dir.parent), name="t1", workers=2))
+
+
+def test_console_printed_each_epoch_once_in_order(run):
+    _, run_dir, _ = run
+    lines = (run_dir.parent / "console.txt").read_text().splitlines()
+    assert [line.split()[:4] for line in lines] == [["epoch", f"{e}/3", "stage", str(s)]
+                                                    for e, s in [(0, 1), (1, 1), (2, 2), (3, 2)]]
+    assert "saved best_stg1" in lines[0]
+
+
+def test_run_has_its_picture_and_tensorboard_events(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir, _ = run
+    assert (run_dir / "plots" / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = sorted((run_dir / "tb").glob("events.out.tfevents.*"))
+    assert len(events) == 2  # one writer per stage run
+    seen = {}
+    for path in events:
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        assert {"coco/AP", "coco/AR100", "loss/total", "lr", "time/epoch_s"} <= set(acc.Tags()["scalars"])
+        seen |= {e.step: e.value for e in acc.Scalars("coco/AP")}
+    assert seen == pytest.approx({r["epoch"]: r["ap"] for r in rows})
+
+
+def test_predict_uses_the_runs_final_model(run, tmp_path, tiny_data_root):
+    _, run_dir, _ = run
+    image = sorted((tiny_data_root / "val").glob("*.jpg"))[0]
+    assert main(["predict", str(run_dir), str(image), "-o", str(tmp_path / "p"), "--score", "0"]) == 0
+    results = json.loads((tmp_path / "p" / "detections.json").read_text())
+    assert results and {r["category_id"] for r in results} <= {1, 3, 5}
