@@ -25,6 +25,7 @@ _STAGE_COLOURS = {1: "tab:blue", 2: "tab:orange"}
 def render_metrics(records: list[dict], stop_epoch: int | None, title: str = "") -> bytes:
     """PNG bytes of the three panels for the given metrics.jsonl lines (sorted by epoch)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     records = sorted(records, key=lambda r: r["epoch"])
     epochs = [r["epoch"] for r in records]
@@ -39,6 +40,7 @@ def render_metrics(records: list[dict], stop_epoch: int | None, title: str = "")
     for ax, name in ((ap_ax, "AP (COCO)"), (loss_ax, "training loss"), (lr_ax, "learning rate (end of epoch)")):
         ax.set_title(name)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if stop_epoch is not None and epochs and epochs[0] < stop_epoch <= epochs[-1] + 1:
             ax.axvline(stop_epoch - 0.5, color="grey", ls=":", lw=1.5)
@@ -60,7 +62,7 @@ def _mark_bests(ax, records: list[dict]) -> None:
     for stage in sorted({r["stage"] for r in records}):
         best = max((r for r in records if r["stage"] == stage), key=lambda r: r["ap"])
         ax.plot([best["epoch"]], [best["ap"]], "*", ms=16, color=_STAGE_COLOURS.get(stage, "black"),
-                label=f"best stage {stage}: {best['ap']:.3f} (epoch {best['epoch']})", zorder=5)
+                label=f"stage {stage} best: {best['ap']:.3f} (epoch {best['epoch']})", zorder=5)
 
 
 def write_plot(store: RunStore, records: list[dict], stop_epoch: int | None) -> str:
