@@ -49,7 +49,7 @@ def render_metrics(records: list[dict], stop_epoch: int | None, title: str = "")
                    fontsize=8, color="grey")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     ap_ax.set_ylim(bottom=0)
-    ap_ax.legend(loc="lower right", fontsize=8)
+    ap_ax.legend(loc="upper left", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     buf = io.BytesIO()
