@@ -196,7 +196,8 @@ def run_stage(*, stage: Stage, args: dict, store: RunStore, attempt: int, worker
             # Ray Train's per-report and per-checkpoint lines stay in its log files unless -v
             logging_config=LoggingConfig(log_level="INFO" if is_verbose() else "WARNING")),
     )
-    log.info("stage %d: starting %d worker(s) (%s)", int(stage), workers, "GPU/NCCL" if gpu else "CPU/gloo")
+    # debug: the epoch lines (and the switch line) already say which stage runs
+    log.debug("stage %d: starting %d worker(s) (%s)", int(stage), workers, "GPU/NCCL" if gpu else "CPU/gloo")
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as e:

@@ -22,13 +22,13 @@ def _data_args(root):
 def test_info_prints_model_size_and_phase_table(capsys):
     assert main(["info", "-c", "configs/demo/shapes.yml", "--no-loader"]) == 0
     out = capsys.readouterr().out
-    assert "parameters: " in out and "epochs: 14" in out and "stop_epoch: 10" in out
+    assert "parameters: " in out and "epochs: 15" in out and "stop_epoch: 8" in out
     params = int(re.search(r"parameters: (\d+)", out).group(1))
     assert 300_000 < params < 600_000
     rows = [line for line in out.splitlines() if re.match(r"\s*\d+-\d+\s+[12]\s", line)]
     assert rows[0].split()[0] == "0-0" and "Mosaic" not in rows[0]
     assert "Mosaic p=0.3" in rows[1] and "MixUp" in rows[1]
-    assert rows[-1].split()[:2] == ["10-13", "2"] and "Mosaic" not in rows[-1] and "restart from best_stg1" in rows[-1]
+    assert rows[-1].split()[:2] == ["8-14", "2"] and "Mosaic" not in rows[-1] and "restart from best_stg1" in rows[-1]
 
 
 def test_info_of_the_n_config_matches_the_paper_size(capsys):

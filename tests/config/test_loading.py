@@ -252,12 +252,12 @@ def test_demo_config_values():
     assert d.synthetic == SyntheticConfig(num_train=192, num_val=48, image_size=160, num_classes=3, max_objects=3)
     assert d.train.img_folder.startswith("data/shapes") and d.image_size == (160, 160)
     assert (d.total_batch_size, d.val_batch_size, d.num_workers) == (8, 16, 0)
-    assert (s.epochs, s.stop_epoch, s.ema_restart_decay) == (14, 10, 0.99)
-    assert (a.policy_epoch, a.mosaic_prob, a.mixup_epochs, a.copyblend_epochs) == ((1, 6, 10), 0.3, (1, 6), (1, 10))
+    assert (s.epochs, s.stop_epoch, s.ema_restart_decay) == (15, 8, 0.99)
+    assert (a.policy_epoch, a.mosaic_prob, a.mixup_epochs, a.copyblend_epochs) == ((1, 5, 8), 0.3, (1, 5), (1, 8))
     assert a.base_size_repeat is None
     assert (cfg.optimizer.type, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("AdamW", 0.002, 1e-4)
     assert cfg.optimizer.params[0].lr == cfg.optimizer.lr / 2
-    assert (lr.type, lr.warmup_iter, lr.flat_epoch, lr.no_aug_epoch, lr.lr_gamma) == ("flatcosine", 20, 6, 4, 0.5)
+    assert (lr.type, lr.warmup_iter, lr.flat_epoch, lr.no_aug_epoch, lr.lr_gamma) == ("flatcosine", 20, 5, 7, 0.5)
     assert (cfg.ema.decay, cfg.ema.warmups) == (0.99, 30)
     assert cfg.train.tensorboard
     assert (cfg.train.clip_max_norm, cfg.train.use_amp, cfg.train.print_freq) == (0.1, True, 5)
