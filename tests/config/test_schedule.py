@@ -150,7 +150,7 @@ def test_a_switched_off_window_or_matcher_stays_off():
     atto = load_config("configs/deimv2/deimv2_hgnetv2_atto_coco.yml", ["schedule.epochs=24"])
     assert atto.augment.mixup_epochs == (0, 0) and atto.augment.copyblend_epochs == (0, 0)
     shapes = load_config("configs/demo/shapes.yml", ["schedule.epochs=12"])
-    assert shapes.schedule.matcher_change_epoch is None and shapes.schedule.stop_epoch == 9  # no_aug_epochs 3
+    assert shapes.schedule.matcher_change_epoch is None and shapes.schedule.stop_epoch == 6  # no_aug 7 capped at 6
 
 
 def test_a_file_that_moves_the_schedule_rederives_its_includes(write):
@@ -175,7 +175,7 @@ def test_search_overrides_derive_each_trials_schedule():
                       {"schedule.epochs": 10}):
         validate(override_config(base, overrides), workers=2)
     assert override_config(base, {"schedule.stop_epoch": 4}).augment.policy_epoch == (1, 3, 4)
-    assert override_config(base, {"optimizer.lr": 1e-3}).lr_scheduler.flat_epoch == 4  # nothing re-derived
+    assert override_config(base, {"optimizer.lr": 1e-3}).lr_scheduler.flat_epoch == 5  # nothing re-derived
 
 
 def test_info_shows_what_was_derived_and_refuses_what_train_refuses(capsys):
@@ -185,7 +185,7 @@ def test_info_shows_what_was_derived_and_refuses_what_train_refuses(capsys):
     out = capsys.readouterr().out
     assert "stop_epoch: 6" in out and "schedule.stop_epoch = 6 (epochs 12 - no_aug 6: no_aug_epochs 12 capped" in out
     assert re.search(r"\n\s+6-11\s+2\s", out)  # stage 2 in the phase table
-    assert main(["info", "-c", "configs/demo/shapes.yml", "-u", "augment.mixup_epochs=[1, 7]"]) == 2
+    assert main(["info", "-c", "configs/demo/shapes.yml", "-u", "augment.mixup_epochs=[1, 9]"]) == 2
     assert main(["info", "-c", "configs/demo/shapes.yml", "--workers", "3"]) == 2  # batch 8 over 3 workers
     err = capsys.readouterr().err
-    assert "`augment.mixup_epochs` ends at 7" in err and "must divide by --workers (3)" in err
+    assert "`augment.mixup_epochs` ends at 9" in err and "must divide by --workers (3)" in err
