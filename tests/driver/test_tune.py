@@ -108,7 +108,7 @@ def test_the_shipped_demo_space_fits_the_demo_config():
     check_space_against_config(space, base, workers=1)
     for stop in (4, 5):
         cfg = override_config(base, {"schedule.stop_epoch": stop})
-        assert cfg.augment.policy_epoch[-1] == stop and cfg.lr_scheduler.no_aug_epoch == 8 - stop
+        assert cfg.augment.policy_epoch[-1] == stop and cfg.lr_scheduler.no_aug_epoch == base.schedule.epochs - stop
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert "--space configs/demo/space.yml --samples 4" in readme
 
