@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, BinaryIO, Callable, ContextManager, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from deim_ray.storage.errors import BadStorageURI, ChecksumMismatch
@@ -27,6 +27,8 @@ CHUNK = 1 << 20
 """Bytes read per step when hashing or copying."""
 TEMP_SUFFIX = ".partial"
 """Suffix of the hidden temp files of atomic local writes; listings skip them."""
+LOCK_SUFFIX = ".lock"
+"""Suffix of the hidden lock files of local conditional writes; listings skip them."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class ObjectInfo:
     size: int
     sha256: str | None
     """Hex sha256 of the content; None only for an S3 object written by another tool without our metadata."""
+    etag: str | None = None
+    """Version token a conditional write compares (S3 ETag; the sha256 locally); None when not known."""
 
 
 @runtime_checkable
@@ -57,8 +61,21 @@ class Storage(Protocol):
     def read_bytes(self, key: str) -> bytes:
         """Whole object; ObjectNotFound if absent."""
 
-    def write_bytes(self, key: str, data: bytes) -> ObjectInfo:
-        """Create or replace `key` atomically with `data`."""
+    def write_bytes(self, key: str, data: bytes, *, if_match: str | None = None,
+                    if_none_match: bool = False) -> ObjectInfo:
+        """Create or replace `key` atomically with `data`. With `if_match` only if the stored version (etag) is
+        that one, with `if_none_match` only if `key` does not exist; else PreconditionFailed, nothing written."""
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """(content, version) of `key` for a later `write_bytes(if_match=version)`; None if absent."""
+
+    def copy(self, src: str, dst: str, *, if_match: str | None = None, if_none_match: bool = False) -> ObjectInfo:
+        """Make `dst` a copy of `src` without moving the bytes through this process (S3 CopyObject, a hard link
+        locally), with the same conditions as `write_bytes`."""
+
+    def lock(self, key: str) -> ContextManager[None]:
+        """Exclusive lock for a read-check-write sequence on `key` across processes (a lock file locally; a no-op
+        on S3, whose conditional writes make each write atomic by themselves)."""
 
     def upload_file(self, key: str, local_path: str | os.PathLike) -> ObjectInfo:
         """Create or replace `key` atomically with the content of a local file."""

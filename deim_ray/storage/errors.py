@@ -49,3 +49,11 @@ class ResolveError(StorageError):
 
 class ManifestError(StorageError):
     """manifest.json is unreadable, from a newer schema, or a state transition is illegal."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write found the object changed since it was read (S3 412; the local equivalent)."""
+
+
+class StaleWriter(StorageError):
+    """A newer attempt of the run has taken over: this writer's generation is fenced off and wrote nothing."""

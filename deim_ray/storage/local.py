@@ -1,20 +1,25 @@
 """storage layer: `LocalStorage`, a directory on this machine's disk (or a mounted shared filesystem).
 
 Every write goes to a hidden temp file in the target's folder, is fsynced, then renamed over the target, so
-a reader sees the old file or the complete new one. sha256 is computed while the bytes are written.
+a reader sees the old file or the complete new one. sha256 is computed while the bytes are written and is the
+version a conditional write compares; `lock(key)` (an flock on a hidden lock file next to `key`) makes a
+read-compare-write sequence atomic for every process that takes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import io
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from deim_ray.storage.base import (TEMP_SUFFIX, ObjectInfo, atomic_local_file, check_key, hash_stream,
-                                   join_key, sha256_file)
-from deim_ray.storage.errors import BadStorageURI, ObjectNotFound
+from deim_ray.storage.base import (LOCK_SUFFIX, TEMP_SUFFIX, ObjectInfo, atomic_local_file, check_key, fsync_dir,
+                                   hash_stream, join_key, sha256_file)
+from deim_ray.storage.errors import BadStorageURI, ObjectNotFound, PreconditionFailed
 
 
 class LocalStorage:
@@ -39,7 +44,49 @@ class LocalStorage:
         return self.root / check_key(key)
 
     def _info(self, key: str, sha: str, size: int) -> ObjectInfo:
-        return ObjectInfo(key=key, uri=self.child_uri(key), size=size, sha256=sha)
+        return ObjectInfo(key=key, uri=self.child_uri(key), size=size, sha256=sha, etag=sha)
+
+    def _check_condition(self, key: str, if_match: str | None, if_none_match: bool) -> None:
+        """PreconditionFailed unless `key`'s current version meets the condition (atomic only under `lock`)."""
+        if if_match is None and not if_none_match:
+            return
+        path = self._path(key)
+        current = sha256_file(path)[0] if path.is_file() else None
+        if (if_none_match and current is not None) or (if_match is not None and current != if_match):
+            raise PreconditionFailed(f"{path} changed since it was read (version {str(current)[:12]}, expected "
+                                     f"{'none' if if_none_match else if_match[:12]})")
+
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.parent / f".{path.name}{LOCK_SUFFIX}", "a") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        path = self._path(key)
+        if not path.is_file():
+            return None
+        data = path.read_bytes()
+        return data, hash_stream(io.BytesIO(data))[0]
+
+    def copy(self, src: str, dst: str, *, if_match: str | None = None, if_none_match: bool = False) -> ObjectInfo:
+        """A hard link: no bytes copied, and the copy outlives a later delete of `src`."""
+        source, target = self._path(src), self._path(dst)
+        if not source.is_file():
+            raise ObjectNotFound(f"{source} does not exist; nothing to copy")
+        self._check_condition(dst, if_match, if_none_match)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.{os.getpid()}.{time.monotonic_ns()}{TEMP_SUFFIX}"
+        os.link(source, tmp)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+        sha, size = sha256_file(target)
+        return self._info(dst, sha, size)
 
     def read_bytes(self, key: str) -> bytes:
         try:
@@ -47,7 +94,9 @@ class LocalStorage:
         except (FileNotFoundError, IsADirectoryError):
             raise ObjectNotFound(f"{self.child_uri(key)} does not exist; check the storage root and key") from None
 
-    def write_bytes(self, key: str, data: bytes) -> ObjectInfo:
+    def write_bytes(self, key: str, data: bytes, *, if_match: str | None = None,
+                    if_none_match: bool = False) -> ObjectInfo:
+        self._check_condition(key, if_match, if_none_match)
         sha, size = atomic_local_file(self._path(key), lambda f: hash_stream(io.BytesIO(data), f),
                                       uri=self.child_uri(key))
         return self._info(key, sha, size)
@@ -108,12 +157,12 @@ class LocalStorage:
     def list(self, prefix: str = "", recursive: bool = True) -> list[str]:
         check_key(prefix, allow_empty=True)
         if recursive:
-            return sorted(key for key, path in self._walk(prefix) if not _is_temp(path.name))
+            return sorted(key for key, path in self._walk(prefix) if not _is_hidden(path.name))
         folder = self.root / prefix if prefix else self.root
         if not folder.is_dir():
             return []
         return sorted(join_key(prefix, e.name) + ("/" if e.is_dir() else "")
-                      for e in os.scandir(folder) if not _is_temp(e.name))
+                      for e in os.scandir(folder) if not _is_hidden(e.name))
 
     def abort_stale_uploads(self, prefix: str = "", older_than: dt.timedelta = dt.timedelta(0)) -> int:
         """Remove temp files of interrupted writes under `prefix` older than `older_than` (a killed process
@@ -132,3 +181,8 @@ class LocalStorage:
 
 def _is_temp(name: str) -> bool:
     return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
+
+def _is_hidden(name: str) -> bool:
+    """Temp and lock files: never objects."""
+    return _is_temp(name) or (name.startswith(".") and name.endswith(LOCK_SUFFIX))

@@ -138,7 +138,10 @@ class Manifest:
     final: dict[str, Any] | None = None
     """Resolved final: {"artifact", "uri", "ap", "epoch", "stage", "reason", ...}; None until DONE."""
     attempt: int = 1
-    """How many times this run name was started over (--restart); Ray run names include it."""
+    """How many times this run name was started over (--restart)."""
+    generation: int = 0
+    """Fencing token: raised by every driver start and stage run (`RunStore.claim`); a writer holding an older
+    one is refused. Ray run names include it."""
     created_at: str = ""
     updated_at: str = ""
     transitions: list[dict[str, Any]] = field(default_factory=list)
@@ -171,8 +174,8 @@ class Manifest:
             "config_sha256": self.config_sha256, "epochs": self.epochs, "stop_epoch": self.stop_epoch,
             "switch": self.switch,
             "artifacts": {n: (r.to_json() if r else None) for n, r in self.artifacts.items()},
-            "final": self.final, "attempt": self.attempt, "created_at": self.created_at,
-            "updated_at": self.updated_at, "transitions": self.transitions,
+            "final": self.final, "attempt": self.attempt, "generation": self.generation,
+            "created_at": self.created_at, "updated_at": self.updated_at, "transitions": self.transitions,
         }
         return {**self.extra, **body}
 
@@ -195,10 +198,11 @@ class Manifest:
                                 f"{[s.value for s in RunState]}") from None
         artifacts = dict.fromkeys(ARTIFACT_NAMES)
         artifacts.update({n: ArtifactRecord.from_json(r) if r else None for n, r in data["artifacts"].items()})
-        own = set(_CONTRACT_KEYS) | {"attempt", "created_at", "updated_at", "transitions"}
+        own = set(_CONTRACT_KEYS) | {"attempt", "generation", "created_at", "updated_at", "transitions"}
         return cls(name=data["name"], config_sha256=data["config_sha256"], epochs=data["epochs"],
                    stop_epoch=data["stop_epoch"], state=state, switch=data["switch"], artifacts=artifacts,
-                   final=data["final"], attempt=data.get("attempt", 1), created_at=data.get("created_at", ""),
+                   final=data["final"], attempt=data.get("attempt", 1), generation=data.get("generation", 0),
+                   created_at=data.get("created_at", ""),
                    updated_at=data.get("updated_at", ""), transitions=list(data.get("transitions", [])),
                    schema=data["schema"], extra={k: v for k, v in data.items() if k not in own})
 

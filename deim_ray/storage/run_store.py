@@ -7,22 +7,45 @@
                   ray/...                what Ray Train writes      (ray_storage)
 
 An artifact is uploaded first and recorded in the manifest second, so the manifest only ever names complete,
-checksummed objects. Nothing here deletes an object. One process writes a run at a time (the driver between
-stages, rank 0 during a stage); within a process, manifest updates are serialised by a lock.
+checksummed objects. Nothing here deletes an object a manifest may name.
+
+One writer at a time (fencing). Every driver start and every stage run `claim`s the run: the manifest's
+`generation` goes up by one in a conditional write, and the RunStore holding it is the only one whose writes
+are accepted. Every write checks it:
+- the manifest: read (with its version), check the generation, mutate, write only if the version is unchanged
+  (S3 If-Match; locally under an flock), retried on a lost race of the same generation;
+- a fixed-name object (metrics.jsonl, config.yaml, a best or final artifact): after the generation check, a
+  conditional write against the version this writer last saw, so once a newer attempt has written it a stale
+  write is refused by the storage itself;
+- a TrainState: under a key of its own generation (Ray's checkpoint folder), so it never replaces another.
+A refused writer gets `StaleWriter` and must stop. Locally the check and the write happen under one flock;
+on S3 a stale writer whose check passed just before the claim can still land one write of a fixed-name object
+the new attempt has not written yet: it is never recorded (the manifest write that follows is refused), readers
+verify sha256 against the manifest, and the new attempt's next write of that object replaces it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import os
 import re
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from deim_ray.storage.base import ObjectInfo, Storage, check_key, join_key
-from deim_ray.storage.errors import BadStorageURI, ChecksumMismatch, ManifestError
-from deim_ray.storage.manifest import (MANIFEST_KEY, ArtifactRecord, Manifest, RunState, artifact_key, finite_ap,
-                                       utc_now)
+from deim_ray.storage.errors import (BadStorageURI, ChecksumMismatch, ManifestError, PreconditionFailed,
+                                     StaleWriter, StorageError)
+from deim_ray.storage.manifest import (LAST, MANIFEST_KEY, ArtifactRecord, Manifest, RunState, artifact_key,
+                                       finite_ap, utc_now)
+
+METRICS_KEY = "metrics.jsonl"
+
+_RACES = 20
+"""Manifest writes retried after losing a race to a writer of the same generation (driver vs. rank 0)."""
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]{0,127}")
 
@@ -36,12 +59,20 @@ def check_run_name(name: str) -> str:
 
 
 class RunStore:
-    """The run directory `name` inside `storage` (see the module docstring for its layout)."""
+    """The run directory `name` inside `storage` (see the module docstring for its layout and fencing).
 
-    def __init__(self, storage: Storage, name: str):
+    `generation` is the fencing token this writer holds (`claim` sets it); None writes unfenced, which only
+    tools and tests that own the whole directory do.
+    """
+
+    def __init__(self, storage: Storage, name: str, generation: int | None = None):
         self.storage = storage
         self.name = check_run_name(name)
-        self._lock = threading.Lock()
+        self.generation = generation
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._versions: dict[str, str | None] = {}
+        """Version of each fixed-name object as this writer last wrote or saw it (the If-Match of its next write)."""
 
     def __repr__(self) -> str:
         return f"RunStore({self.uri!r})"
@@ -62,52 +93,201 @@ class RunStore:
         """UTF-8 text of `rel` (e.g. "config.yaml", "metrics.jsonl"); ObjectNotFound if absent."""
         return self.storage.read_bytes(self.key(rel)).decode("utf-8")
 
-    def write_text(self, rel: str, text: str) -> ObjectInfo:
-        """Replace `rel` atomically with `text`."""
-        return self.storage.write_bytes(self.key(rel), text.encode("utf-8"))
+    # ---- fencing ---------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """This process's lock plus, outermost only, the storage's lock on the manifest (an flock locally)."""
+        with self._lock:
+            self._depth += 1
+            try:
+                if self._depth == 1:
+                    with self.storage.lock(self.key(MANIFEST_KEY)):
+                        yield
+                else:
+                    yield
+            finally:
+                self._depth -= 1
 
-    def read_manifest(self) -> Manifest | None:
-        """The run's manifest, or None when the run does not exist yet."""
-        key = self.key(MANIFEST_KEY)
-        if not self.storage.exists(key):
+    def _load(self) -> tuple[Manifest, str] | None:
+        found = self.storage.read_versioned(self.key(MANIFEST_KEY))
+        if found is None:
             return None
-        return Manifest.loads(self.storage.read_bytes(key).decode("utf-8"), source=self.storage.child_uri(key))
+        data, version = found
+        return Manifest.loads(data.decode("utf-8"), source=self.storage.child_uri(self.key(MANIFEST_KEY))), version
 
-    def _manifest(self) -> Manifest:
-        manifest = self.read_manifest()
-        if manifest is None:
-            raise ManifestError(f"run {self.uri} has no manifest.json; start the run (deim-ray train) first")
-        return manifest
+    def _check_fence(self, manifest: Manifest) -> None:
+        if self.generation is not None and manifest.generation != self.generation:
+            raise StaleWriter(f"run {self.uri} was taken over by a newer attempt (generation {manifest.generation}; "
+                              f"this writer holds {self.generation}): this one stops without writing")
 
-    def write_manifest(self, manifest: Manifest) -> None:
-        """Write `manifest` atomically (stamping `updated_at`)."""
+    def check_fence(self) -> None:
+        """StaleWriter if a newer attempt has claimed the run since this writer did."""
+        self._check_fence(self._manifest())
+
+    def claim(self, fresh: Manifest | None = None) -> Manifest:
+        """Take the run over: write the stored manifest (or `fresh`, replacing it) with the next generation, in one
+        conditional write, and hold that generation from now on. Returns the written manifest."""
+        with self._guard():
+            for _ in range(_RACES):
+                loaded = self._load()
+                if loaded is None and fresh is None:
+                    raise ManifestError(f"run {self.uri} has no manifest.json; start the run (deim-ray train) first")
+                manifest = fresh if fresh is not None else loaded[0]
+                manifest.generation = (loaded[0].generation if loaded else 0) + 1
+                try:
+                    self._write_manifest(manifest, version=loaded[1] if loaded else None)
+                except PreconditionFailed:
+                    continue
+                self.generation = manifest.generation
+                self._versions.clear()
+                return manifest
+        raise StorageError(f"run {self.uri}: could not claim the manifest after {_RACES} tries; another process "
+                           "keeps rewriting it")
+
+    def update_manifest(self, mutate: Callable[[Manifest], Any]) -> Manifest:
+        """Apply `mutate` to the stored manifest and write it back: one fenced, conditional write (re-read and
+        re-applied when a writer of the same generation got in between). Returns the written manifest."""
+        with self._guard():
+            for _ in range(_RACES):
+                manifest, version = self._require()
+                self._check_fence(manifest)
+                mutate(manifest)
+                try:
+                    self._write_manifest(manifest, version=version)
+                    return manifest
+                except PreconditionFailed:
+                    continue
+        raise StorageError(f"run {self.uri}: manifest.json kept changing during {_RACES} tries; another process "
+                           "keeps rewriting it")
+
+    def _write_manifest(self, manifest: Manifest, version: str | None) -> None:
         if manifest.name != self.name:
             raise ManifestError(f"manifest of run '{manifest.name}' cannot be written into run '{self.name}'")
         manifest.updated_at = utc_now()
-        self.storage.write_bytes(self.key(MANIFEST_KEY), manifest.dumps().encode("utf-8"))
+        self.storage.write_bytes(self.key(MANIFEST_KEY), manifest.dumps().encode("utf-8"), if_match=version,
+                                 if_none_match=version is None)
+
+    def _fenced_write(self, rel: str, write: Callable[[str, dict], ObjectInfo]) -> ObjectInfo:
+        """`write(key, conditions)` of the fixed-name object `rel` under the fence (see the module docstring)."""
+        key = self.key(rel)
+        with self._guard():
+            for fresh_look in (False, True):
+                self.check_fence()
+                if fresh_look or rel not in self._versions:
+                    info = self.storage.stat(key)
+                    self._versions[rel] = info.etag if info else None
+                version = self._versions[rel]
+                try:
+                    written = write(key, {"if_match": version, "if_none_match": version is None})
+                except PreconditionFailed:
+                    continue  # changed under us: refused if we are stale, else re-read its version once
+                self._versions[rel] = written.etag
+                return written
+        self.check_fence()
+        raise StorageError(f"{self.storage.child_uri(key)} keeps changing; another process of this attempt writes it")
+
+    # ---- reads -------------------------------------------------------------------------------------------------
+    def read_manifest(self) -> Manifest | None:
+        """The run's manifest, or None when the run does not exist yet."""
+        loaded = self._load()
+        return loaded[0] if loaded else None
+
+    def _require(self) -> tuple[Manifest, str]:
+        loaded = self._load()
+        if loaded is None:
+            raise ManifestError(f"run {self.uri} has no manifest.json; start the run (deim-ray train) first")
+        return loaded
+
+    def _manifest(self) -> Manifest:
+        return self._require()[0]
+
+    # ---- writes ------------------------------------------------------------------------------------------------
+    def write_text(self, rel: str, text: str) -> ObjectInfo:
+        """Replace `rel` atomically with `text` (fenced)."""
+        data = text.encode("utf-8")
+        return self._fenced_write(rel, lambda key, cond: self.storage.write_bytes(key, data, **cond))
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        """Replace the manifest with `manifest` unconditionally (tests and tools that own the run; the training
+        path uses `claim` and `update_manifest`)."""
+        with self._guard():
+            loaded = self._load()
+            self._write_manifest(manifest, version=loaded[1] if loaded else None)
 
     def transition(self, new_state: RunState, note: str = "") -> Manifest:
         """Move the stored manifest to `new_state` (ManifestError if illegal); returns the written manifest."""
-        with self._lock:
-            manifest = self._manifest()
-            manifest.advance(new_state, note)
-            self.write_manifest(manifest)
-        return manifest
+        return self.update_manifest(lambda m: m.advance(new_state, note))
+
+    def put_state(self, rel: str, local_path: str | os.PathLike) -> ObjectInfo:
+        """Upload a TrainState under a key of this generation's own (never replacing another attempt's)."""
+        with self._guard():
+            self.check_fence()
+            return self.storage.upload_file(self.key(rel), local_path)
+
+    def commit_epoch(self, state: ObjectInfo, *, epoch: int, stage: int, ap: float | None, best: str | None,
+                     metrics: str) -> None:
+        """One epoch, after its TrainState `state` is stored under its own key: record it as `last` (and as `best`,
+        if given) in one manifest write, publish the best under its fixed name, then rewrite metrics.jsonl."""
+        record = self._record(state, rel=state.key[len(self.name) + 1:], epoch=epoch, stage=stage, ap=ap)
+        self.update_manifest(lambda m: m.artifacts.update({LAST: record} | ({best: record} if best else {})))
+        if best is not None:
+            self.publish_best(best)
+        self.write_text(METRICS_KEY, metrics)
+
+    def publish_best(self, name: str) -> None:
+        """Copy best `name`, recorded at its TrainState's own key, onto `artifacts/<name>.pth` (server-side) and
+        point the record there. The second step of `commit_epoch`; a resumed stage repeats it when a worker died
+        between the two (the recorded bytes stay named by the manifest at every moment)."""
+        manifest = self._manifest()
+        self._check_fence(manifest)
+        record, rel = manifest.artifacts.get(name), artifact_key(name)
+        if record is None or record.key == rel:
+            return
+        copied = self._fenced_write(rel, lambda key, cond: self.storage.copy(self.key(record.key), key, **cond))
+        moved = dataclasses.replace(record, uri=copied.uri, key=rel, updated_at=utc_now())
+
+        def repoint(m: Manifest) -> None:
+            if m.artifacts.get(name) == record:
+                m.artifacts[name] = moved
+        self.update_manifest(repoint)
 
     def put_artifact(self, name: str, local_path: str | os.PathLike, *, epoch: int, stage: int,
                      ap: float | None) -> ArtifactRecord:
-        """Upload `local_path` as `artifacts/<name>.pth`, then record it in the manifest (in that order)."""
-        key = artifact_key(name)
-        info = self.storage.upload_file(self.key(key), local_path)
-        record = ArtifactRecord(uri=info.uri, sha256=info.sha256, epoch=int(epoch), stage=int(stage),
-                                ap=finite_ap(ap), size=info.size, key=key, updated_at=utc_now())
-        with self._lock:
-            manifest = self._manifest()
-            manifest.artifacts[name] = record
-            self.write_manifest(manifest)
+        """Upload `local_path` as `artifacts/<name>.pth`, then record it in the manifest (in that order).
+
+        The bytes go to a key of this generation first and are copied (server-side) onto the fixed name with a
+        conditional write, so a stale writer cannot replace what a newer attempt wrote."""
+        rel = artifact_key(name)
+        staged = self.put_state(f"{rel}.g{self.generation or 0}", local_path)
+        info = self._fenced_write(rel, lambda key, cond: self.storage.copy(staged.key, key, **cond))
+        self.storage.delete(staged.key)
+        record = self._record(info, rel=rel, epoch=epoch, stage=stage, ap=ap)
+        self.update_manifest(lambda m: m.artifacts.__setitem__(name, record))
         return record
 
-    def _record(self, name: str) -> ArtifactRecord:
+    @staticmethod
+    def _record(info: ObjectInfo, *, rel: str, epoch: int, stage: int, ap: float | None) -> ArtifactRecord:
+        return ArtifactRecord(uri=info.uri, sha256=info.sha256, epoch=int(epoch), stage=int(stage),
+                              ap=finite_ap(ap), size=info.size, key=rel, updated_at=utc_now())
+
+    def record_switch(self, switch: dict) -> Manifest:
+        """Record the stage switch (`manifest.switch`)."""
+        return self.update_manifest(lambda m: setattr(m, "switch", dict(switch)))
+
+    def record_switch_digests(self, key: str, digests: list[str]) -> Manifest:
+        """Add per-worker start digests (`key`) to the switch record."""
+        return self.update_manifest(lambda m: m.switch.__setitem__(key, list(digests)))
+
+    def finish(self, final: dict, reason: str) -> Manifest:
+        """Record the resolved `final` and move to DONE, in one write."""
+        def mutate(m: Manifest) -> None:
+            m.final = dict(final)
+            m.advance(RunState.DONE, reason)
+        return self.update_manifest(mutate)
+
+    # ---- artifacts ---------------------------------------------------------------------------------------------
+    def record(self, name: str) -> ArtifactRecord:
+        """The manifest's record of artifact `name`; ManifestError if none."""
         artifact_key(name)  # validates the name
         record = self._manifest().artifacts.get(name)
         if record is None:
@@ -115,18 +295,22 @@ class RunStore:
                                 f"{self.uri}` for what exists")
         return record
 
+    def _artifact_storage_key(self, name: str, record: ArtifactRecord) -> str:
+        return self.key(record.key or artifact_key(name))
+
     def verify_artifact(self, name: str) -> ArtifactRecord:
-        """Compare the stored `artifacts/<name>.pth` with the manifest (present, same size, same re-hashed sha256);
+        """Compare the stored artifact with the manifest (present, same size, same re-hashed sha256);
         ChecksumMismatch if not."""
-        record = self._record(name)
-        stored = self.storage.stat(self.key(artifact_key(name)))
+        record = self.record(name)
+        key = self._artifact_storage_key(name, record)
+        stored = self.storage.stat(key)
         if stored is None:
             raise ChecksumMismatch(f"{record.uri} is missing although the manifest records it; resume the run to "
                                    "write it again")
         if record.size is not None and stored.size != record.size:
             raise ChecksumMismatch(f"{record.uri} has {stored.size} bytes but the manifest records {record.size}; "
                                    "the object was replaced or truncated: resume the run to write it again")
-        actual = self.storage.hash_object(self.key(artifact_key(name)))
+        actual = self.storage.hash_object(key)
         if actual != record.sha256:
             raise ChecksumMismatch(f"{record.uri} has sha256 {actual[:16]}... but the manifest records "
                                    f"{record.sha256[:16]}...; the object was replaced or corrupted: resume the "
@@ -134,10 +318,10 @@ class RunStore:
         return record
 
     def open_artifact(self, name: str, local_dir: str | os.PathLike) -> Path:
-        """Download `artifacts/<name>.pth` into `local_dir/<name>.pth`, verified against the manifest's sha256."""
-        record = self._record(name)
+        """Download artifact `name` into `local_dir/<name>.pth`, verified against the manifest's sha256."""
+        record = self.record(name)
         dest = Path(local_dir) / f"{name}.pth"
-        self.storage.download_file(self.key(artifact_key(name)), dest, expected_sha256=record.sha256)
+        self.storage.download_file(self._artifact_storage_key(name, record), dest, expected_sha256=record.sha256)
         return dest
 
     def sweep_interrupted_writes(self, older_than: dt.timedelta = dt.timedelta(minutes=15)) -> int:

@@ -14,7 +14,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedErr
                                  ReadTimeoutError)
 
 from deim_ray.storage.errors import (BucketNotFound, ChecksumMismatch, CredentialsRejected, EndpointUnreachable,
-                                     NoCredentials, ObjectNotFound, StorageError)
+                                     NoCredentials, ObjectNotFound, PreconditionFailed, StorageError)
 
 _UNREACHABLE = (EndpointConnectionError, ConnectTimeoutError, ConnectionClosedError, ReadTimeoutError)
 _BAD_CREDENTIALS = {"SignatureDoesNotMatch", "InvalidAccessKeyId", "InvalidToken", "ExpiredToken",
@@ -23,6 +23,7 @@ _DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 _BAD_DIGEST = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch", "XAmzContentChecksumMismatch",
                "FlexibleChecksumError"}
+_PRECONDITION = {"PreconditionFailed", "412"}
 
 S3_ERRORS: tuple[type[BaseException], ...] = (BotoCoreError, ClientError)
 """What S3 calls raise that `map_s3_error` translates."""
@@ -78,5 +79,7 @@ def _map_client_error(exc: ClientError, *, where: str, bucket: str, endpoint: st
     if code in _BAD_DIGEST:
         return ChecksumMismatch(f"{endpoint} refused {where}: the data did not match its checksum ({code}); "
                                 "the bytes changed in transit or on disk, retry the upload")
+    if code in _PRECONDITION:
+        return PreconditionFailed(f"{where} changed since it was read (a conditional write was refused by {endpoint})")
     message = redact(str(error.get("Message", "")))[:200]
     return StorageError(f"S3 error {code or 'unknown'} for {where} at {endpoint}: {message}")

@@ -53,13 +53,18 @@ class RecordingStorage(LocalStorage):
         super().__init__(root)
         self.writes: list[str] = []
 
-    def write_bytes(self, key, data):
+    def write_bytes(self, key, data, **conditions):
         self.writes.append(key)
-        return super().write_bytes(key, data)
+        return super().write_bytes(key, data, **conditions)
 
     def upload_file(self, key, local_path):
         info = super().upload_file(key, local_path)
         self.writes.append(key)
+        return info
+
+    def copy(self, src, dst, **conditions):
+        info = super().copy(src, dst, **conditions)
+        self.writes.append(dst)
         return info
 
 
@@ -69,7 +74,9 @@ def test_put_artifact_uploads_before_recording(tmp_path):
     storage.writes.clear()
     data = write_file(tmp_path / "e3.pt", 1000)
     record = store.put_artifact(BEST_STG1, tmp_path / "e3.pt", epoch=3, stage=1, ap=0.25)
-    assert storage.writes == ["person-n/artifacts/best_stg1.pth", "person-n/manifest.json"]
+    assert storage.writes == ["person-n/artifacts/best_stg1.pth.g0", "person-n/artifacts/best_stg1.pth",
+                              "person-n/manifest.json"]
+    assert storage.list("person-n/artifacts/") == ["person-n/artifacts/best_stg1.pth"]  # the staged copy is gone
     assert (record.sha256, record.size, record.epoch, record.stage, record.ap) == (sha256(data), 1000, 3, 1, 0.25)
     assert store.read_manifest().artifacts[BEST_STG1] == record
 
