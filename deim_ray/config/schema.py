@@ -221,6 +221,15 @@ class TrainConfig:
     """Log a progress line every this many iterations."""
     tensorboard: bool = True
     """Write TensorBoard event files (losses, COCO stats, LR, times) under the run directory's `tb/`."""
+    nan_tolerance: int = 20
+    """Steps with a non-finite loss or gradient (skipped on every rank) an epoch may have before the stage rolls
+    back to its last good state (the last completed epoch, or the stage start)."""
+    nan_retries: int = 3
+    """Rollbacks per stage run before it fails with a one-line reason."""
+    nan_lr_factor: float = 1.0
+    """Each rollback multiplies the LR by this (1.0 keeps it)."""
+    nan_amp_off: bool = False
+    """A rollback also turns mixed precision off for the rest of the stage run."""
 
 
 @dataclass(frozen=True)

@@ -166,6 +166,8 @@ def _check_batches(cfg: Config, workers: int | None) -> Iterable[str]:
         yield f"`data.num_workers` must be >= 0, got {d.num_workers}"
     if cfg.train.print_freq < 1 or cfg.train.keep_checkpoints < 1:
         yield "`train.print_freq` and `train.keep_checkpoints` must be >= 1"
+    if cfg.train.nan_tolerance < 1 or cfg.train.nan_retries < 0 or not 0 < cfg.train.nan_lr_factor <= 1:
+        yield "`train.nan_tolerance` must be >= 1, `train.nan_retries` >= 0 and `train.nan_lr_factor` in (0, 1]"
 
 
 def _check_names(cfg: Config) -> Iterable[str]:

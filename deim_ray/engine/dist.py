@@ -65,6 +65,16 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def all_ranks_true(flag: torch.Tensor) -> bool:
+    """Whether a boolean scalar tensor is true on every rank (one MIN all-reduce; the same answer everywhere)."""
+    value = flag.detach().to(torch.int32).reshape(1)
+    if is_distributed():
+        if tdist.get_backend() == "nccl" and value.device.type != "cuda":
+            value = value.cuda()
+        tdist.all_reduce(value, op=tdist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def all_reduce_mean(values: dict[str, torch.Tensor]) -> dict[str, float]:
     """Mean over ranks of scalar tensors, in one collective; returns host floats."""
     if not values:

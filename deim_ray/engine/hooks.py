@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
+
     from deim_ray.engine.stages import Decision
     from deim_ray.engine.trainer import Trainer
 
@@ -54,6 +56,10 @@ class Hook:
 
     def on_step(self, trainer: "Trainer", epoch: int, iteration: int) -> None:
         """After each optimizer step."""
+
+    def on_loss(self, trainer: "Trainer", epoch: int, iteration: int, loss: "torch.Tensor") -> "torch.Tensor":
+        """Before backward; returns the loss to use (test hooks inject non-finite values here)."""
+        return loss
 
     def on_eval_batch(self, trainer: "Trainer", epoch: int, batch: int) -> None:
         """After each evaluation batch of this rank (before the cross-rank merge)."""

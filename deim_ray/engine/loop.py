@@ -1,8 +1,11 @@
 """engine layer: `train_one_epoch` and `evaluate`, two plain functions with explicit arguments.
 
 Per iteration: LR for the global iteration, forward + loss (under autocast on GPU with AMP), backward (scaled for
-fp16), gradient clipping, optimizer step, EMA update. Loss values stay on the device and are reduced across
-ranks once per epoch; the only per-step host sync is the progress line every `print_freq` iterations on rank 0.
+fp16), gradient clipping, then the step guard: when the loss or the gradient norm is not finite on any rank
+(one all-reduce of a flag, so every rank decides the same), the step is skipped everywhere and no NaN reaches
+the weights, the optimizer or the EMA; otherwise optimizer step and EMA update. `tolerance` skipped steps in an
+epoch end it with `NonFiniteSteps` (the trainer rolls back). Loss sums stay on the device and are reduced
+across ranks once per epoch.
 The epoch also reports `images_per_s` (all ranks together) and `data_wait` (the rank-averaged fraction of the
 epoch's wall time spent waiting for the loader).
 """
@@ -43,6 +46,14 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class NonFiniteSteps(RuntimeError):
+    """An epoch reached its tolerance of skipped (non-finite) steps; raised on every rank at the same step."""
+
+    def __init__(self, epoch: int, skipped: int):
+        super().__init__(f"epoch {epoch}: {skipped} steps with a non-finite loss or gradient were skipped")
+        self.epoch, self.skipped = epoch, skipped
+
+
 def _autocast(settings: StepSettings):
     if settings.amp_dtype is None:
         return contextlib.nullcontext()
@@ -53,30 +64,41 @@ def _to_device(targets: list[dict], device: torch.device) -> list[dict]:
     return [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
 
 
-def _optimizer_step(model, optimizer, loss, scaler, clip_max_norm: float) -> None:
+def _optimizer_step(model, optimizer, loss, scaler, clip_max_norm: float) -> bool:
+    """Backward, clip and step, unless the loss or the gradients are not finite on some rank; returns whether it
+    stepped (the same on every rank)."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
-        if clip_max_norm > 0:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    # max_norm=inf measures without clipping
+    norm = nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm if clip_max_norm > 0 else math.inf)
+    if not dist.all_ranks_true(torch.isfinite(loss.detach()) & torch.isfinite(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()  # the unscale found the inf: the scale backs off, as after a skipped scaler.step
+        return False
+    if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
-        return
-    loss.backward()
-    if clip_max_norm > 0:
-        nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
-    optimizer.step()
+    else:
+        optimizer.step()
+    return True
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, epoch: int,
                     lr_schedule: LRSchedule, ema: ModelEMA | None, scaler, settings: StepSettings,
-                    on_step: Callable[[int], None] | None = None) -> dict[str, float]:
-    """One pass over `loader`; returns rank-averaged mean losses plus `lr` (group 0, last iteration),
-    `images_per_s` and `data_wait`."""
+                    on_step: Callable[[int], None] | None = None,
+                    on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                    tolerance: int | None = None) -> dict[str, float]:
+    """One pass over `loader`; returns rank-averaged mean losses over the steps taken, `lr` (group 0, last
+    iteration), `nonfinite_steps`, `images_per_s` and `data_wait`. `on_loss(i, loss)` may replace the loss
+    before backward (tests inject NaNs there); NonFiniteSteps once `tolerance` steps were skipped."""
     model.train()
     sums: dict[str, torch.Tensor] = {}
-    n_iters = len(loader)
+    n_iters, skipped = len(loader), 0
     started = time.monotonic()
     lr = optimizer.param_groups[0]["lr"]
     timer = LoaderTimer()
@@ -86,7 +108,15 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         targets = _to_device(targets, settings.device)
         with _autocast(settings):
             loss, loss_dict = forward_loss(model, images, targets)
-        _optimizer_step(model, optimizer, loss.float(), scaler, settings.clip_max_norm)
+        if on_loss is not None:
+            loss = on_loss(i, loss)
+        if not _optimizer_step(model, optimizer, loss.float(), scaler, settings.clip_max_norm):
+            skipped += 1
+            log.warning("epoch %d iter %d: non-finite loss or gradient on some rank; step skipped on every rank "
+                        "(%d this epoch)", epoch, i, skipped)
+            if tolerance is not None and skipped >= tolerance:
+                raise NonFiniteSteps(epoch, skipped)
+            continue
         if ema is not None:
             ema.update(model)
         for k, v in {"loss": loss, **loss_dict}.items():
@@ -96,12 +126,13 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                      time.monotonic() - started)
         if on_step is not None:
             on_step(i)
-    means = dist.all_reduce_mean({**{k: v / max(n_iters, 1) for k, v in sums.items()},
+    if skipped == n_iters:
+        raise NonFiniteSteps(epoch, skipped)
+    means = dist.all_reduce_mean({**{k: v / (n_iters - skipped) for k, v in sums.items()},
                                   **timer.rates(settings.device)})
     means["images_per_s"] *= dist.world_size()
-    if not math.isfinite(means.get("loss", 0.0)):
-        raise NonFiniteLossError(f"mean loss of epoch {epoch} is not finite; lower the LR or check the annotations")
     means["lr"] = lr
+    means["nonfinite_steps"] = skipped
     return means
 
 

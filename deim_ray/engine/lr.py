@@ -42,12 +42,14 @@ class LRSchedule:
         self.cfg = cfg
         self.epochs = epochs
         self.iters_per_epoch = iters_per_epoch
+        self.scale = 1.0
+        """Extra multiplier (lowered by a non-finite rollback with `train.nan_lr_factor`; not saved)."""
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", group["lr"])
 
     def set_iteration(self, epoch: int, i: int) -> float:
         t = epoch * self.iters_per_epoch + i
-        factor = flat_cosine_factor(t, self.cfg, self.epochs, self.iters_per_epoch)
+        factor = flat_cosine_factor(t, self.cfg, self.epochs, self.iters_per_epoch) * self.scale
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
         return self.optimizer.param_groups[0]["lr"]

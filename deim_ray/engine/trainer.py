@@ -27,7 +27,7 @@ from deim_ray.config.schema import Config
 from deim_ray.engine import dist
 from deim_ray.engine.ema import ModelEMA
 from deim_ray.engine.hooks import EpochRecord, Hook
-from deim_ray.engine.loop import StepSettings, evaluate, train_one_epoch
+from deim_ray.engine.loop import NonFiniteLossError, NonFiniteSteps, StepSettings, evaluate, train_one_epoch
 from deim_ray.engine.lr import LRSchedule
 from deim_ray.engine.optim import build_optimizer
 from deim_ray.engine.stages import BestTracker
@@ -87,6 +87,17 @@ def _amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.float16 if cfg.train.amp_dtype == "float16" else torch.bfloat16
 
 
+def _cpu_copy(state):
+    """A detached CPU copy of a (nested) state dict: a rollback point that training does not alter."""
+    if torch.is_tensor(state):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: _cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_cpu_copy(v) for v in state)
+    return copy.deepcopy(state)
+
+
 class Trainer:
     def __init__(self, cfg: Config, config_sha256: str, *, device: torch.device | None = None,
                  hooks: Sequence[Hook] = (), data: DataBundle | None = None):
@@ -112,6 +123,11 @@ class Trainer:
         self.epoch = -1
         self.stage = Stage.ONE
         self.stage_start_digests: list[str] = []
+        self.stop_reason: str | None = None
+        """Set by a hook (on every rank at once) to end the stage before its next epoch."""
+        self.rollbacks = 0
+        """Rollbacks to the last good state after non-finite steps, in this stage run."""
+        self._good: dict | None = None
         seed_everything(cfg.train.seed + self.rank)
 
     # ---- state -------------------------------------------------------------------------------------------
@@ -179,23 +195,66 @@ class Trainer:
     def run_stage(self, start: StageStart) -> BestTracker:
         """Run the remaining epochs of `start.stage`; returns the best tracker."""
         epochs = self._begin(start)
+        self._good = _cpu_copy(self.state_dict())
         for hook in self.hooks:
             hook.before_stage(self)
         for epoch in epochs:
+            if self.stop_reason:
+                log.warning("rank %d stops stage %d before epoch %d: %s", self.rank, int(self.stage), epoch,
+                            self.stop_reason)
+                break
             self._run_epoch(epoch, start.stage1_best)
+            self._good = _cpu_copy(self.state_dict())
         for hook in self.hooks:
             hook.after_stage(self)
         return self.tracker
 
+    def _train_epoch(self, epoch: int) -> tuple[dict[str, float], dict]:
+        """One training pass of `epoch`, rolled back to the last good state and run again after too many
+        non-finite steps (at most `train.nan_retries` times per stage run); returns the losses and the events."""
+        train_cfg = self.cfg.train
+        events = {"nonfinite_rollbacks": 0, "nonfinite_steps_rolled_back": 0}
+        while True:
+            settings = StepSettings(self.device, self.amp_dtype, train_cfg.clip_max_norm, train_cfg.print_freq)
+            try:
+                losses = train_one_epoch(
+                    self.model, self.data.train_loader, self.optimizer, epoch=epoch, lr_schedule=self.lr_schedule,
+                    ema=self.ema, scaler=self.scaler, settings=settings, tolerance=train_cfg.nan_tolerance,
+                    on_step=lambda i: [h.on_step(self, epoch, i) for h in self.hooks],
+                    on_loss=lambda i, loss: self._on_loss(epoch, i, loss))
+                return losses, events
+            except NonFiniteSteps as e:
+                self.rollbacks += 1
+                if self.rollbacks > train_cfg.nan_retries:
+                    raise NonFiniteLossError(
+                        f"stage {int(self.stage)}: epoch {epoch} kept producing non-finite losses or gradients after "
+                        f"{train_cfg.nan_retries} rollback(s) to the last good state; lower optimizer.lr, set "
+                        "train.nan_lr_factor or train.nan_amp_off, or check the annotations") from None
+                events["nonfinite_rollbacks"] += 1
+                events["nonfinite_steps_rolled_back"] += e.skipped
+                self._roll_back(e)
+
+    def _on_loss(self, epoch: int, i: int, loss):
+        for hook in self.hooks:
+            loss = hook.on_loss(self, epoch, i, loss)
+        return loss
+
+    def _roll_back(self, cause: NonFiniteSteps) -> None:
+        """Back to the state after the last good epoch (or the stage start), with the configured remedies."""
+        log.warning("%s: rolling back to the state after epoch %d (rollback %d of at most %d)", cause,
+                    self._good["last_epoch"], self.rollbacks, self.cfg.train.nan_retries)
+        self.load_state(self._good)
+        self.lr_schedule.scale *= self.cfg.train.nan_lr_factor
+        if self.cfg.train.nan_amp_off and self.amp_dtype is not None:
+            log.warning("mixed precision is off for the rest of this stage run")
+            self.amp_dtype, self.scaler = None, None
+
     def _run_epoch(self, epoch: int, stage1_best: dict | None) -> None:
-        settings = StepSettings(self.device, self.amp_dtype, self.cfg.train.clip_max_norm, self.cfg.train.print_freq)
         self.data.train_loader.set_epoch(epoch)
         sched = self.cfg.schedule
         set_matcher_epoch(dist.unwrap(self.model), epoch, sched.matcher_change_epoch, sched.iou_order_alpha)
         t0 = time.monotonic()
-        losses = train_one_epoch(self.model, self.data.train_loader, self.optimizer, epoch=epoch,
-                                 lr_schedule=self.lr_schedule, ema=self.ema, scaler=self.scaler, settings=settings,
-                                 on_step=lambda i: [h.on_step(self, epoch, i) for h in self.hooks])
+        losses, events = self._train_epoch(epoch)
         t1 = time.monotonic()
         stats = evaluate(self.ema.module if self.ema else self.model, self.data.val_loader,
                          coco_gt=self.data.coco_gt, category_ids=self.data.category_ids, device=self.device,
@@ -203,11 +262,12 @@ class Trainer:
                          on_batch=lambda i: [h.on_eval_batch(self, epoch, i) for h in self.hooks])
         self.epoch = epoch
         decision = self.tracker.update(epoch, stats[0], self.stage, self.cfg.schedule.stage2_restart)
+        events["nonfinite_steps"] = int(losses.pop("nonfinite_steps"))
         record = EpochRecord(epoch=epoch, stage=int(self.stage), ap=stats[0], coco_stats=stats,
                              loss=losses.pop("loss"), lr=losses.pop("lr"), images_per_s=losses.pop("images_per_s"),
                              data_wait=losses.pop("data_wait"), losses=losses,
                              epoch_time_s=t1 - t0, eval_time_s=time.monotonic() - t1,
-                             restarted_from_stg1=decision.restart_from_stg1)
+                             restarted_from_stg1=decision.restart_from_stg1, extra=events)
         if decision.restart_from_stg1:
             # the state saved for this epoch must already be the one the next epoch starts from
             self.load_weights(stage1_best, ema_decay=self.cfg.schedule.ema_restart_decay)
