@@ -1,8 +1,9 @@
 """driver layer: one stage as one Ray Train (V2) `TorchTrainer` run.
 
-Ray's own storage lives in the run directory (`<storage>/<name>/ray/stage<N>-a<attempt>`), so a worker failure
-resumes from the latest committed checkpoint of the current stage on any node, and re-running the driver with
-the same name resumes the same Ray run. Workers get S3 settings from their environment, never pickled secrets.
+Ray's own storage lives in the run directory (`<storage>/<name>/ray/stage<N>-g<generation>`): one Ray run per
+fenced stage run, so the workers of a stale attempt never share a Ray run (or its checkpoint folders) with a
+newer one. A stage resumes from the manifest's `last`, whichever Ray run stored it. Workers get S3 settings
+from their environment, never pickled secrets.
 A worker error caused by the input (config, data, weights) ends the stage at once (`StopOnInputErrors`): only
 failures a retry can cure use `max_failures`. A named or recorded cluster address is probed with a timeout
 before `ray.init`, which would otherwise wait silently for a dead one.
@@ -175,7 +176,7 @@ def stage_callbacks(callbacks: Sequence[ray.train.UserCallback]) -> Iterator[Non
         _STAGE_CALLBACKS.reset(token)
 
 
-def run_stage(*, stage: Stage, args: dict, store: RunStore, attempt: int, workers: int, gpu: bool,
+def run_stage(*, stage: Stage, args: dict, store: RunStore, ray_run: str, workers: int, gpu: bool,
               max_failures: int, cpus_per_worker: float, keep_checkpoints: int) -> ray.train.Result:
     from deim_ray.driver.worker import train_stage  # the worker module imports torch-heavy layers
 
@@ -189,7 +190,7 @@ def run_stage(*, stage: Stage, args: dict, store: RunStore, attempt: int, worker
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
                                      resources_per_worker={"CPU": cpus_per_worker} | ({"GPU": 1} if gpu else {})),
         run_config=RunConfig(
-            name=f"stage{int(stage)}-a{attempt}", storage_path=storage_path, storage_filesystem=filesystem,
+            name=ray_run, storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=max(keep_checkpoints, 1)),
             callbacks=[StopOnInputErrors(), *_STAGE_CALLBACKS.get()],

@@ -4,7 +4,8 @@
 
 Stage 1 and stage 2 are two Ray Train runs. Between them the driver verifies best_stg1 in storage (sha256),
 records the switch, and starts stage 2 from exactly that object. After stage 2 it resolves the final artifact
-and writes `final.pth` (EMA weights + rebuild metadata). Re-running the same command continues from whatever
+and writes `final.pth` (EMA weights + rebuild metadata). Opening the run and starting each stage run claim a
+new fencing generation (`RunStore.claim`), so a driver or worker of an older one can no longer write. Re-running the same command continues from whatever
 the manifest says: a finished stage is never retrained and a finished run only reports its result.
 Before anything is written or a worker starts, the inputs are checked on the driver (`preflight`) and the
 cluster must be able to place the workers (`check_capacity`), so bad input fails in seconds with one line.
@@ -78,43 +79,48 @@ def check_same_config(req: RunRequest, store: RunStore, manifest: Manifest | Non
 
 
 def open_run(req: RunRequest, store: RunStore) -> Manifest:
-    """The run's manifest: new, continued (same config), or refused (different config under the same name)."""
+    """The run's manifest, claimed by this driver: new, continued (same config), or refused (different config
+    under the same name)."""
     sha = config_sha256(req.cfg)
     manifest = store.read_manifest()
     if manifest is not None and not req.restart:
         check_same_config(req, store, manifest)
         _sweep(store)
-        return manifest
+        if manifest.state is RunState.DONE:
+            return manifest  # nothing left to write: no claim, so a finished run is only read
+        return store.claim()
     _sweep(store)
     attempt = (manifest.attempt + 1) if manifest is not None else 1
-    manifest = Manifest.new(name=req.name, config_sha256=sha, epochs=req.cfg.schedule.epochs,
-                            stop_epoch=req.cfg.schedule.stop_epoch, attempt=attempt)
+    manifest = store.claim(Manifest.new(name=req.name, config_sha256=sha, epochs=req.cfg.schedule.epochs,
+                                        stop_epoch=req.cfg.schedule.stop_epoch, attempt=attempt))
     store.write_text(CONFIG_FILE, dump_yaml(req.cfg))
-    store.write_manifest(manifest)
     log.info("run %s: new (attempt %d) in %s", req.name, attempt, store.uri)
     return manifest
 
 
-def _stage_args(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | None, board: str | None) -> dict:
+def _stage_args(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | None, ray_run: str,
+                board: str | None) -> dict:
     """What every worker gets: the config with paths made absolute here (the workers' working directory is
-    not ours), the identity of the config as the user wrote it, and the console's board."""
+    not ours), the identity of the config as the user wrote it, the fencing generation it writes with and the
+    console's board."""
     tree = config_to_dict(absolute_paths(req.cfg))
     tree.pop("source", None)
     return {"config": tree, "config_sha256": config_sha256(req.cfg), "stage": int(stage),
-            "storage_uri": store.storage.uri, "run_name": req.name, "best_stg1_sha256": stg1_sha,
-            "board": board, "verbose": is_verbose()}
+            "storage_uri": store.storage.uri, "run_name": req.name, "generation": store.generation,
+            "ray_run": ray_run, "best_stg1_sha256": stg1_sha, "board": board, "verbose": is_verbose()}
 
 
 def _run_stage(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | None = None) -> dict:
-    """Run one stage to its end (Ray resumes the same `stage<N>-a<attempt>` run from its latest committed
-    checkpoint); returns the last report: per-worker digests of the weights the workers started from and
-    whether they resumed from a checkpoint (an empty dict when a finished run had nothing left to report)."""
-    manifest = store.read_manifest()
+    """Run one stage to its end under a newly claimed generation (the workers resume from the manifest's `last`
+    when it belongs to this stage); returns the last report: per-worker digests of the weights the workers
+    started from and whether they resumed (an empty dict when there was nothing left to train)."""
+    store.claim()
+    ray_run = f"stage{int(stage)}-g{store.generation}"
     watch = req.console.watch(req.cfg.schedule.epochs) if req.console else contextlib.nullcontext()
     try:
         with watch as board:
-            result = run_stage(stage=stage, args=_stage_args(req, store, stage, stg1_sha, board), store=store,
-                               attempt=manifest.attempt, workers=req.workers, gpu=req.gpu,
+            result = run_stage(stage=stage, args=_stage_args(req, store, stage, stg1_sha, ray_run, board),
+                               store=store, ray_run=ray_run, workers=req.workers, gpu=req.gpu,
                                max_failures=req.max_failures, cpus_per_worker=req.cpus_per_worker,
                                keep_checkpoints=req.cfg.train.keep_checkpoints)
     except StageRunFailed as e:
@@ -137,17 +143,17 @@ def _worker_error(error: BaseException | None) -> str | None:
 def _switch(store: RunStore, stop_epoch: int) -> str:
     """Verify best_stg1 in storage and record the switch; returns the sha256 stage 2 must start from."""
     record = store.verify_artifact(BEST_STG1)
-    manifest = store.read_manifest()
-    manifest.switch = {"epoch": stop_epoch, "from": BEST_STG1, "sha256": record.sha256,
-                       "best_stg1_epoch": record.epoch, "best_stg1_ap": record.ap}
-    store.write_manifest(manifest)
+    store.record_switch({"epoch": stop_epoch, "from": BEST_STG1, "sha256": record.sha256,
+                         "best_stg1_epoch": record.epoch, "best_stg1_ap": record.ap})
     store.transition(RunState.STAGE1_DONE, note=f"best_stg1 epoch {record.epoch} AP {record.ap:.4f} verified")
     log.info("stage 1 -> 2: best_stg1 (epoch %d, AP %.3f, sha256 %s) verified; stage 2 trains on clean data from it",
              record.epoch, record.ap, record.sha256[:12])
     return record.sha256
 
 
-def _write_final(store: RunStore, cfg: Config) -> Manifest:
+def write_final(store: RunStore, cfg: Config) -> Manifest:
+    """Resolve the final artifact, write final.pth (EMA weights + rebuild metadata) and move the run to DONE; the
+    end of every run, trained (`run_training`) or stopped by a Tune scheduler (`tune.py`)."""
     manifest = store.read_manifest()
     resolution = resolve_final(manifest.artifacts, reached_stage2=manifest.switch is not None)
     with tempfile.TemporaryDirectory(prefix="deim_ray_final_") as tmp:
@@ -164,12 +170,9 @@ def _write_final(store: RunStore, cfg: Config) -> Manifest:
         path = Path(tmp) / "final.pth"
         torch.save(final, path)
         record = store.put_artifact(FINAL, path, epoch=resolution.epoch, stage=resolution.stage, ap=resolution.ap)
-    manifest = store.read_manifest()
-    manifest.final = {"artifact": resolution.artifact, "uri": record.uri, "sha256": record.sha256,
-                      "ap": resolution.ap, "epoch": resolution.epoch, "stage": resolution.stage,
-                      "reason": resolution.reason}
-    store.write_manifest(manifest)
-    return store.transition(RunState.DONE, note=resolution.reason)
+    return store.finish({"artifact": resolution.artifact, "uri": record.uri, "sha256": record.sha256,
+                         "ap": resolution.ap, "epoch": resolution.epoch, "stage": resolution.stage,
+                         "reason": resolution.reason}, resolution.reason)
 
 
 def run_training(req: RunRequest) -> Manifest:
@@ -202,7 +205,7 @@ def run_training(req: RunRequest) -> Manifest:
         store.transition(RunState.STAGE2_RUNNING,
                          note=_start_note(interrupted, Stage.TWO, f"stage 2 starts from best_stg1 {stg1_sha[:12]}"))
         _record_digests(store, _run_stage(req, store, Stage.TWO, stg1_sha))
-    return _write_final(store, req.cfg)
+    return write_final(store, req.cfg)
 
 
 def _is_finished(req: RunRequest, manifest: Manifest | None) -> bool:
@@ -228,7 +231,5 @@ def _record_digests(store: RunStore, report: dict) -> None:
     digests = report.get("start_digests")
     if not digests:
         return
-    manifest = store.read_manifest()
     key = "worker_resume_digests" if report.get("resumed") else "worker_start_digests"
-    manifest.switch[key] = digests.split(",")
-    store.write_manifest(manifest)
+    store.record_switch_digests(key, digests.split(","))

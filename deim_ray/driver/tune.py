@@ -35,7 +35,7 @@ from deim_ray.config.schema import Config
 from deim_ray.config.validate import validate
 from deim_ray.driver.ray_stage import check_capacity, ensure_ray, stage_callbacks
 from deim_ray.driver.preflight import absolute_paths
-from deim_ray.driver.run import RunRequest, _write_final, run_training
+from deim_ray.driver.run import RunRequest, run_training, write_final
 from deim_ray.driver.tune_space import SearchSpace, check_space_against_config, parse_space, plain
 from deim_ray.storage import Manifest, RunState, RunStore, Storage, StorageError, open_storage
 
@@ -215,11 +215,11 @@ def _error_line(error: BaseException) -> str:
 def _finalize_killed(store: RunStore, cfg: Config, summary: TrialSummary) -> Manifest:
     """Resolve a run whose trial Tune killed (a scheduler stop) and write its final.pth, as `train` does at its
     end; a run that cannot be finalized is noted on its row instead of failing the search's summary."""
-    manifest = store.read_manifest()
-    manifest.extra["stopped_by_scheduler"] = {"epochs_run": summary.epochs_run, "in_state": manifest.state.value}
-    store.write_manifest(manifest)
     try:
-        return _write_final(store, cfg)
+        store.claim()  # the trial's driver is gone: take the run over so none of its workers can still write
+        store.update_manifest(lambda m: m.extra.__setitem__(
+            "stopped_by_scheduler", {"epochs_run": summary.epochs_run, "in_state": m.state.value}))
+        return write_final(store, cfg)
     except StorageError as e:
         summary.error = f"not finalized: {_error_line(e)}"
         return store.read_manifest()

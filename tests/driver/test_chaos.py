@@ -6,8 +6,8 @@ environment of the driver process that starts the local Ray instance; a marker p
 
     uninterrupted  the same seed without faults: the reference final AP
     chaos          mid_epoch (epoch 0, rank 1), upload (epoch 0, rank 0), eval (epoch 1, rank 1),
-                   checkpoint_write (epoch 1, rank 0), stage_start (epoch 2, rank 1); then, once Ray's snapshot
-                   holds the epoch-2 checkpoint, the driver is SIGKILLed and the same command is run again
+                   checkpoint_write (epoch 1, rank 0), stage_start (epoch 2, rank 1); then, once the manifest's
+                   `last` is the epoch-2 state, the driver is SIGKILLed and the same command is run again
 
 One run takes every kill (--max-failures 4 covers stage 1's four) so the file stays within its time budget;
 each kill is followed by a completed epoch before the next one, so recoveries are measured one at a time.
@@ -56,6 +56,8 @@ class Run:
     log: str = ""
     wall_s: float = 0.0
     driver_kill_time: float | None = None
+    kill_generation: int = 0
+    """The manifest's fencing generation when the driver was killed (its stage run's)."""
     best_history: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
 
     @property
@@ -143,6 +145,7 @@ def _train(tmp: Path, name: str, data_root: Path, faults: str = "", kill_driver_
                 time.sleep(0.2)
             os.kill(proc.pid, signal.SIGKILL)
             run.driver_kill_time = time.time()
+            run.kill_generation = run.manifest["generation"]
             proc.wait(timeout=30)
             _end_group(proc)
             with open(log, "a") as out:
@@ -159,13 +162,12 @@ def _train(tmp: Path, name: str, data_root: Path, faults: str = "", kill_driver_
 
 
 def _in_stage2_after_epoch2(run: Run) -> bool:
-    """Ray's stage-2 snapshot lists the epoch-2 checkpoint (committed), so a new driver must resume from it."""
-    snapshot = run.run_dir / "ray" / "stage2-a1" / "checkpoint_manager_snapshot.json"
+    """The manifest's `last` is the epoch-2 state (committed), so a new driver must resume from it."""
     try:
-        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+        last = run.manifest["artifacts"]["last"]
     except (OSError, ValueError, KeyError):
         return False
-    return bool(latest) and latest["checkpoint_dir_name"] == "epoch_0002"
+    return bool(last) and (last["stage"], last["epoch"]) == (2, 2)
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +211,7 @@ def test_run_is_done_with_verified_artifacts(runs, key):
     assert m["state"] == "DONE"
     for name, rec in m["artifacts"].items():
         if rec is not None:
-            assert _sha(runs[key].run_dir / "artifacts" / f"{name}.pth") == rec["sha256"], name
+            assert _sha(runs[key].run_dir / rec["key"]) == rec["sha256"], name
     assert m["switch"]["sha256"] == m["artifacts"]["best_stg1"]["sha256"]
     assert m["final"]["sha256"] == m["artifacts"]["final"]["sha256"]
 
@@ -253,7 +255,7 @@ def test_ema_updates_and_optimizer_steps_match_the_epochs_trained(runs, key):
     expected = stg1["ema"]["updates"]  # stage 2 starts from best_stg1 and returns to it on each restart
     for row in run.metrics()[STOP:]:
         expected = stg1["ema"]["updates"] if row["restarted_from_stg1"] else expected + ITERS
-    last = load_train_state(run.run_dir / "artifacts" / "last.pth")
+    last = load_train_state(run.run_dir / run.manifest["artifacts"]["last"]["key"])
     assert last["last_epoch"] == EPOCHS - 1 and last["stage"] == 2
     assert last["ema"]["updates"] == expected
     steps = {int(s["step"]) for s in last["optimizer"]["state"].values()}
@@ -280,7 +282,9 @@ def test_killed_driver_resumed_stage2_without_retraining_stage1(runs):
     states = [t["state"] for t in transitions]
     assert states.count("STAGE2_RUNNING") == 2 and states.count("STAGE1_RUNNING") == 1
     assert "stage 2 continues" in transitions[states.index("STAGE2_RUNNING") + 1]["note"]
-    # the new driver's workers resumed Ray's own stage-2 run from its snapshot, and trained only epoch 3
+    # the new driver's workers resumed from the manifest's `last` (epoch 2) and trained only epoch 3; workers of
+    # the killed driver (older generation) that outlived it are fenced off and commit nothing
     rerun = run.log.split(RERUN)[-1]
     assert "resuming stage 2 after epoch 2" in rerun
-    assert [e["epoch"] for e in run.epochs_done() if e["time"] > run.driver_kill_time] == [3]
+    assert [e["epoch"] for e in run.epochs_done() if e["generation"] > run.kill_generation] == [3]
+    assert run.manifest["generation"] == run.kill_generation + 2  # the new driver's start and its stage-2 run

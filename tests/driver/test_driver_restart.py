@@ -1,11 +1,10 @@
 """What a restarted worker or driver continues from, without starting Ray (the killed-process runs themselves are
 in test_chaos.py):
 
-- a best artifact is only replaced by a strictly higher AP than the manifest records, whatever the tracker of
-  a resumed (older) checkpoint believes;
-- before a resumed stage trains, rank 0 records an object a killed upload left unrecorded (unless an earlier
-  attempt of the name wrote it), re-publishes a `last`/best whose upload was lost, and rewrites metrics.jsonl
-  from the history the resumed checkpoint carries;
+- an epoch's commit records `last` (the one stored TrainState) and the best together, so a resume from `last`
+  has nothing to reconcile; a worker killed between the commit's two steps leaves the manifest naming complete
+  bytes, and the next stage start publishes the best's copy; metrics come from the history the state carries;
+- workers of a stale generation stop before training;
 - a Trainer resumed from a TrainState holds exactly that state: epoch, stage, model, EMA and its update count,
   optimizer, best history (stage-2 restart state included); the LR needs no state (a pure function of the
   epoch and iteration, engine/lr.py);
@@ -24,7 +23,8 @@ import pytest
 import torch
 
 from deim_ray.cli.main import main
-from deim_ray.driver.hooks import METRICS_FILE, Fault, FaultHook, RunSyncHook
+from deim_ray.driver.checkpoint_hook import CheckpointHook
+from deim_ray.driver.fault_injection import Fault, FaultHook
 from deim_ray.driver.run import RunRequest, open_run
 from deim_ray.engine.hooks import Hook
 from deim_ray.config.schedule import Stage
@@ -55,7 +55,7 @@ def _state(epoch: int, ap: float, *, history: list[dict], best: dict | None = No
 @pytest.fixture
 def store(tmp_path) -> RunStore:
     store = RunStore(open_storage(str(tmp_path / "runs")), "r1")
-    store.write_manifest(Manifest.new(name="r1", config_sha256="c0ffee", epochs=4, stop_epoch=2))
+    store.claim(Manifest.new(name="r1", config_sha256="c0ffee", epochs=4, stop_epoch=2))
     store.transition(RunState.STAGE1_RUNNING)
     return store
 
@@ -66,78 +66,65 @@ def _record(store: RunStore, name: str, state: dict, tmp_path: Path, ap: float):
 
 
 def _trainer(epoch: int, tracker: BestTracker, stage: Stage = Stage.ONE):
-    """The parts of a Trainer that RunSyncHook reads at the start of a stage."""
-    return types.SimpleNamespace(is_main=True, epoch=epoch, stage=stage, tracker=tracker)
+    """The parts of a Trainer that CheckpointHook reads at the start of a stage (one process, rank 0)."""
+    return types.SimpleNamespace(is_main=True, epoch=epoch, stage=stage, tracker=tracker, stop_reason=None)
 
 
-def _start_stage(sync: RunSyncHook, trainer) -> RunSyncHook:
-    """Run the hook's stage start (where it reconciles) and end, with no epoch in between."""
-    sync.before_stage(trainer)
-    sync.after_stage(trainer)
-    return sync
+def _commit(store: RunStore, state: dict, tmp_path: Path, *, best: str | None, stop_before_publish=False):
+    """Rank 0's commit of one epoch (CheckpointHook._publish without Ray); optionally killed between its steps."""
+    epoch = state["last_epoch"]
+    path = save_train_state(state, tmp_path / f"e{epoch}.pt")
+    stored = store.put_state(f"ray/stage1-g{store.generation}/epoch_{epoch:04d}/state.pt", path)
+    if stop_before_publish:  # the manifest records the epoch, then the worker dies before the best's copy
+        record = store._record(stored, rel=stored.key[len(store.name) + 1:], epoch=epoch, stage=1, ap=0.3)
+        store.update_manifest(lambda m: m.artifacts.update({LAST: record, best: record}))
+        return
+    store.commit_epoch(stored, epoch=epoch, stage=1, ap=state["extra"]["metrics"][-1]["ap"], best=best,
+                       metrics="".join(json.dumps(r) + "\n" for r in state["extra"]["metrics"]))
 
 
-def test_best_is_replaced_only_by_a_strictly_higher_ap(store, tmp_path):
-    good = _record(store, BEST_STG1, _state(1, 0.30, history=[_line(0, .1), _line(1, .3)]), tmp_path, 0.30)
-    sync = RunSyncHook(store, tmp_path / "scratch")
-    for ap in (0.25, 0.30):  # the epoch ran again after a resume and evaluated lower (or equal)
-        path = save_train_state(_state(1, ap, history=[]), tmp_path / f"again-{ap}.pt")
-        sync._put(BEST_STG1, path, 1, 1, ap)
-        assert store.read_manifest().artifacts[BEST_STG1].sha256 == good.sha256
-        assert store.verify_artifact(BEST_STG1).ap == 0.30 and not path.exists()
-    better = save_train_state(_state(2, 0.35, history=[]), tmp_path / "better.pt")
-    sync._put(BEST_STG1, better, 2, 1, 0.35)
-    assert store.verify_artifact(BEST_STG1).ap == 0.35
-    older_last = save_train_state(_state(0, 0.0, history=[]), tmp_path / "last.pt")
-    sync._put(LAST, older_last, 0, 1, 0.0)  # `last` is the latest state of the current history, always
-    assert store.verify_artifact(LAST).epoch == 0
-
-
-def test_resumed_stage_records_an_object_a_killed_upload_left(store, tmp_path):
+def test_an_epoch_commit_records_last_and_best_together(store, tmp_path):
     history = [_line(0, .1), _line(1, .3)]
-    _record(store, BEST_STG1, _state(0, 0.1, history=history[:1]), tmp_path, 0.1)
-    _record(store, LAST, _state(1, 0.3, history=history), tmp_path, 0.3)
-    # the epoch-1 best was stored, then its worker was killed before the manifest recorded it
-    orphan = save_train_state(_state(1, 0.3, history=history), tmp_path / "orphan.pt")
-    store.storage.upload_file(store.key(artifact_key(BEST_STG1)), orphan)
-    resume = _state(1, 0.3, history=history)
-    _start_stage(RunSyncHook(store, tmp_path / "scratch", resume=resume), _trainer(1, BestTracker.from_state(
-        resume["best"])))
-    record = store.verify_artifact(BEST_STG1)  # the manifest names the stored bytes again
-    assert (record.epoch, record.ap) == (1, 0.3)
+    _commit(store, _state(0, 0.1, history=history[:1]), tmp_path, best=BEST_STG1)
+    _commit(store, _state(1, 0.3, history=history), tmp_path, best=None)
+    m = store.read_manifest()
+    assert (m.artifacts[LAST].epoch, m.artifacts[BEST_STG1].epoch) == (1, 0)
+    assert m.artifacts[LAST].key == f"ray/stage1-g{store.generation}/epoch_0001/state.pt"  # the one upload
+    assert m.artifacts[BEST_STG1].key == artifact_key(BEST_STG1)  # a server-side copy (a hard link here)
+    assert store.verify_artifact(BEST_STG1).sha256 != store.verify_artifact(LAST).sha256
+    assert [json.loads(x) for x in store.read_text("metrics.jsonl").splitlines()] == history
 
 
-def test_object_of_an_earlier_attempt_is_not_adopted(store, tmp_path):
-    old = _state(3, 0.9, history=[_line(3, .9)], date="2020-01-01T00:00:00+00:00")
-    store.storage.upload_file(store.key(artifact_key(BEST_STG1)), save_train_state(old, tmp_path / "old.pt"))
-    resume = _state(0, 0.1, history=[_line(0, .1)], best={"top1": .1, "local_epoch": 0, "local_ap": .1,
-                                                          "stage_best": {}})
-    _start_stage(RunSyncHook(store, tmp_path / "scratch", resume=resume), _trainer(0, BestTracker()))
-    assert store.read_manifest().artifacts[BEST_STG1] is None
-
-
-def test_resumed_stage_republishes_lost_uploads_and_rewrites_metrics(store, tmp_path):
-    first = [_line(0, .1), _line(1, .3)]
-    _record(store, BEST_STG1, _state(0, 0.1, history=first[:1]), tmp_path, 0.1)
-    _record(store, LAST, _state(0, 0.1, history=first[:1]), tmp_path, 0.1)
-    # metrics.jsonl as a killed worker left it: epoch 1 and 2 of a history that Ray did not keep
-    store.write_text(METRICS_FILE, "".join(json.dumps(r) + "\n" for r in [first[0], _line(1, .2), _line(2, .2)]))
-    # Ray committed epoch 1 (a new best), but rank 0 died before uploading it
-    resume = _state(1, 0.3, history=first)
-    _start_stage(RunSyncHook(store, tmp_path / "scratch", resume=resume), _trainer(1, BestTracker.from_state(
-        resume["best"])))
-    for name in (LAST, BEST_STG1):
-        record = store.verify_artifact(name)
-        assert (record.epoch, record.ap) == (1, 0.3), name
-    rows = [json.loads(x) for x in store.read_text(METRICS_FILE).splitlines()]
-    assert rows == first
+def test_a_resumed_stage_finishes_a_commit_its_worker_died_in(store, tmp_path):
+    """Killed after the manifest recorded the epoch's best at its TrainState's key and before the copy onto
+    best_stg1.pth: the manifest names complete bytes all along, and the next stage start publishes the copy."""
+    _commit(store, _state(0, 0.1, history=[_line(0, .1)]), tmp_path, best=BEST_STG1)
+    _commit(store, _state(1, 0.3, history=[_line(0, .1), _line(1, .3)]), tmp_path, best=BEST_STG1,
+            stop_before_publish=True)
+    record = store.verify_artifact(BEST_STG1)
+    assert record.key.endswith("epoch_0001/state.pt") and record.epoch == 1
+    resume = load_train_state(store.open_artifact(LAST, tmp_path / "dl"))
+    hook = CheckpointHook(store, "stage1-g9", resume=resume)
+    hook.before_stage(_trainer(1, BestTracker.from_state(resume["best"])))
+    published = store.verify_artifact(BEST_STG1)
+    assert published.key == artifact_key(BEST_STG1) and published.sha256 == record.sha256
+    assert hook.metrics == resume["extra"]["metrics"]
 
 
 def test_fresh_stage2_keeps_stage1_metrics_and_drops_a_failed_try(store, tmp_path):
     lines = [_line(0, .1), _line(1, .3), _line(2, .2, stage=2)]
-    store.write_text(METRICS_FILE, "".join(json.dumps(r) + "\n" for r in lines))
-    sync = _start_stage(RunSyncHook(store, tmp_path / "scratch"), _trainer(1, BestTracker(), Stage.TWO))
-    assert sync.metrics == lines[:2]  # stage 2 starts after epoch 1
+    store.write_text("metrics.jsonl", "".join(json.dumps(r) + "\n" for r in lines))
+    hook = CheckpointHook(store, "stage2-g9")
+    hook.before_stage(_trainer(1, BestTracker(), Stage.TWO))
+    assert hook.metrics == lines[:2]  # stage 2 starts after epoch 1
+
+
+def test_workers_of_a_stale_generation_stop_before_training(store, tmp_path):
+    stale = RunStore(store.storage, store.name, generation=store.generation)
+    RunStore(store.storage, store.name).claim()  # a newer attempt took over
+    trainer = _trainer(0, BestTracker())
+    CheckpointHook(stale, "stage1-g1").before_stage(trainer)
+    assert "taken over by a newer attempt" in trainer.stop_reason
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +199,7 @@ def test_finished_run_prints_its_result_and_starts_no_ray(tiny_cfg, tiny_data_ro
     store.write_manifest(manifest)
     for state in (RunState.STAGE1_DONE, RunState.STAGE2_RUNNING, RunState.DONE):
         store.transition(state)
-    store.write_text(METRICS_FILE, "".join(json.dumps(r | {"loss": 1.0, "lr": 1e-3, "coco_stats": [r["ap"]] * 12})
+    store.write_text("metrics.jsonl", "".join(json.dumps(r | {"loss": 1.0, "lr": 1e-3, "coco_stats": [r["ap"]] * 12})
                                            + "\n" for r in history))
     before = (root / "done" / "manifest.json").read_bytes()
     was_running = ray.is_initialized()
@@ -231,7 +218,8 @@ def test_restart_opens_a_new_attempt(tiny_cfg, tmp_path):
     store.transition(RunState.STAGE1_RUNNING)
     assert open_run(req, store).state is RunState.STAGE1_RUNNING  # same command: continue
     fresh = open_run(RunRequest(cfg=tiny_cfg(), storage_uri=str(root), name="again", restart=True), store)
-    assert fresh.state is RunState.NEW and fresh.attempt == 2  # Ray's stage runs are named stage<N>-a2 now
+    assert fresh.state is RunState.NEW and fresh.attempt == 2
+    assert fresh.generation == 3  # each open claimed the run: a worker of the first attempt can no longer write
 
 
 def test_fault_hook_reads_several_faults(tmp_path):

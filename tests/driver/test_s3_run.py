@@ -133,13 +133,16 @@ def test_bucket_holds_manifest_artifacts_and_ray_checkpoints(trained, manifest, 
     recorded = {n: r for n, r in manifest["artifacts"].items() if r}
     assert {"best_stg1", "last", "final"} <= set(recorded)
     for name, record in recorded.items():
-        key = f"{run}artifacts/{name}.pth"
+        key = run + record["key"]
         assert record["uri"] == f"s3://{bucket}/{key}"
         obj = objects[key]
         assert obj["Metadata"]["sha256"] == record["sha256"]
         assert hashlib.sha256(obj["Body"].read()).hexdigest() == record["sha256"]
+    # `last` is the epoch's one stored TrainState, which is also Ray's checkpoint of the last stage run
+    assert recorded["last"]["key"] == f"ray/stage2-g{manifest['generation']}/epoch_0003/state.pt"
+    assert f"{run}artifacts/last.pth" not in objects
     for stage in (1, 2):  # Ray Train's own storage: snapshot + one checkpoint dir per reported epoch (kept 2)
-        ray_run = f"{run}ray/stage{stage}-a1/"
+        ray_run = f"{run}ray/stage{stage}-g{stage + 1}/"  # generation 1 opened the run, each stage run claims one
         assert ray_run + "checkpoint_manager_snapshot.json" in objects, sorted(objects)
         epochs = sorted(k for k in objects if k.startswith(ray_run + "epoch_") and k.endswith("/state.pt"))
         last_epoch = 1 if stage == 1 else 3

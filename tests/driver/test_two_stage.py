@@ -66,7 +66,10 @@ def test_manifest_is_done_with_switch_and_verified_artifacts(run):
     assert m["switch"]["sha256"] == m["artifacts"]["best_stg1"]["sha256"]
     for name in ("last", "best_stg1", "final"):
         rec = m["artifacts"][name]
-        assert _sha(run_dir / "artifacts" / f"{name}.pth") == rec["sha256"], name
+        assert _sha(run_dir / rec["key"]) == rec["sha256"], name
+    # `last` is the epoch's stored TrainState itself (Ray's checkpoint of the last stage run), not a second copy
+    assert m["artifacts"]["last"]["key"].startswith("ray/stage2-g") and not (run_dir / "artifacts/last.pth").exists()
+    assert m["generation"] == 3  # claimed by the driver's start and by each stage run
     assert m["artifacts"]["best_stg1"]["stage"] == 1 and m["artifacts"]["best_stg1"]["epoch"] < 2
     if m["artifacts"]["best_stg2"] is not None:
         assert m["artifacts"]["best_stg2"]["stage"] == 2
@@ -102,7 +105,7 @@ def test_both_workers_started_stage2_from_best_stg1_bit_identical(run):
 
 def test_ema_restart_decay_is_in_effect_in_stage2(run):
     cfg, run_dir, _ = run
-    last = load_train_state(run_dir / "artifacts" / "last.pth")
+    last = load_train_state(run_dir / json.loads((run_dir / "manifest.json").read_text())["artifacts"]["last"]["key"])
     stg1 = load_train_state(run_dir / "artifacts" / "best_stg1.pth")
     assert last["stage"] == 2 and last["last_epoch"] == 3
     assert stg1["ema"]["decay"] == cfg.ema.decay

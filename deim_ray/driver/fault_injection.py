@@ -1,0 +1,121 @@
+"""driver layer, test-only: `FaultHook` SIGKILLs a worker at chosen points so tests can prove recovery.
+
+Inactive unless DEIM_RAY_FAULT is set (`worker.py` asks `FaultHook.from_env`); production hooks never depend on it.
+
+DEIM_RAY_FAULT="<point>:<epoch>:<rank>[,<point>:<epoch>:<rank>...]", point one of
+  stage_start        before the first epoch of a stage run (epoch = that first epoch)
+  mid_epoch          after the middle training step of the epoch
+  eval               after this rank's first evaluation batch
+  checkpoint_write   after rank 0 saved the epoch's TrainState and handed it to Ray's report (upload under way)
+  upload             on rank 0's upload thread, after the epoch's best was copied onto its fixed name and before
+                     the manifest points there (an epoch without a new best never fires)
+DEIM_RAY_FAULT_DIR=<dir> receives one marker per fired fault (holding the kill time), so the retried worker
+survives, and `epochs.jsonl`, rank 0's epoch completion times and fencing generation, from which tests measure
+recovery. Workers of a local Ray instance inherit the environment of the driver process that started it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from deim_ray.config.schedule import BEST_STG1, BEST_STG2
+from deim_ray.engine.hooks import Hook
+from deim_ray.storage import Storage, artifact_key
+
+log = logging.getLogger("deim_ray.worker")
+
+FAULT_POINTS = ("stage_start", "mid_epoch", "eval", "checkpoint_write", "upload")
+_STATE_EPOCH = re.compile(r"/epoch_(\d+)/")
+"""Epoch in the key of a stored TrainState (`.../epoch_0007/state.pt`)."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    point: str
+    epoch: int
+    rank: int
+
+    @property
+    def marker(self) -> str:
+        return f"{self.point}-e{self.epoch}-r{self.rank}.fired"
+
+
+class FaultHook(Hook):
+    """See the module docstring."""
+
+    def __init__(self, faults: list[Fault], fault_dir: Path, generation: int | None = None):
+        self.faults, self.dir, self.rank, self.generation = faults, fault_dir, -1, generation
+
+    @classmethod
+    def from_env(cls, env, generation: int | None = None) -> "FaultHook | None":
+        spec = env.get("DEIM_RAY_FAULT")
+        if not spec:
+            return None
+        faults = []
+        for item in filter(None, spec.split(",")):
+            point, epoch, rank = item.strip().split(":")
+            if point not in FAULT_POINTS:
+                raise ValueError(f"DEIM_RAY_FAULT point {point!r} is not one of {', '.join(FAULT_POINTS)}")
+            faults.append(Fault(point, int(epoch), int(rank)))
+        fault_dir = Path(env.get("DEIM_RAY_FAULT_DIR", Path(tempfile.gettempdir()) / "deim_ray_faults"))
+        fault_dir.mkdir(parents=True, exist_ok=True)
+        return cls(faults, fault_dir, generation)
+
+    def _fire(self, point: str, epoch: int) -> None:
+        for fault in self.faults:
+            marker = self.dir / fault.marker
+            if fault != Fault(point, epoch, self.rank) or marker.exists():
+                continue
+            marker.write_text(json.dumps({"point": point, "epoch": epoch, "rank": self.rank, "time": time.time()}))
+            log.warning("fault injection: killing rank %d at %s of epoch %d", self.rank, point, epoch)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def wrap_storage(self, storage: Storage) -> Storage:
+        """`storage` with the `upload` fault point after each copy onto a best artifact."""
+        return _UploadFaultStorage(storage, self)
+
+    def before_stage(self, trainer):
+        self.rank = trainer.rank
+        self._fire("stage_start", trainer.epoch + 1)
+
+    def on_step(self, trainer, epoch, iteration):
+        if iteration == len(trainer.data.train_loader) // 2:
+            self._fire("mid_epoch", epoch)
+
+    def on_eval_batch(self, trainer, epoch, batch):
+        if batch == 0:
+            self._fire("eval", epoch)
+
+    def after_epoch(self, trainer, record, decision):
+        if trainer.stop_reason:
+            return  # fenced off: this epoch was not committed
+        if trainer.is_main:
+            with open(self.dir / "epochs.jsonl", "a") as f:
+                f.write(json.dumps({"epoch": record.epoch, "stage": record.stage, "time": time.time(),
+                                    "generation": self.generation}) + "\n")
+        self._fire("checkpoint_write", record.epoch)
+
+
+class _UploadFaultStorage:
+    """A Storage that runs the FaultHook's `upload` point after copying a TrainState onto a best artifact."""
+
+    def __init__(self, storage: Storage, hook: FaultHook):
+        self._storage, self._hook = storage, hook
+
+    def __getattr__(self, name):
+        return getattr(self._storage, name)
+
+    def copy(self, src: str, dst: str, **conditions):
+        info = self._storage.copy(src, dst, **conditions)
+        epoch = _STATE_EPOCH.search(src)
+        if epoch and dst.endswith((artifact_key(BEST_STG1), artifact_key(BEST_STG2))):
+            self._hook._fire("upload", int(epoch.group(1)))
+        return info
