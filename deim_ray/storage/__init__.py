@@ -2,12 +2,12 @@
 
     open_storage(uri, cfg.storage) -> Storage      LocalStorage or S3Storage (base.py, local.py, s3.py)
     RunStore(storage, name)                        one run directory: manifest, config, metrics, artifacts,
-                                                   ray_storage() for RunConfig, sweep_interrupted_writes()
+                                                   ray_storage() for RunConfig, sweep_interrupted_writes();
+                                                   fenced writes (claim / renew a generation; StaleWriter)
     Manifest / RunState                            manifest.json and its state machine (manifest.py)
     resolve_final(manifest.artifacts)              which checkpoint is final, and why (resolve.py)
     fetch / describe_run / list_runs               deim-ray fetch / resolve / ls (retrieve.py); a run is
                                                    addressed as one URI `<root>/<name>` (open_run_dir)
-    BackgroundUploader                             uploads off the training thread (transfer.py)
 
 Every error a user can fix is a `StorageError` with a one-line message.
 """

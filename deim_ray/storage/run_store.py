@@ -9,9 +9,9 @@
 An artifact is uploaded first and recorded in the manifest second, so the manifest only ever names complete,
 checksummed objects. Nothing here deletes an object a manifest may name.
 
-One writer at a time (fencing). Every driver start and every stage run `claim`s the run: the manifest's
-`generation` goes up by one in a conditional write, and the RunStore holding it is the only one whose writes
-are accepted. Every write checks it:
+One writer at a time (fencing). A driver start `claim`s the run (takes it over) and each of its stage runs
+`renew`s that claim (refused once taken over): either way the manifest's `generation` goes up by one in a
+conditional write, and the RunStore holding it is the only one whose writes are accepted. Every write checks it:
 - the manifest: read (with its version), check the generation, mutate, write only if the version is unchanged
   (S3 If-Match; locally under an flock), retried on a lost race of the same generation;
 - a fixed-name object (metrics.jsonl, config.yaml, a best or final artifact): after the generation check, a
@@ -143,6 +143,13 @@ class RunStore:
                 return manifest
         raise StorageError(f"run {self.uri}: could not claim the manifest after {_RACES} tries; another process "
                            "keeps rewriting it")
+
+    def renew(self) -> Manifest:
+        """The next generation for this writer's next piece of work (a stage run), fenced: unlike `claim`, a
+        writer that was taken over cannot take the run back. Returns the written manifest."""
+        manifest = self.update_manifest(lambda m: setattr(m, "generation", m.generation + 1))
+        self.generation = manifest.generation
+        return manifest
 
     def update_manifest(self, mutate: Callable[[Manifest], Any]) -> Manifest:
         """Apply `mutate` to the stored manifest and write it back: one fenced, conditional write (re-read and

@@ -52,6 +52,7 @@ def test_a_stale_writer_changes_nothing(storage, tmp_path):
         "best": lambda: stale.publish_best(BEST_STG1),
         "transition": lambda: stale.transition(RunState.FAILED, "stale"),
         "manifest": lambda: stale.update_manifest(lambda m: m.extra.__setitem__("stale", True)),
+        "renew": stale.renew,  # a stale driver starting its next stage run cannot take the run back
     }
     for what, write in attempts.items():
         with pytest.raises(StaleWriter, match="taken over by a newer attempt"):
