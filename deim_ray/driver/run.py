@@ -4,9 +4,11 @@
 
 Stage 1 and stage 2 are two Ray Train runs. Between them the driver verifies best_stg1 in storage (sha256),
 records the switch, and starts stage 2 from exactly that object. After stage 2 it resolves the final artifact
-and writes `final.pth` (EMA weights + rebuild metadata). Opening the run and starting each stage run claim a
-new fencing generation (`RunStore.claim`), so a driver or worker of an older one can no longer write. Re-running the same command continues from whatever
-the manifest says: a finished stage is never retrained and a finished run only reports its result.
+and writes `final.pth` (EMA weights + rebuild metadata). Opening the run claims it and each stage run renews the
+claim (`RunStore.claim` / `renew`), each a new fencing generation, so a driver or worker of an older one can no
+longer write (nor take the run back).
+Re-running the same command continues from whatever the manifest says: a finished stage is never retrained
+and a finished run only reports its result.
 Before anything is written or a worker starts, the inputs are checked on the driver (`preflight`) and the
 cluster must be able to place the workers (`check_capacity`), so bad input fails in seconds with one line.
 """
@@ -114,7 +116,7 @@ def _run_stage(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | N
     """Run one stage to its end under a newly claimed generation (the workers resume from the manifest's `last`
     when it belongs to this stage); returns the last report: per-worker digests of the weights the workers
     started from and whether they resumed (an empty dict when there was nothing left to train)."""
-    store.claim()
+    store.renew()
     ray_run = f"stage{int(stage)}-g{store.generation}"
     watch = req.console.watch(req.cfg.schedule.epochs) if req.console else contextlib.nullcontext()
     try:
