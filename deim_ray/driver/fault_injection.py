@@ -1,4 +1,5 @@
-"""driver layer, test-only: `FaultHook` SIGKILLs a worker at chosen points so tests can prove recovery.
+"""driver layer, test-only: `FaultHook` SIGKILLs a worker (or poisons its loss) at chosen points so tests can prove
+recovery.
 
 Inactive unless DEIM_RAY_FAULT is set (`worker.py` asks `FaultHook.from_env`); production hooks never depend on it.
 
@@ -9,6 +10,8 @@ DEIM_RAY_FAULT="<point>:<epoch>:<rank>[,<point>:<epoch>:<rank>...]", point one o
   checkpoint_write   after rank 0 saved the epoch's TrainState and handed it to Ray's report (upload under way)
   upload             on rank 0's upload thread, after the epoch's best was copied onto its fixed name and before
                      the manifest points there (an epoch without a new best never fires)
+  nan                not a kill: this rank's loss is NaN from the epoch's second step on, until the epoch reaches
+                     `train.nan_tolerance` skipped steps and the stage rolls back (then the epoch runs clean)
 DEIM_RAY_FAULT_DIR=<dir> receives one marker per fired fault (holding the kill time), so the retried worker
 survives, and `epochs.jsonl`, rank 0's epoch completion times and fencing generation, from which tests measure
 recovery. Workers of a local Ray instance inherit the environment of the driver process that started it.
@@ -32,7 +35,7 @@ from deim_ray.storage import Storage, artifact_key
 
 log = logging.getLogger("deim_ray.worker")
 
-FAULT_POINTS = ("stage_start", "mid_epoch", "eval", "checkpoint_write", "upload")
+FAULT_POINTS = ("stage_start", "mid_epoch", "eval", "checkpoint_write", "upload", "nan")
 _STATE_EPOCH = re.compile(r"/epoch_(\d+)/")
 """Epoch in the key of a stored TrainState (`.../epoch_0007/state.pt`)."""
 
@@ -53,6 +56,7 @@ class FaultHook(Hook):
 
     def __init__(self, faults: list[Fault], fault_dir: Path, generation: int | None = None):
         self.faults, self.dir, self.rank, self.generation = faults, fault_dir, -1, generation
+        self.nans = 0
 
     @classmethod
     def from_env(cls, env, generation: int | None = None) -> "FaultHook | None":
@@ -69,14 +73,30 @@ class FaultHook(Hook):
         fault_dir.mkdir(parents=True, exist_ok=True)
         return cls(faults, fault_dir, generation)
 
+    def _armed(self, point: str, epoch: int) -> Fault | None:
+        fault = Fault(point, epoch, self.rank)
+        return fault if fault in self.faults and not (self.dir / fault.marker).exists() else None
+
+    def _mark(self, fault: Fault) -> None:
+        (self.dir / fault.marker).write_text(json.dumps({"point": fault.point, "epoch": fault.epoch,
+                                                         "rank": fault.rank, "time": time.time()}))
+
     def _fire(self, point: str, epoch: int) -> None:
-        for fault in self.faults:
-            marker = self.dir / fault.marker
-            if fault != Fault(point, epoch, self.rank) or marker.exists():
-                continue
-            marker.write_text(json.dumps({"point": point, "epoch": epoch, "rank": self.rank, "time": time.time()}))
+        fault = self._armed(point, epoch)
+        if fault is not None:
+            self._mark(fault)
             log.warning("fault injection: killing rank %d at %s of epoch %d", self.rank, point, epoch)
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_loss(self, trainer, epoch, iteration, loss):
+        fault = self._armed("nan", epoch)
+        if fault is None or iteration < 1:
+            return loss
+        self.nans += 1
+        if self.nans >= trainer.cfg.train.nan_tolerance:
+            self._mark(fault)  # this NaN completes the tolerance: the epoch's rerun after the rollback is clean
+        log.warning("fault injection: NaN loss on rank %d at epoch %d step %d", self.rank, epoch, iteration)
+        return loss * float("nan")
 
     def wrap_storage(self, storage: Storage) -> Storage:
         """`storage` with the `upload` fault point after each copy onto a best artifact."""

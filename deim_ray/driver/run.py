@@ -223,13 +223,13 @@ def _interrupted_stage(manifest: Manifest) -> Stage | None:
 
 def _start_note(interrupted: Stage | None, stage: Stage, fresh: str) -> str:
     if interrupted is stage:
-        return f"stage {int(stage)} continues (run re-started; Ray resumes from its latest committed checkpoint)"
+        return f"stage {int(stage)} continues (run re-started; the workers resume from the manifest's last)"
     return fresh
 
 
 def _record_digests(store: RunStore, report: dict) -> None:
     """Per-worker digests of the weights stage 2 started from (equal on every worker, checked before training):
-    from best_stg1 on a fresh start, from Ray's checkpoint when the workers resumed."""
+    from best_stg1 on a fresh start, from the manifest's `last` when the workers resumed."""
     digests = report.get("start_digests")
     if not digests:
         return

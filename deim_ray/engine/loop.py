@@ -2,8 +2,9 @@
 
 Per iteration: LR for the global iteration, forward + loss (under autocast on GPU with AMP), backward (scaled for
 fp16), gradient clipping, then the step guard: when the loss or the gradient norm is not finite on any rank
-(one all-reduce of a flag, so every rank decides the same), the step is skipped everywhere and no NaN reaches
-the weights, the optimizer or the EMA; otherwise optimizer step and EMA update. `tolerance` skipped steps in an
+(one all-reduce of a flag, so every rank decides the same; under fp16's GradScaler only the loss counts, since
+the scaler skips overflowing gradients itself while it calibrates), the step is skipped everywhere and no NaN
+reaches the weights, the optimizer or the EMA; otherwise optimizer step and EMA update. `tolerance` skipped steps in an
 epoch end it with `NonFiniteSteps` (the trainer rolls back). Loss sums stay on the device and are reduced
 across ranks once per epoch.
 The epoch also reports `images_per_s` (all ranks together) and `data_wait` (the rank-averaged fraction of the
@@ -75,7 +76,10 @@ def _optimizer_step(model, optimizer, loss, scaler, clip_max_norm: float) -> boo
         loss.backward()
     # max_norm=inf measures without clipping
     norm = nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm if clip_max_norm > 0 else math.inf)
-    if not dist.all_ranks_true(torch.isfinite(loss.detach()) & torch.isfinite(norm)):
+    finite = torch.isfinite(loss.detach())
+    if scaler is None:  # with fp16's GradScaler an overflowing gradient is the scaler's to skip and back off from
+        finite = finite & torch.isfinite(norm)
+    if not dist.all_ranks_true(finite):
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.update()  # the unscale found the inf: the scale backs off, as after a skipped scaler.step

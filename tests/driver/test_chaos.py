@@ -1,5 +1,6 @@
 """Chaos: real `deim-ray train` processes (each with its own local Ray, 2 CPU workers) survive SIGKILLed workers
-at every fault point and a SIGKILLed driver, and end with a consistent run directory.
+at every fault point and a driver that freezes and comes back as a stale writer, and end with a consistent run
+directory.
 
 Faults are injected by the test-only FaultHook (DEIM_RAY_FAULT), which reaches the Ray workers through the
 environment of the driver process that starts the local Ray instance; a marker per fault proves it fired.
@@ -7,7 +8,10 @@ environment of the driver process that starts the local Ray instance; a marker p
     uninterrupted  the same seed without faults: the reference final AP
     chaos          mid_epoch (epoch 0, rank 1), upload (epoch 0, rank 0), eval (epoch 1, rank 1),
                    checkpoint_write (epoch 1, rank 0), stage_start (epoch 2, rank 1); then, once the manifest's
-                   `last` is the epoch-2 state, the driver is SIGKILLed and the same command is run again
+                   `last` is the epoch-2 state, the driver's whole process group (its local Ray and workers too)
+                   is frozen (SIGSTOP) and the same command is run again to DONE; then the frozen attempt is let
+                   go (SIGCONT) and must change nothing: every write of an older generation is refused;
+                   in epoch 3 rank 1's loss turns NaN (nan fault) until the stage rolls back and reruns it
 
 One run takes every kill (--max-failures 4 covers stage 1's four) so the file stays within its time budget;
 each kill is followed by a completed epoch before the next one, so recoveries are measured one at a time.
@@ -32,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from deim_ray.engine.state import load_train_state
 from tests.driver.conftest import TINY, data_overrides
@@ -45,8 +50,11 @@ RUN_TIMEOUT_S = 420
 AP_NOISE = 0.05
 """Final-AP difference tolerated against the uninterrupted run: a resume re-draws augmentation and denoising
 randomness, and the tiny model's AP moves by this much between neighbouring epochs."""
-FAULTS = "mid_epoch:0:1,upload:0:0,eval:1:1,checkpoint_write:1:0,stage_start:2:1"
-RERUN = "=== the same command, after the driver was killed ==="
+FAULTS = "mid_epoch:0:1,upload:0:0,eval:1:1,checkpoint_write:1:0,stage_start:2:1,nan:3:1"
+NAN_TOLERANCE = 2
+RERUN = "=== the same command, while the first driver is frozen ==="
+STALE_WAIT_S = 90
+"""How long the resumed stale attempt may run on before it is killed (it is expected to give up sooner)."""
 
 
 @dataclass
@@ -57,7 +65,9 @@ class Run:
     wall_s: float = 0.0
     driver_kill_time: float | None = None
     kill_generation: int = 0
-    """The manifest's fencing generation when the driver was killed (its stage run's)."""
+    """The manifest's fencing generation when the driver was frozen (its stage run's)."""
+    stale: dict = field(default_factory=dict)
+    """What the frozen attempt did once resumed: run files before/after, its exit status (None: still running)."""
     best_history: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
 
     @property
@@ -95,7 +105,8 @@ class ManifestWatch(threading.Thread):
 
 def _command(storage: Path, name: str, data_root: Path) -> list[str]:
     return [sys.executable, "-m", "deim_ray", "train", "-c", TINY, "--storage", str(storage), "--name", name,
-            "--workers", "2", "--max-failures", "4", "-u", *data_overrides(data_root)]
+            "--workers", "2", "--max-failures", "4", "-u", *data_overrides(data_root),
+            f"train.nan_tolerance={NAN_TOLERANCE}"]
 
 
 def _env(faults: str, fault_dir: Path) -> dict[str, str]:
@@ -127,38 +138,63 @@ def _wait(proc: subprocess.Popen, timeout: float) -> int:
         raise
 
 
-def _train(tmp: Path, name: str, data_root: Path, faults: str = "", kill_driver_when=None) -> Run:
-    """Run the command to the end; with `kill_driver_when(run)`, SIGKILL the driver once it holds and re-run."""
+def _train(tmp: Path, name: str, data_root: Path, faults: str = "", pause_driver_when=None) -> Run:
+    """Run the command to the end. With `pause_driver_when(run)`: once it holds, freeze the driver's whole process
+    group (driver, its local Ray, its workers: a stale attempt), run the same command again to DONE, then let
+    the frozen attempt go on as a stale writer and record what it did (`run.stale`)."""
     run = Run(tmp / "runs" / name, tmp / f"faults-{name}")
     run.fault_dir.mkdir(parents=True)
     cmd, env, log = _command(tmp / "runs", name, data_root), _env(faults, run.fault_dir), tmp / f"{name}.log"
     watch = ManifestWatch(run)
     watch.start()
     started = time.monotonic()
+    stale = None
     try:
         proc = _start(cmd, env, log)
-        if kill_driver_when is not None:
+        if pause_driver_when is not None:
             deadline = time.monotonic() + RUN_TIMEOUT_S
-            while not kill_driver_when(run):
-                assert proc.poll() is None, f"run ended before the driver could be killed:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, "the driver-kill condition never held"
+            while not pause_driver_when(run):
+                assert proc.poll() is None, f"run ended before the driver could be paused:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "the driver-pause condition never held"
                 time.sleep(0.2)
-            os.kill(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGSTOP)
             run.driver_kill_time = time.time()
             run.kill_generation = run.manifest["generation"]
-            proc.wait(timeout=30)
-            _end_group(proc)
+            stale, proc = proc, None
             with open(log, "a") as out:
                 out.write(f"\n{RERUN}\n")
-            proc = _start(cmd, env, log)  # the same command again
+            proc = _start(cmd, env, log)  # the same command again, while the old attempt is frozen
         rc = _wait(proc, RUN_TIMEOUT_S)
         _end_group(proc)
+        if stale is not None:
+            run.stale = _resume_stale(stale, run)
     finally:
         watch.done.set()
         watch.join()
+        if stale is not None:
+            _end_group(stale)
     run.wall_s, run.log = time.monotonic() - started, log.read_text()
     assert rc == 0, run.log[-4000:]
     return run
+
+
+def _run_files(run: Run) -> dict[str, str]:
+    """sha256 of everything a writer may touch: manifest, config, metrics, artifacts, every recorded object."""
+    keys = {"manifest.json", "config.yaml", "metrics.jsonl"} | {
+        p.relative_to(run.run_dir).as_posix() for p in (run.run_dir / "artifacts").iterdir() if p.is_file()}
+    keys |= {r["key"] for r in run.manifest["artifacts"].values() if r}
+    return {k: _sha(run.run_dir / k) for k in sorted(keys)}
+
+
+def _resume_stale(stale: subprocess.Popen, run: Run) -> dict:
+    """Let the frozen attempt run on for a while after the new one finished; what changed, and how it ended."""
+    before = _run_files(run)
+    os.killpg(stale.pid, signal.SIGCONT)
+    try:
+        rc = stale.wait(timeout=STALE_WAIT_S)
+    except subprocess.TimeoutExpired:
+        rc = None
+    return {"before": before, "after": _run_files(run), "rc": rc}
 
 
 def _in_stage2_after_epoch2(run: Run) -> bool:
@@ -174,7 +210,7 @@ def _in_stage2_after_epoch2(run: Run) -> bool:
 def runs(tiny_data_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chaos")
     out = {"uninterrupted": _train(tmp, "base", tiny_data_root),
-           "chaos": _train(tmp, "chaos", tiny_data_root, FAULTS, kill_driver_when=_in_stage2_after_epoch2)}
+           "chaos": _train(tmp, "chaos", tiny_data_root, FAULTS, pause_driver_when=_in_stage2_after_epoch2)}
     _print_summary(out)
     return out
 
@@ -282,9 +318,39 @@ def test_killed_driver_resumed_stage2_without_retraining_stage1(runs):
     states = [t["state"] for t in transitions]
     assert states.count("STAGE2_RUNNING") == 2 and states.count("STAGE1_RUNNING") == 1
     assert "stage 2 continues" in transitions[states.index("STAGE2_RUNNING") + 1]["note"]
-    # the new driver's workers resumed from the manifest's `last` (epoch 2) and trained only epoch 3; workers of
-    # the killed driver (older generation) that outlived it are fenced off and commit nothing
+    # the new driver's workers resumed from the manifest's `last` (epoch 2) and trained only epoch 3; the frozen
+    # attempt's workers (an older generation) commit nothing
     rerun = run.log.split(RERUN)[-1]
     assert "resuming stage 2 after epoch 2" in rerun
     assert [e["epoch"] for e in run.epochs_done() if e["generation"] > run.kill_generation] == [3]
     assert run.manifest["generation"] == run.kill_generation + 2  # the new driver's start and its stage-2 run
+
+
+def test_the_frozen_attempt_changes_nothing_when_it_comes_back(runs):
+    """The first driver, frozen with its local Ray and workers while the same command ran again to DONE, is let
+    go: every write it tries carries an older generation and is refused, and it gives up."""
+    stale = runs["chaos"].stale
+    assert stale["before"] and stale["after"] == stale["before"]
+    assert stale["rc"] is not None and stale["rc"] != 0, stale["rc"]
+
+
+def test_nan_steps_were_skipped_on_both_ranks_and_the_epoch_rolled_back(runs):
+    rows = {r["epoch"]: r for r in runs["chaos"].metrics()}
+    events = [(r["nonfinite_steps"], r["nonfinite_rollbacks"], r["nonfinite_steps_rolled_back"]) for r in rows.values()]
+    assert events == [(0, 0, 0)] * 3 + [(0, 1, NAN_TOLERANCE)]
+    run = runs["chaos"]
+    for key in (run.manifest["artifacts"]["last"]["key"], "artifacts/final.pth"):
+        state = torch.load(run.run_dir / key, weights_only=True)
+        tensors = [t for t in _tensors(state) if t.is_floating_point()]
+        assert tensors and all(torch.isfinite(t).all() for t in tensors), key
+
+
+def _tensors(tree):
+    if torch.is_tensor(tree):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _tensors(value)

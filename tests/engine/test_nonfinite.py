@@ -112,3 +112,17 @@ def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank():
     for p in procs:
         p.join(30)
     assert got == [(0, False, True, True), (1, False, True, True)]
+
+
+def test_under_a_grad_scaler_an_overflowing_gradient_is_the_scalers_to_skip():
+    """fp16's GradScaler overflows while it calibrates: not a non-finite step, but no NaN reaches the weights."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)  # the scaled gradient overflows float32
+    before = [p.detach().clone() for p in model.parameters()]
+    assert _optimizer_step(model, optimizer, model(torch.full((2, 3), 1e10)).sum(), scaler, clip_max_norm=0.1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert scaler.get_scale() < 2.0**127
+    nan_loss = model(torch.ones(2, 3)).sum() * float("nan")
+    assert not _optimizer_step(model, optimizer, nan_loss, scaler, clip_max_norm=0.1)
