@@ -39,8 +39,9 @@ from typing import Any
 from deim_ray.storage.base import ObjectInfo, Storage, check_key, join_key
 from deim_ray.storage.errors import (BadStorageURI, ChecksumMismatch, ManifestError, PreconditionFailed,
                                      StaleWriter, StorageError)
-from deim_ray.storage.manifest import (LAST, MANIFEST_KEY, ArtifactRecord, Manifest, RunState, artifact_key,
-                                       finite_ap, utc_now)
+from deim_ray.config.schedule import LAST
+from deim_ray.storage.manifest import (MANIFEST_KEY, ArtifactRecord, Manifest, RunState, artifact_key, finite_ap,
+                                       utc_now)
 
 METRICS_KEY = "metrics.jsonl"
 

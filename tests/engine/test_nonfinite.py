@@ -14,9 +14,9 @@ import torch.distributed as tdist
 from torch import nn
 
 from deim_ray.config.loader import load_config
+from deim_ray.config.schedule import Stage
 from deim_ray.engine.hooks import Hook
 from deim_ray.engine.loop import NonFiniteLossError, _optimizer_step
-from deim_ray.engine.stages import Stage
 from deim_ray.engine.trainer import StageStart, Trainer
 from tests.driver.conftest import TINY, data_overrides
 
