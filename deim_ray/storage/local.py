@@ -13,6 +13,7 @@ import datetime as dt
 import fcntl
 import io
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,14 +76,17 @@ class LocalStorage:
         return data, hash_stream(io.BytesIO(data))[0]
 
     def copy(self, src: str, dst: str, *, if_match: str | None = None, if_none_match: bool = False) -> ObjectInfo:
-        """A hard link: no bytes copied, and the copy outlives a later delete of `src`."""
+        """A hard link where the filesystem has them (no bytes copied; it outlives a later delete of `src`)."""
         source, target = self._path(src), self._path(dst)
         if not source.is_file():
             raise ObjectNotFound(f"{source} does not exist; nothing to copy")
         self._check_condition(dst, if_match, if_none_match)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.{os.getpid()}.{time.monotonic_ns()}{TEMP_SUFFIX}"
-        os.link(source, tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:  # a filesystem without hard links (some network mounts): copy the bytes
+            shutil.copyfile(source, tmp)
         os.replace(tmp, target)
         fsync_dir(target.parent)
         sha, size = sha256_file(target)
