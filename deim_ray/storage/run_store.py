@@ -122,8 +122,9 @@ class RunStore:
                               f"this writer holds {self.generation}): this one stops without writing")
 
     def check_fence(self) -> None:
-        """StaleWriter if a newer attempt has claimed the run since this writer did."""
-        self._check_fence(self._manifest())
+        """StaleWriter if a newer attempt has claimed the run since this writer did (no check when unfenced)."""
+        if self.generation is not None:
+            self._check_fence(self._manifest())
 
     def claim(self, fresh: Manifest | None = None) -> Manifest:
         """Take the run over: write the stored manifest (or `fresh`, replacing it) with the next generation, in one
