@@ -8,6 +8,7 @@
     resolve_final(manifest.artifacts)              which checkpoint is final, and why (resolve.py)
     fetch / describe_run / list_runs               deim-ray fetch / resolve / ls (retrieve.py); a run is
                                                    addressed as one URI `<root>/<name>` (open_run_dir)
+    BackgroundUploader                             side files (plots, TensorBoard) off the training thread (transfer.py)
 
 Every error a user can fix is a `StorageError` with a one-line message.
 """
