@@ -153,8 +153,10 @@ def bucket(s3_endpoint):
 
 @pytest.fixture(scope="module")
 def trained(cluster, bucket, s3_endpoint):
-    """`deim-ray train --workers 2` as a driver on the head node (in its namespace), storage on S3."""
-    argv = ["nsenter", f"--target={cluster.head.pid}", "--mount", "--", sys.executable, "-m", "deim_ray", "train",
+    """`deim-ray -v train --workers 2` as a driver on the head node (in its namespace), storage on S3.
+
+    `-v` keeps the workers' own log lines, which show where each node's Train worker wrote its log."""
+    argv = ["nsenter", f"--target={cluster.head.pid}", "--mount", "--", sys.executable, "-m", "deim_ray", "-v", "train",
             "-c", str(ROOT / TINY), "--storage", f"s3://{bucket}/runs", "--name", NAME, "--workers", "2",
             "--max-failures", "0", "-u", *data_overrides(cluster.base / "node" / "data" / "shapes")]
     proc = subprocess.run(argv, env=cluster.env | {"RAY_ADDRESS": cluster.gcs_address}, cwd=ROOT,
