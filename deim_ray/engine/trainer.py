@@ -110,9 +110,6 @@ class Trainer:
         seed_everything(cfg.train.seed)  # identical initial weights on every rank
         self.data = data or build_data(cfg, self.rank, self.world_size)
         self.model = build_model(cfg.model, self.data.num_classes).to(self.device)
-        note = backbone_note(cfg.model.variant, cfg.model.backbone_pretrained, cfg.model.pretrained)
-        if note and self.is_main:
-            log.warning("%s", note)
         self.ema = ModelEMA(self.model, cfg.ema.decay, cfg.ema.warmups, cfg.ema.start) if cfg.ema.enabled else None
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.amp_dtype = _amp_dtype(cfg, self.device)
@@ -179,6 +176,8 @@ class Trainer:
             self.load_weights(start.stage1_best, ema_decay=sched.ema_restart_decay)
             self.tracker = BestTracker.from_state(start.stage1_best["best"])
             self.epoch = sched.stop_epoch - 1
+        else:
+            self._note_random_backbone()
         self.stage = start.stage
         self.model = dist.wrap_ddp(dist.unwrap(self.model), self.device, self.cfg.train.sync_bn)
         self._check_identical_start()
@@ -191,6 +190,14 @@ class Trainer:
         if len(set(self.stage_start_digests)) != 1:
             raise StageStartError(f"ranks start stage {int(self.stage)} from different weights: "
                                   f"{self.stage_start_digests}")
+
+    def _note_random_backbone(self) -> None:
+        """Rank 0, at the run's fresh start only: say once that the backbone starts from random weights (a resumed
+        stage or stage 2 starts from trained weights, so the note would repeat what the run already said)."""
+        model = self.cfg.model
+        note = backbone_note(model.variant, model.backbone_pretrained, model.pretrained)
+        if note and self.is_main:
+            log.warning("%s", note)
 
     def run_stage(self, start: StageStart) -> BestTracker:
         """Run the remaining epochs of `start.stage`; returns the best tracker."""

@@ -2,6 +2,7 @@
 their own tests in test_ema_lr_optim.py and test_evaluator.py)."""
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from deim_ray.engine import dist
 from deim_ray.engine.hooks import Hook
 from deim_ray.config.schedule import Stage
 from deim_ray.engine.trainer import StageStart, Trainer, _amp_dtype
+from tests.driver.conftest import TINY, data_overrides
 
 TINY = "configs/demo/tiny.yml"
 
@@ -65,3 +67,18 @@ def test_resume_keeps_the_historical_best(tmp_path):
     (_, ap, save), = seen.seen
     assert ap < 0.9 and save is None                      # upstream would have re-seeded the best from this AP
     assert resumed.tracker.top1 == 0.9
+
+
+def test_random_backbone_note_is_logged_once_per_run_at_its_fresh_start(tmp_path, caplog):
+    """Stage 2 (and a resume) start from trained weights: only the fresh stage-1 start says the backbone is random."""
+    cfg = load_config(TINY, [*data_overrides(tmp_path / "shapes"), "model.variant=atto", "model.num_queries=30",
+                             "model.decoder_layers=2"])
+    note = "backbone starts from random weights"
+    with caplog.at_level(logging.WARNING, logger="deim_ray.engine"):
+        first = Trainer(cfg, "sha")  # each stage run builds its own Trainer, as the driver's workers do
+        first._begin(StageStart(Stage.ONE))
+        assert sum(note in r.getMessage() for r in caplog.records) == 1
+        caplog.clear()
+        Trainer(cfg, "sha")._begin(StageStart(Stage.TWO, stage1_best=first.state_dict()))
+        Trainer(cfg, "sha")._begin(StageStart(Stage.ONE, resume=first.state_dict()))
+    assert not any(note in r.getMessage() for r in caplog.records)
