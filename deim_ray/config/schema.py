@@ -173,6 +173,9 @@ class LRSchedulerConfig:
     no_aug_epoch: int = 12
     lr_gamma: float = 1.0
     """Minimum LR as a fraction of each group's base LR."""
+    tail_lr_factor: float | None = None
+    """flatcosine only: the LR of the flat tail (stage 2) as a fraction of each group's base LR; null keeps
+    lr_gamma. Unlike lr_gamma it leaves the stage-1 curve alone, so stage-2 branches can search it."""
 
 
 @dataclass(frozen=True)
@@ -257,5 +260,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    stage2_search: dict[str, Any] = field(default_factory=dict)
+    """What the stage-2 branches of `--stage2-branches K` vary: dotted stage-2 keys mapped to one distribution
+    each, as in a Tune space file (`driver/stage2_branches.py` checks it); empty uses the default space."""
     source: str = ""
     """Path of the YAML file this config was loaded from (set by the loader)."""

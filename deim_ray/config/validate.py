@@ -106,6 +106,9 @@ def _check_lr_schedule(cfg: Config) -> Iterable[str]:
         yield "`lr_scheduler.warmup_iter`, `flat_epoch` and `no_aug_epoch` must not be negative"
     if not 0.0 <= lr.lr_gamma <= 1.0:
         yield f"`lr_scheduler.lr_gamma` (minimum LR / base LR) must be in [0, 1], got {lr.lr_gamma}"
+    if lr.tail_lr_factor is not None and not (0.0 < lr.tail_lr_factor <= 1.0 and lr.type == "flatcosine"):
+        yield (f"`lr_scheduler.tail_lr_factor` (stage-2 LR / base LR) must be in (0, 1] and needs type flatcosine, "
+               f"got {lr.tail_lr_factor} with {lr.type}")
     if lr.type != "flatcosine":
         return
     if lr.no_aug_epoch != s.epochs - s.stop_epoch:

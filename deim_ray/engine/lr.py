@@ -1,7 +1,8 @@
 """engine layer: per-iteration learning-rate schedules.
 
 `flatcosine` is DEIM's schedule: quadratic warm-up for `warmup_iter` iterations, flat at the base LR until
-`flat_epoch`, cosine down to `lr_gamma * base` until `epochs - no_aug_epoch`, then flat at the minimum. It is a
+`flat_epoch`, cosine down to `lr_gamma * base` until `epochs - no_aug_epoch`, then flat at the minimum (or at
+`tail_lr_factor * base` when set: the stage-2 LR without moving the stage-1 curve). It is a
 pure function of the global iteration t = epoch * iters_per_epoch + i (iters per epoch counted per rank), so a
 resumed run continues on exactly the same curve with no scheduler state to save.
 """
@@ -29,7 +30,7 @@ def flat_cosine_factor(t: int, cfg: LRSchedulerConfig, epochs: int, iters_per_ep
     if t <= flat:
         return 1.0
     if t >= total - tail:
-        return gamma
+        return gamma if cfg.tail_lr_factor is None else cfg.tail_lr_factor
     span = max(total - flat - tail, 1)
     return gamma + (1.0 - gamma) * 0.5 * (1.0 + math.cos(math.pi * (t - flat) / span))
 
