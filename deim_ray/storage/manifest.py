@@ -8,6 +8,9 @@ are kept and written back, so an older reader never drops a newer writer's field
     NEW -> STAGE1_RUNNING -> STAGE1_DONE -> STAGE2_RUNNING -> DONE
     any state but DONE -> FAILED;  FAILED -> STAGE1_RUNNING | STAGE2_RUNNING (resume by re-running)
     STAGE1_RUNNING -> STAGE1_RUNNING and STAGE2_RUNNING -> STAGE2_RUNNING record a resumed driver
+
+A run with stage-2 branches (`--stage2-branches K`) adds `stage2_branches`, one `BranchRecord` each (name, params,
+state, best AP/epoch/uri, its own best_stg2 and last); a run without branches has no such key.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
-from deim_ray.config.schedule import ARTIFACT_NAMES, BEST_STG1, Stage
+from deim_ray.config.schedule import ARTIFACT_NAMES, BEST_STG1, BEST_STG2, LAST, Stage
 from deim_ray.storage.errors import ManifestError
 
 SCHEMA = 1
@@ -105,6 +108,54 @@ class ArtifactRecord:
                    extra={k: v for k, v in data.items() if k not in known})
 
 
+BRANCH_STATES = ("PENDING", "RUNNING", "DONE", "FAILED")
+BRANCH_ARTIFACTS = (BEST_STG2, LAST)
+"""The artifacts a stage-2 branch keeps for itself (best_stg1 is the run's, shared by every branch)."""
+
+
+@dataclass
+class BranchRecord:
+    """One stage-2 branch: its settings, progress and own artifacts (under `<run>/stage2/<name>/`)."""
+
+    name: str
+    params: dict[str, Any]
+    """The stage-2 settings the branch changes (dotted config keys); empty for b0, the config's own settings."""
+    state: str = "PENDING"
+    """PENDING, RUNNING, DONE or FAILED."""
+    artifacts: dict[str, ArtifactRecord | None] = field(default_factory=lambda: dict.fromkeys(BRANCH_ARTIFACTS))
+    epoch_aps: dict[str, float | None] = field(default_factory=dict)
+    """AP of each epoch the branch committed, keyed by the epoch (a JSON object key)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further fields (e.g. the workers' start digests), kept as they are."""
+
+    @property
+    def best(self) -> ArtifactRecord | None:
+        """The branch's best_stg2: its best epoch, when that beat stage 1 (else None)."""
+        return self.artifacts.get(BEST_STG2)
+
+    def to_json(self) -> dict[str, Any]:
+        best = self.best
+        body = {"name": self.name, "params": self.params, "state": self.state,
+                "ap": best.ap if best else None, "epoch": best.epoch if best else None,
+                "uri": best.uri if best else None,
+                "artifacts": {n: (r.to_json() if r else None) for n, r in self.artifacts.items()},
+                "epoch_aps": self.epoch_aps}
+        return {**self.extra, **body}
+
+    @classmethod
+    def from_json(cls, data: Any) -> BranchRecord:
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str) \
+                or not isinstance(data.get("params"), dict) or data.get("state") not in BRANCH_STATES \
+                or not isinstance(data.get("artifacts", {}), dict):
+            raise ManifestError("a `stage2_branches` entry lacks a name, params or a known state; the manifest is "
+                                "damaged — restore it or re-run with --restart")
+        artifacts = dict.fromkeys(BRANCH_ARTIFACTS)
+        artifacts.update({n: ArtifactRecord.from_json(r) if r else None for n, r in data.get("artifacts", {}).items()})
+        own = {"name", "params", "state", "ap", "epoch", "uri", "artifacts", "epoch_aps"}
+        return cls(name=data["name"], params=dict(data["params"]), state=data["state"], artifacts=artifacts,
+                   epoch_aps=dict(data.get("epoch_aps") or {}), extra={k: v for k, v in data.items() if k not in own})
+
+
 _CONTRACT_KEYS = ("schema", "name", "state", "config_sha256", "epochs", "stop_epoch", "switch", "artifacts", "final")
 _NUMBER = (int, float, type(None))
 _RECORD_TYPES = {"uri": str, "sha256": str, "epoch": int, "stage": int, "ap": _NUMBER, "size": (int, type(None)),
@@ -147,8 +198,18 @@ class Manifest:
     transitions: list[dict[str, Any]] = field(default_factory=list)
     """Every state change: {"state", "time", "note"}, oldest first."""
     schema: int = SCHEMA
+    stage2_branches: list[BranchRecord] | None = None
+    """The stage-2 branches of a run started with `--stage2-branches K` (K > 1), recorded at the switch."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Top-level keys written by a newer version, kept as they are."""
+
+    def branch(self, name: str) -> BranchRecord:
+        """The stage-2 branch `name`; ManifestError if the run has no such branch."""
+        for branch in self.stage2_branches or ():
+            if branch.name == name:
+                return branch
+        known = ", ".join(b.name for b in self.stage2_branches or ()) or "none (the run has no stage-2 branches)"
+        raise ManifestError(f"run '{self.name}' has no stage-2 branch '{name}'; its branches: {known}")
 
     @classmethod
     def new(cls, *, name: str, config_sha256: str, epochs: int, stop_epoch: int, attempt: int = 1) -> Manifest:
@@ -177,6 +238,8 @@ class Manifest:
             "final": self.final, "attempt": self.attempt, "generation": self.generation,
             "created_at": self.created_at, "updated_at": self.updated_at, "transitions": self.transitions,
         }
+        if self.stage2_branches is not None:
+            body["stage2_branches"] = [b.to_json() for b in self.stage2_branches]
         return {**self.extra, **body}
 
     def dumps(self) -> str:
@@ -198,13 +261,20 @@ class Manifest:
                                 f"{[s.value for s in RunState]}") from None
         artifacts = dict.fromkeys(ARTIFACT_NAMES)
         artifacts.update({n: ArtifactRecord.from_json(r) if r else None for n, r in data["artifacts"].items()})
-        own = set(_CONTRACT_KEYS) | {"attempt", "generation", "created_at", "updated_at", "transitions"}
+        own = set(_CONTRACT_KEYS) | {"attempt", "generation", "created_at", "updated_at", "transitions",
+                                     "stage2_branches"}
+        branches = data.get("stage2_branches")
+        if branches is not None and not isinstance(branches, list):
+            raise ManifestError("manifest field `stage2_branches` is not a list; the manifest is damaged — "
+                                "restore it or re-run with --restart")
         return cls(name=data["name"], config_sha256=data["config_sha256"], epochs=data["epochs"],
                    stop_epoch=data["stop_epoch"], state=state, switch=data["switch"], artifacts=artifacts,
                    final=data["final"], attempt=data.get("attempt", 1), generation=data.get("generation", 0),
                    created_at=data.get("created_at", ""),
                    updated_at=data.get("updated_at", ""), transitions=list(data.get("transitions", [])),
-                   schema=data["schema"], extra={k: v for k, v in data.items() if k not in own})
+                   schema=data["schema"],
+                   stage2_branches=None if branches is None else [BranchRecord.from_json(b) for b in branches],
+                   extra={k: v for k, v in data.items() if k not in own})
 
     @classmethod
     def loads(cls, text: str, *, source: str = "manifest.json") -> Manifest:

@@ -1,12 +1,14 @@
 """storage layer: reading finished runs — `fetch` an artifact, `describe_run`, `list_runs`.
 
 These back `deim-ray fetch`, `deim-ray resolve` and `deim-ray ls`. A run is addressed by one URI, its
-directory `<root>/<name>` (e.g. `s3://bucket/runs/person-n` or `./runs/person-n`).
+directory `<root>/<name>` (e.g. `s3://bucket/runs/person-n` or `./runs/person-n`); an artifact of a stage-2
+branch by the run and the branch's name (`fetch(..., branch="b1")`).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from deim_ray.config.schedule import ARTIFACT_NAMES, FINAL
 from deim_ray.config.schema import StorageConfig
 from deim_ray.storage.base import open_storage, sha256_file, split_run_uri
 from deim_ray.storage.errors import BadStorageURI, ManifestError, ResolveError, StorageError
-from deim_ray.storage.manifest import MANIFEST_KEY, Manifest, finite_ap
+from deim_ray.storage.manifest import BRANCH_ARTIFACTS, MANIFEST_KEY, Manifest, finite_ap
 from deim_ray.storage.resolve import format_resolution, resolve_final
 from deim_ray.storage.run_store import RunStore
 
@@ -44,24 +46,31 @@ def _safe_destination(out_dir: str | os.PathLike, filename: str) -> Path:
 
 
 def fetch(run_uri: str, which: str = "final", out_dir: str | os.PathLike = ".",
-          storage_cfg: StorageConfig | None = None, force: bool = False) -> Path:
-    """Download artifact `which` of the run into `out_dir/<which>.pth`, verified against the manifest's sha256.
+          storage_cfg: StorageConfig | None = None, force: bool = False, branch: str | None = None) -> Path:
+    """Download artifact `which` of the run (of its stage-2 `branch`, if given) into `out_dir/<which>.pth`
+    (`<which>-<branch>.pth`), verified against the manifest's sha256.
 
     A file already there with the right sha256 is kept; a different one is replaced (by a verified download)
     only with `force`, else FileExistsError: the user named the folder, not that file.
     """
-    if which not in ARTIFACT_NAMES:
-        raise BadStorageURI(f"unknown artifact {which!r}; choose one of: {', '.join(ARTIFACT_NAMES)}")
+    allowed = ARTIFACT_NAMES if branch is None else BRANCH_ARTIFACTS
+    if which not in allowed:
+        raise BadStorageURI(f"unknown artifact {which!r}{' of a branch' if branch else ''}; choose one of: "
+                            f"{', '.join(allowed)}")
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise FileExistsError(f"output {out_dir} is a file, not a directory; pass a directory with -o")
     store = open_run_dir(run_uri, storage_cfg)
     manifest = _existing_manifest(store)
-    record = manifest.artifacts.get(which)
+    if branch is not None:
+        store = store.branch(manifest.branch(branch).name)
+    table = manifest.branch(branch).artifacts if branch else manifest.artifacts
+    record = table.get(which)
     if record is None:
-        present = [n for n, r in manifest.artifacts.items() if r] or ["none"]
-        raise ManifestError(f"run {store.uri} ({manifest.state.value}) has no '{which}' artifact; it has: "
+        present = [n for n, r in table.items() if r] or ["none"]
+        owner = f"branch {branch} of run {store.uri}" if branch else f"run {store.uri}"
+        raise ManifestError(f"{owner} ({manifest.state.value}) has no '{which}' artifact; it has: "
                             f"{', '.join(present)}")
-    dest = _safe_destination(out_dir, f"{which}.pth")
+    dest = _safe_destination(out_dir, f"{which}-{branch}.pth" if branch else f"{which}.pth")
     if dest.exists():
         if dest.is_file() and sha256_file(dest)[0] == record.sha256:
             return dest
@@ -69,7 +78,10 @@ def fetch(run_uri: str, which: str = "final", out_dir: str | os.PathLike = ".",
             raise FileExistsError(f"{dest} exists and is not this run's {which}; remove it, choose another -o, "
                                   "or pass --force to replace it")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    return store.open_artifact(which, dest.parent)
+    if branch is None:
+        return store.open_artifact(which, dest.parent)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:  # never over another <which>.pth
+        return store.open_artifact(which, tmp).replace(dest)
 
 
 def describe_run(run_uri: str, storage_cfg: StorageConfig | None = None, verify: bool = True) -> str:
@@ -80,21 +92,23 @@ def describe_run(run_uri: str, storage_cfg: StorageConfig | None = None, verify:
     if not."""
     store = open_run_dir(run_uri, storage_cfg)
     manifest = _existing_manifest(store)
-    named = _named_artifact(manifest)
+    named, branch = _named_artifact(manifest)
     if verify and named is not None:
-        store.verify_artifact(named)
+        (store.branch(branch) if branch else store).verify_artifact(named)
     text = format_resolution(manifest)
     return f"{text}\n  verified: size and sha256 match" if verify and named is not None else text
 
 
-def _named_artifact(manifest: Manifest) -> str | None:
-    """The artifact `deim-ray resolve` names: final when resolved, else what would win now (None if nothing)."""
+def _named_artifact(manifest: Manifest) -> tuple[str | None, str | None]:
+    """The artifact `deim-ray resolve` names and its branch: final when resolved, else what would win now (None
+    if nothing)."""
     if manifest.final:
-        return FINAL if manifest.artifacts.get(FINAL) else None
+        return (FINAL if manifest.artifacts.get(FINAL) else None), None
     try:
-        return resolve_final(manifest.artifacts).artifact
+        resolution = resolve_final(manifest.artifacts, branches=manifest.stage2_branches)
     except ResolveError:
-        return None
+        return None, None
+    return resolution.artifact, resolution.branch
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,10 @@ class RunSummary:
     uri: str
     problem: str | None = None
     """Why a DAMAGED run's manifest could not be used."""
+    branches: int | None = None
+    """How many stage-2 branches the run has (None: a run without branches)."""
+    winner: str | None = None
+    """The branch whose best_stg2 is final (None: no branch won, or not finished)."""
 
 
 def list_runs(root_uri: str, storage_cfg: StorageConfig | None = None) -> list[RunSummary]:
@@ -126,5 +144,7 @@ def list_runs(root_uri: str, storage_cfg: StorageConfig | None = None) -> list[R
             runs.append(RunSummary(name, "DAMAGED", None, None, storage.child_uri(name), problem=str(e)))
             continue
         final_ap = finite_ap((m.final or {}).get("ap"))
-        runs.append(RunSummary(name, m.state.value, final_ap, m.updated_at or None, storage.child_uri(name)))
+        branches = None if m.stage2_branches is None else len(m.stage2_branches)
+        runs.append(RunSummary(name, m.state.value, final_ap, m.updated_at or None, storage.child_uri(name),
+                               branches=branches, winner=(m.final or {}).get("branch")))
     return sorted(runs, key=lambda r: r.name)

@@ -5,6 +5,11 @@
                   metrics.jsonl          one JSON line per epoch    (write_text / read_text)
                   artifacts/<name>.pth   last, best_stg1, best_stg2, final
                   ray/...                what Ray Train writes      (ray_storage)
+                  stage2/<branch>/...    a stage-2 branch's own metrics.jsonl, artifacts/best_stg2.pth, ray/, plots/, tb/
+
+A branch view (`branch(name)`) writes the files of one stage-2 branch under `stage2/<branch>/` and records its
+`last` and `best_stg2` in that branch's manifest entry; it shares the run's manifest, best_stg1 and fencing
+generation. A record's `key` is always relative to the run directory.
 
 An artifact is uploaded first and recorded in the manifest second, so the manifest only ever names complete,
 checksummed objects. Nothing here deletes an object a manifest may name.
@@ -40,8 +45,8 @@ from deim_ray.storage.base import ObjectInfo, Storage, check_key, join_key
 from deim_ray.storage.errors import (BadStorageURI, ChecksumMismatch, ManifestError, PreconditionFailed,
                                      StaleWriter, StorageError)
 from deim_ray.config.schedule import LAST
-from deim_ray.storage.manifest import (MANIFEST_KEY, ArtifactRecord, Manifest, RunState, artifact_key, finite_ap,
-                                       utc_now)
+from deim_ray.storage.manifest import (BRANCH_ARTIFACTS, MANIFEST_KEY, ArtifactRecord, BranchRecord, Manifest,
+                                       RunState, artifact_key, finite_ap, utc_now)
 
 METRICS_KEY = "metrics.jsonl"
 
@@ -49,6 +54,9 @@ _RACES = 20
 """Manifest writes retried after losing a race to a writer of the same generation (driver vs. rank 0)."""
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]{0,127}")
+
+BRANCHES_DIR = "stage2"
+"""Folder of the stage-2 branches inside the run directory: `stage2/<branch>/`."""
 
 
 def check_run_name(name: str) -> str:
@@ -63,13 +71,16 @@ class RunStore:
     """The run directory `name` inside `storage` (see the module docstring for its layout and fencing).
 
     `generation` is the fencing token this writer holds (`claim` sets it); None writes unfenced, which only
-    tools and tests that own the whole directory do.
+    tools and tests that own the whole directory do. `branch` makes it the view of one stage-2 branch.
     """
 
-    def __init__(self, storage: Storage, name: str, generation: int | None = None):
+    def __init__(self, storage: Storage, name: str, generation: int | None = None, branch: str | None = None):
         self.storage = storage
         self.name = check_run_name(name)
         self.generation = generation
+        self.branch_name = None if branch is None else check_run_name(branch)
+        self.home = "" if branch is None else f"{BRANCHES_DIR}/{branch}/"
+        """Where this writer's own files go, relative to the run directory ("" for the run itself)."""
         self._lock = threading.RLock()
         self._depth = 0
         self._versions: dict[str, str | None] = {}
@@ -84,8 +95,22 @@ class RunStore:
         return self.storage.child_uri(self.name)
 
     def key(self, rel: str) -> str:
-        """Storage key of `rel` (a key relative to the run directory)."""
+        """Storage key of this writer's own file `rel` (relative to the run directory, or a branch's folder)."""
+        return join_key(self.name, self.home + check_key(rel))
+
+    def run_key(self, rel: str) -> str:
+        """Storage key of `rel` relative to the run directory (the manifest, a record's `key`)."""
         return join_key(self.name, check_key(rel))
+
+    def branch(self, name: str) -> "RunStore":
+        """The view of stage-2 branch `name`: same storage, manifest and fencing generation."""
+        return RunStore(self.storage, self.name, generation=self.generation, branch=name)
+
+    def _table(self, manifest: Manifest, name: str) -> dict[str, ArtifactRecord | None]:
+        """The artifact records `name` lives in: the branch's own for its last/best_stg2, else the run's."""
+        if self.branch_name is None or name not in BRANCH_ARTIFACTS:
+            return manifest.artifacts
+        return manifest.branch(self.branch_name).artifacts
 
     def exists(self, rel: str) -> bool:
         return self.storage.exists(self.key(rel))
@@ -102,7 +127,7 @@ class RunStore:
             self._depth += 1
             try:
                 if self._depth == 1:
-                    with self.storage.lock(self.key(MANIFEST_KEY)):
+                    with self.storage.lock(self.run_key(MANIFEST_KEY)):
                         yield
                 else:
                     yield
@@ -110,11 +135,11 @@ class RunStore:
                 self._depth -= 1
 
     def _load(self) -> tuple[Manifest, str] | None:
-        found = self.storage.read_versioned(self.key(MANIFEST_KEY))
+        found = self.storage.read_versioned(self.run_key(MANIFEST_KEY))
         if found is None:
             return None
         data, version = found
-        return Manifest.loads(data.decode("utf-8"), source=self.storage.child_uri(self.key(MANIFEST_KEY))), version
+        return Manifest.loads(data.decode("utf-8"), source=self.storage.child_uri(self.run_key(MANIFEST_KEY))), version
 
     def _check_fence(self, manifest: Manifest) -> None:
         if self.generation is not None and manifest.generation != self.generation:
@@ -173,7 +198,7 @@ class RunStore:
         if manifest.name != self.name:
             raise ManifestError(f"manifest of run '{manifest.name}' cannot be written into run '{self.name}'")
         manifest.updated_at = utc_now()
-        self.storage.write_bytes(self.key(MANIFEST_KEY), manifest.dumps().encode("utf-8"), if_match=version,
+        self.storage.write_bytes(self.run_key(MANIFEST_KEY), manifest.dumps().encode("utf-8"), if_match=version,
                                  if_none_match=version is None)
 
     def _fenced_write(self, rel: str, write: Callable[[str, dict], ObjectInfo]) -> ObjectInfo:
@@ -238,7 +263,12 @@ class RunStore:
         """One epoch, after its TrainState `state` is stored under its own key: record it as `last` (and as `best`,
         if given) in one manifest write, publish the best under its fixed name, then rewrite metrics.jsonl."""
         record = self._record(state, rel=state.key[len(self.name) + 1:], epoch=epoch, stage=stage, ap=ap)
-        self.update_manifest(lambda m: m.artifacts.update({LAST: record} | ({best: record} if best else {})))
+
+        def mutate(m: Manifest) -> None:
+            self._table(m, LAST).update({LAST: record} | ({best: record} if best else {}))
+            if self.branch_name is not None:
+                m.branch(self.branch_name).epoch_aps[str(epoch)] = record.ap
+        self.update_manifest(mutate)
         if best is not None:
             self.publish_best(best)
         self.write_text(METRICS_KEY, metrics)
@@ -249,15 +279,15 @@ class RunStore:
         between the two (the recorded bytes stay named by the manifest at every moment)."""
         manifest = self._manifest()
         self._check_fence(manifest)
-        record, rel = manifest.artifacts.get(name), artifact_key(name)
-        if record is None or record.key == rel:
+        record, rel = self._table(manifest, name).get(name), artifact_key(name)
+        if record is None or record.key == self.home + rel:
             return
-        copied = self._fenced_write(rel, lambda key, cond: self.storage.copy(self.key(record.key), key, **cond))
-        moved = dataclasses.replace(record, uri=copied.uri, key=rel, updated_at=utc_now())
+        copied = self._fenced_write(rel, lambda key, cond: self.storage.copy(self.run_key(record.key), key, **cond))
+        moved = dataclasses.replace(record, uri=copied.uri, key=self.home + rel, updated_at=utc_now())
 
         def repoint(m: Manifest) -> None:
-            if m.artifacts.get(name) == record:
-                m.artifacts[name] = moved
+            if self._table(m, name).get(name) == record:
+                self._table(m, name)[name] = moved
         self.update_manifest(repoint)
 
     def put_artifact(self, name: str, local_path: str | os.PathLike, *, epoch: int, stage: int,
@@ -270,8 +300,8 @@ class RunStore:
         staged = self.put_state(f"{rel}.g{self.generation or 0}", local_path)
         info = self._fenced_write(rel, lambda key, cond: self.storage.copy(staged.key, key, **cond))
         self.storage.delete(staged.key)
-        record = self._record(info, rel=rel, epoch=epoch, stage=stage, ap=ap)
-        self.update_manifest(lambda m: m.artifacts.__setitem__(name, record))
+        record = self._record(info, rel=self.home + rel, epoch=epoch, stage=stage, ap=ap)
+        self.update_manifest(lambda m: self._table(m, name).__setitem__(name, record))
         return record
 
     @staticmethod
@@ -287,6 +317,14 @@ class RunStore:
         """Add per-worker start digests (`key`) to the switch record."""
         return self.update_manifest(lambda m: m.switch.__setitem__(key, list(digests)))
 
+    def record_branches(self, branches: list[BranchRecord]) -> Manifest:
+        """Record the run's stage-2 branches (`manifest.stage2_branches`), once, at the switch."""
+        return self.update_manifest(lambda m: setattr(m, "stage2_branches", list(branches)))
+
+    def update_branch(self, mutate: Callable[[BranchRecord], Any]) -> Manifest:
+        """Apply `mutate` to this view's branch entry, in one fenced manifest write."""
+        return self.update_manifest(lambda m: mutate(m.branch(self.branch_name)))
+
     def finish(self, final: dict, reason: str) -> Manifest:
         """Record the resolved `final` and move to DONE, in one write."""
         def mutate(m: Manifest) -> None:
@@ -295,17 +333,21 @@ class RunStore:
         return self.update_manifest(mutate)
 
     # ---- artifacts ---------------------------------------------------------------------------------------------
+    def recorded(self, name: str) -> ArtifactRecord | None:
+        """The record of artifact `name` in this view (a branch's own last/best_stg2), or None."""
+        return self._table(self._manifest(), name).get(name)
+
     def record(self, name: str) -> ArtifactRecord:
         """The manifest's record of artifact `name`; ManifestError if none."""
         artifact_key(name)  # validates the name
-        record = self._manifest().artifacts.get(name)
+        record = self._table(self._manifest(), name).get(name)
         if record is None:
             raise ManifestError(f"run {self.uri} has no '{name}' artifact recorded yet; check `deim-ray resolve "
                                 f"{self.uri}` for what exists")
         return record
 
     def _artifact_storage_key(self, name: str, record: ArtifactRecord) -> str:
-        return self.key(record.key or artifact_key(name))
+        return self.run_key(record.key or artifact_key(name))
 
     def verify_artifact(self, name: str) -> ArtifactRecord:
         """Compare the stored artifact with the manifest (present, same size, same re-hashed sha256);
