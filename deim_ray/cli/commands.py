@@ -23,7 +23,8 @@ def _run(args: argparse.Namespace, cfg) -> int:
     console = None if args.quiet else Console()
     manifest = run_training(RunRequest(cfg=cfg, storage_uri=args.storage, name=args.name, workers=args.workers,
                                        gpu=args.gpu, max_failures=args.max_failures, restart=args.restart,
-                                       cpus_per_worker=args.cpus_per_worker, console=console))
+                                       cpus_per_worker=args.cpus_per_worker, console=console,
+                                       stage2_branches=args.stage2_branches))
     if console is None or not console.epochs_shown:  # the epochs were not streamed by this command
         print(epoch_table(args.storage, args.name, cfg.storage, cfg.schedule.epochs))
     print(format_resolution(manifest))
@@ -90,9 +91,10 @@ def resolve(args: argparse.Namespace) -> int:
 def fetch(args: argparse.Namespace) -> int:
     from deim_ray.storage.retrieve import fetch as fetch_artifact
 
-    path = fetch_artifact(args.run, which=args.which, out_dir=args.output, storage_cfg=_storage_cfg(args),
-                          force=args.force)
-    print(f"{args.which}: {path} (sha256 verified)")
+    which = args.which or ("best_stg2" if args.branch else "final")
+    path = fetch_artifact(args.run, which=which, out_dir=args.output, storage_cfg=_storage_cfg(args),
+                          force=args.force, branch=args.branch)
+    print(f"{which}{f' of branch {args.branch}' if args.branch else ''}: {path} (sha256 verified)")
     return 0
 
 
@@ -133,10 +135,11 @@ def ls(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no runs under {args.root}")
         return 0
-    print(f"{'name':<28} {'state':<15} {'final AP':>8}  updated")
+    print(f"{'name':<28} {'state':<15} {'final AP':>8}  {'updated':<20}  branches")
     for r in runs:
         ap = f"{r.final_ap:.4f}" if r.final_ap is not None else "-"
-        print(f"{r.name:<28} {r.state:<15} {ap:>8}  {r.updated_at or '-'}"
+        branches = "-" if r.branches is None else f"{r.branches}" + (f", winner {r.winner}" if r.winner else "")
+        print(f"{r.name:<28} {r.state:<15} {ap:>8}  {r.updated_at or '-':<20}  {branches}"
               + (f"  ({r.problem})" if r.problem else ""))
     return 0
 

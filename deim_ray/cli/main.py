@@ -79,6 +79,9 @@ def _add_run_args(p: argparse.ArgumentParser, default_name: str | None) -> None:
     p.add_argument("--cpus-per-worker", type=POSITIVE, default=1.0, help="CPUs reserved per worker (default 1)")
     p.add_argument("--max-failures", type=COUNT, default=3, help="worker failures to survive per stage (default 3)")
     p.add_argument("--restart", action="store_true", help="start this run name over instead of resuming it")
+    p.add_argument("--stage2-branches", type=POSITIVE_INT, default=1, metavar="K",
+                   help="run K stage-2 branches in parallel from best_stg1, varying the config's stage2_search "
+                        "(default 1: one stage 2 with the config's settings)")
 
 
 def _add_endpoint_arg(p: argparse.ArgumentParser) -> None:
@@ -160,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch", help="download a run's artifact and verify its sha256")
     p.add_argument("run", help="run directory or s3://bucket/prefix/NAME")
     p.add_argument("-o", "--output", default=".", help="output directory (default .)")
-    p.add_argument("--which", default="final", choices=["final", "best_stg1", "best_stg2", "last"])
+    p.add_argument("--which", choices=["final", "best_stg1", "best_stg2", "last"],
+                   help="artifact to fetch (default final; best_stg2 with --branch)")
+    p.add_argument("--branch", help="a stage-2 branch of the run (e.g. b1): fetch its best_stg2 or last")
     p.add_argument("--force", action="store_true", help="replace a different file of the same name in the output")
     _add_endpoint_arg(p)
     p.set_defaults(func=commands.fetch)

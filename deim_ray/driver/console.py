@@ -91,26 +91,28 @@ class Console:
         self._bar_shown = False
 
     @contextmanager
-    def watch(self, epochs: int) -> Iterator[str]:
+    def watch(self, epochs: int, label: str = "") -> Iterator[str]:
         """Create a board for one stage run and print what arrives on it until the block ends; yields the board's
-        name for the workers."""
+        name for the workers. A `label` (a stage-2 branch, several watched at once) starts each of its lines and
+        turns the progress bar off."""
         name = f"deim_ray_board_{uuid.uuid4().hex[:12]}"
         board = Board.options(name=name).remote()
         stop = threading.Event()
-        thread = threading.Thread(target=self._poll, args=(board, epochs, stop), daemon=True, name="deim-console")
+        thread = threading.Thread(target=self._poll, args=(board, epochs, stop, label), daemon=True,
+                                  name="deim-console")
         thread.start()
         try:
             yield name
         finally:
             stop.set()
             thread.join()
-            self._safely(self._show, board, epochs)  # lines that arrived after the last poll
+            self._safely(self._show, board, epochs, label)  # lines that arrived after the last poll
             self._clear_bar()
             self._safely(ray.kill, board)
 
-    def _poll(self, board, epochs: int, stop: threading.Event) -> None:
+    def _poll(self, board, epochs: int, stop: threading.Event, label: str) -> None:
         while not stop.wait(POLL_S):
-            self._safely(self._show, board, epochs)
+            self._safely(self._show, board, epochs, label)
 
     @staticmethod
     def _safely(fn, *args) -> None:
@@ -119,14 +121,14 @@ class Console:
         except Exception as e:  # the console must never end (or mask the end of) a run
             log.debug("console: %s failed: %s", getattr(fn, "__name__", fn), e)
 
-    def _show(self, board, epochs: int) -> None:
+    def _show(self, board, epochs: int, label: str = "") -> None:
         progress, lines = ray.get(board.drain.remote(), timeout=30)
         for line in lines:
             self._clear_bar()
-            self.stream.write(epoch_line(line, epochs) + "\n")
+            self.stream.write((f"{label}  " if label else "") + epoch_line(line, epochs) + "\n")
             self.stream.flush()
             self.epochs_shown += 1
-        if self.tty and progress is not None:
+        if self.tty and progress is not None and not label:
             self.stream.write("\r" + _bar(progress) + "\033[K")
             self.stream.flush()
             self._bar_shown = True

@@ -8,55 +8,41 @@ and writes `final.pth` (EMA weights + rebuild metadata). Opening the run claims 
 claim (`RunStore.claim` / `renew`), each a new fencing generation, so a driver or worker of an older one can no
 longer write (nor take the run back).
 Re-running the same command continues from whatever the manifest says: a finished stage is never retrained
-and a finished run only reports its result.
+and a finished run only reports its result. With `--stage2-branches K` (K > 1) stage 2 is K branches run in
+parallel from the same best_stg1 (`branch_run.py`), and the final artifact is resolved across all of them.
 Before anything is written or a worker starts, the inputs are checked on the driver (`preflight`) and the
 cluster must be able to place the workers (`check_capacity`), so bad input fails in seconds with one line.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
 from deim_ray.config.schedule import BEST_STG1, FINAL, Stage
-from deim_ray.config.loader import config_from_dict, config_sha256, config_to_dict, diff_configs, dump_yaml
+from deim_ray.config.loader import config_from_dict, config_sha256, diff_configs, dump_yaml
 from deim_ray.config.schema import Config
 from deim_ray.config.validate import validate
-from deim_ray.driver.console import Console
-from deim_ray.driver.preflight import absolute_paths, check_request, check_writable, preflight
-from deim_ray.driver.ray_stage import StageRunFailed, check_capacity, ensure_ray, run_stage
+from deim_ray.driver.branch_run import check_branch_request, run_branches
+from deim_ray.driver.checkpoint_hook import read_metrics
+from deim_ray.driver.plots import write_plot
+from deim_ray.driver.preflight import check_request, check_writable, preflight
+from deim_ray.driver.ray_stage import StageRunFailed, check_capacity, ensure_ray
+from deim_ray.driver.stage_job import RunError, RunRequest, fit_stage
 from deim_ray.engine.state import load_train_state
-from deim_ray.logs import is_verbose
 from deim_ray.models.export import make_final_checkpoint
 from deim_ray.storage import Manifest, RunState, RunStore, open_storage, resolve_final
+from deim_ray.storage.run_store import METRICS_KEY
+
+__all__ = ["RunError", "RunRequest", "open_run", "run_training", "write_final"]
 
 log = logging.getLogger("deim_ray.driver")
 
 CONFIG_FILE = "config.yaml"
-
-
-class RunError(RuntimeError):
-    """A run cannot start or continue; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class RunRequest:
-    cfg: Config
-    storage_uri: str = "./runs"
-    name: str = "run"
-    workers: int = 2
-    gpu: bool = False
-    max_failures: int = 3
-    restart: bool = False
-    cpus_per_worker: float = 1.0
-    console: Console | None = None
-    """Prints one line per epoch (and a progress bar on a terminal); None under Tune or `-q`."""
 
 
 def _stored_config(store: RunStore) -> Config | None:
@@ -100,46 +86,16 @@ def open_run(req: RunRequest, store: RunStore) -> Manifest:
     return manifest
 
 
-def _stage_args(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | None, ray_run: str,
-                board: str | None) -> dict:
-    """What every worker gets: the config with paths made absolute here (the workers' working directory is
-    not ours), the identity of the config as the user wrote it, the fencing generation it writes with and the
-    console's board."""
-    tree = config_to_dict(absolute_paths(req.cfg))
-    tree.pop("source", None)
-    return {"config": tree, "config_sha256": config_sha256(req.cfg), "stage": int(stage),
-            "storage_uri": store.storage.uri, "run_name": req.name, "generation": store.generation,
-            "ray_run": ray_run, "best_stg1_sha256": stg1_sha, "board": board, "verbose": is_verbose()}
-
-
 def _run_stage(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | None = None) -> dict:
-    """Run one stage to its end under a newly claimed generation (the workers resume from the manifest's `last`
-    when it belongs to this stage); returns the last report: per-worker digests of the weights the workers
-    started from and whether they resumed (an empty dict when there was nothing left to train)."""
+    """Run one stage to its end under a newly claimed generation (`stage_job.fit_stage`); a failed stage moves
+    the run to FAILED with the workers' reason."""
     store.renew()
-    ray_run = f"stage{int(stage)}-g{store.generation}"
-    watch = req.console.watch(req.cfg.schedule.epochs) if req.console else contextlib.nullcontext()
     try:
-        with watch as board:
-            result = run_stage(stage=stage, args=_stage_args(req, store, stage, stg1_sha, ray_run, board),
-                               store=store, ray_run=ray_run, workers=req.workers, gpu=req.gpu,
-                               max_failures=req.max_failures, cpus_per_worker=req.cpus_per_worker,
-                               keep_checkpoints=req.cfg.train.keep_checkpoints)
+        return fit_stage(req, store, stage, stg1_sha)
     except StageRunFailed as e:
-        reason = _worker_error(e.__cause__) or str(e)
-        store.transition(RunState.FAILED, note=f"stage {int(stage)}: {reason}")
-        raise RunError(f"stage {int(stage)} of run `{req.name}` failed: {reason}. Fix the cause and re-run the "
+        store.transition(RunState.FAILED, note=f"stage {int(stage)}: {e}")
+        raise RunError(f"stage {int(stage)} of run `{req.name}` failed: {e}. Fix the cause and re-run the "
                        "same command to resume from the last checkpoint") from None
-    return dict(result.metrics or {})
-
-
-def _worker_error(error: BaseException | None) -> str | None:
-    """The one-line message of a deim_ray error a worker raised (Ray's own summary starts "Training failed due to
-    worker errors:" and buries it in a traceback)."""
-    for exc in getattr(error, "worker_failures", {}).values():
-        if type(exc).__module__.startswith("deim_ray.") and str(exc).strip():
-            return str(exc).strip().splitlines()[0]
-    return None
 
 
 def _switch(store: RunStore, stop_epoch: int) -> str:
@@ -157,9 +113,11 @@ def write_final(store: RunStore, cfg: Config) -> Manifest:
     """Resolve the final artifact, write final.pth (EMA weights + rebuild metadata) and move the run to DONE; the
     end of every run, trained (`run_training`) or stopped by a Tune scheduler (`tune.py`)."""
     manifest = store.read_manifest()
-    resolution = resolve_final(manifest.artifacts, reached_stage2=manifest.switch is not None)
+    resolution = resolve_final(manifest.artifacts, reached_stage2=manifest.switch is not None,
+                               branches=manifest.stage2_branches)
+    source = store.branch(resolution.branch) if resolution.branch else store
     with tempfile.TemporaryDirectory(prefix="deim_ray_final_") as tmp:
-        state = load_train_state(store.open_artifact(resolution.artifact, tmp))
+        state = load_train_state(source.open_artifact(resolution.artifact, tmp))
         meta = state["extra"]
         weights = state["ema"]["module"] if state.get("ema") else state["model"]
         final = make_final_checkpoint(weights, cfg.model, num_classes=meta["num_classes"],
@@ -168,13 +126,23 @@ def write_final(store: RunStore, cfg: Config) -> Manifest:
                                       extra_meta={"source": resolution.artifact, "epoch": resolution.epoch,
                                                   "stage": resolution.stage, "ap": resolution.ap,
                                                   "config_sha256": manifest.config_sha256,
-                                                  "normalize": cfg.data.normalize})
+                                                  "normalize": cfg.data.normalize, "branch": resolution.branch})
         path = Path(tmp) / "final.pth"
         torch.save(final, path)
         record = store.put_artifact(FINAL, path, epoch=resolution.epoch, stage=resolution.stage, ap=resolution.ap)
+    if resolution.branch:
+        _adopt_branch_metrics(store, source, cfg)
+    branch = {"branch": resolution.branch, "params": manifest.branch(resolution.branch).params} \
+        if resolution.branch else {}
     return store.finish({"artifact": resolution.artifact, "uri": record.uri, "sha256": record.sha256,
                          "ap": resolution.ap, "epoch": resolution.epoch, "stage": resolution.stage,
-                         "reason": resolution.reason}, resolution.reason)
+                         "reason": resolution.reason, **branch}, resolution.reason)
+
+
+def _adopt_branch_metrics(store: RunStore, branch: RunStore, cfg: Config) -> None:
+    """The winning branch's epochs (stage 1 + its stage 2) become the run's metrics.jsonl and plot."""
+    store.write_text(METRICS_KEY, branch.read_text(METRICS_KEY))
+    write_plot(store, read_metrics(store), cfg.schedule.stop_epoch)
 
 
 def run_training(req: RunRequest) -> Manifest:
@@ -186,6 +154,7 @@ def run_training(req: RunRequest) -> Manifest:
     preflight(req.cfg)
     existing = store.read_manifest()
     check_same_config(req, store, existing)
+    check_branch_request(req, existing)
     if not _is_finished(req, existing):  # a finished run only reports its result: no cluster needed
         ensure_ray()
         check_capacity(req.workers, req.gpu, req.cpus_per_worker)
@@ -206,7 +175,10 @@ def run_training(req: RunRequest) -> Manifest:
         stg1_sha = store.read_manifest().switch["sha256"]
         store.transition(RunState.STAGE2_RUNNING,
                          note=_start_note(interrupted, Stage.TWO, f"stage 2 starts from best_stg1 {stg1_sha[:12]}"))
-        _record_digests(store, _run_stage(req, store, Stage.TWO, stg1_sha))
+        if req.stage2_branches > 1:
+            run_branches(req, store, stg1_sha)
+        else:
+            _record_digests(store, _run_stage(req, store, Stage.TWO, stg1_sha))
     return write_final(store, req.cfg)
 
 

@@ -3,7 +3,9 @@
 It rebuilds the config, picks the stage's starting state (the manifest's `last` when it belongs to this stage,
 after a worker failure or a driver restart; otherwise, for stage 2, the verified best_stg1), every rank reading
 the same verified object from storage, and runs the engine's `Trainer` with the hooks that connect it to Ray and
-to the run's storage. The worker writes with the fencing generation the driver claimed for this stage run.
+to the run's storage. The worker writes with the fencing generation the driver claimed for this stage run. A
+stage-2 branch's workers write through the branch's view of the run (its own `last`, best_stg2 and files) and
+check best_stg1 against the run's own config, the one stage 1 trained with.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ class WorkerArgs:
     board: str | None = None
     """Name of the driver's console board (driver/console.py); None where no console watches (Tune)."""
     verbose: bool = False
+    branch: str | None = None
+    """The stage-2 branch these workers train (None: the run's own stage)."""
+    stage1_config_sha256: str | None = None
+    """Identity of the config best_stg1 was trained with, when it differs from `config_sha256` (a branch)."""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -64,7 +70,7 @@ def _read_state(store: RunStore, name: str, config_sha: str, expected_sha256: st
 
 def _resume_state(store: RunStore, stage: Stage, config_sha: str) -> dict | None:
     """The manifest's `last`, when it was saved in this stage (the state every commit keeps consistent)."""
-    last = store.read_manifest().artifacts.get(LAST)
+    last = store.recorded(LAST)
     if last is None or last.stage != int(stage):
         return None
     state = _read_state(store, LAST, config_sha)
@@ -81,10 +87,12 @@ def train_stage(args_dict: dict) -> None:
     stage = Stage(args.stage)
     fault = FaultHook.from_env(os.environ, args.generation)  # test-only; None unless DEIM_RAY_FAULT is set
     storage = open_storage(args.storage_uri, cfg.storage)
-    store = RunStore(fault.wrap_storage(storage) if fault else storage, args.run_name, generation=args.generation)
+    store = RunStore(fault.wrap_storage(storage) if fault else storage, args.run_name, generation=args.generation,
+                     branch=args.branch)
     resume = _resume_state(store, stage, args.config_sha256)
     # stage 2 keeps best_stg1 in memory for its restarts, resumed or not
-    stage1_best = (_read_state(store, BEST_STG1, args.config_sha256, args.best_stg1_sha256)
+    stage1_best = (_read_state(store, BEST_STG1, args.stage1_config_sha256 or args.config_sha256,
+                               args.best_stg1_sha256)
                    if stage is Stage.TWO else None)
     checkpoints = CheckpointHook(store, args.ray_run, resume=resume)
     hooks = [ProgressHook() if args.verbose else None, BoardHook(args.board) if args.board else None, checkpoints,

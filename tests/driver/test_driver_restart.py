@@ -234,7 +234,7 @@ def test_a_worker_error_of_ours_reaches_the_user_as_its_own_line():
     from ray.train.v2.api.exceptions import WorkerGroupError
 
     from deim_ray.data.errors import DataError
-    from deim_ray.driver.run import _worker_error
+    from deim_ray.driver.stage_job import worker_error as _worker_error
 
     bad = DataError("image x.jpg could not be decoded; re-encode it")
     failure = WorkerGroupError("rank 1: Traceback ...", {0: RuntimeError("gloo: peer closed"), 1: bad})
