@@ -190,5 +190,7 @@ def plan_resources(cfg: Config, k: int, *, workers: int, gpu: bool, cpus_per_wor
         per_branch -= 1
     if gpu:
         return BranchResources(per_branch, cpus_per_worker, max(1, min(k, int(cluster.get("GPU", 0) // per_branch))))
-    share = min(cpus_per_worker, cluster.get("CPU", 0.0) / (k * per_branch))
-    return BranchResources(per_branch, round(share, 4) if share > 0 else cpus_per_worker, k)
+    # rounded down to Ray's resource granularity: 3 x 0.6667 CPU would not fit 2 CPUs, and the third branch's
+    # workers would wait (and time out) until another branch ends
+    share = math.floor(min(cpus_per_worker, cluster.get("CPU", 0.0) / (k * per_branch)) * 1e4) / 1e4
+    return BranchResources(per_branch, share if share > 0 else cpus_per_worker, k)
