@@ -94,7 +94,8 @@ def _resolve_branches(s1: ArtifactRecord | None, branches: Sequence[BranchRecord
         return _pick(BEST_STG1, s1, f"no stage-2 branch beat stage 1 ({len(branches)} branches, no best_stg2); "
                                     f"keeping best_stg1 ({ap1:.3f} AP at epoch {s1.epoch})")
     ap, _, win = max(scored, key=lambda t: t[:2])
-    others = ", ".join(f"{b.name} {_ap(_best_ap(b))}" for b in branches if b is not win)
+    others = ", ".join(f"{b.name} {_best_ap(b):.3f}" if _best_ap(b) is not None else f"{b.name} -"
+                       for b in branches if b is not win)
     where = f"branch {win.name} ({branch_settings(win)})"
     if ap1 is None:
         return _pick(BEST_STG2, win.best, f"no validated best_stg1; {where} leads with {ap:.3f} AP (others: "

@@ -37,7 +37,7 @@ def test_a_branch_beating_stage1_and_its_siblings_wins_and_is_named_with_its_set
     r = resolve_final({BEST_STG1: _rec(1, 0.30, 5)}, reached_stage2=True, branches=_branches(0.35, None, 0.41))
     assert (r.artifact, r.branch, r.ap, r.epoch) == (BEST_STG2, "b2", 0.41, 11)
     assert r.reason == ("stage 2 branch b2 (schedule.no_aug_epochs=4, lr_scheduler.tail_lr_factor=0.25) beat "
-                        "stage 1 (0.410 vs 0.300 AP) and the other branches (b0 0.3500, b1 -)")
+                        "stage 1 (0.410 vs 0.300 AP) and the other branches (b0 0.350, b1 -)")
 
 
 def test_a_tie_between_branches_goes_to_the_lower_index_and_a_tie_with_stage1_to_stage2():
