@@ -11,7 +11,7 @@ length and the tail LR around the config's own values.
 
 `branch_config` applies a branch's settings with every stage-1 value pinned (a longer stage 2 only moves
 `schedule.epochs` and `lr_scheduler.no_aug_epoch`), and checks that nothing else changed. `plan_resources` shares
-the cluster among the branches, which run at once.
+the cluster among the branches.
 """
 
 from __future__ import annotations
@@ -181,15 +181,16 @@ class BranchResources:
 
 def plan_resources(cfg: Config, k: int, *, workers: int, gpu: bool, cpus_per_worker: float,
                    cluster: Mapping[str, float]) -> BranchResources:
-    """The K branches share the stage's workers: `workers // K` each (at least 1, and a count the batch sizes
-    divide by). On CPUs all K run at once, each worker's CPU share lowered when the cluster is smaller than
-    K x workers x cpus-per-worker; on GPUs (one per worker) as many run at once as the GPUs allow, the rest
-    wait for a free slot."""
+    """On GPUs (one per worker) each branch keeps `workers` workers, so the per-GPU batch (and memory) stays as
+    configured, and as many branches run at once as the cluster's GPUs allow; the rest wait for a free slot. On
+    CPUs the K branches share the stage's workers, `workers // K` each (at least 1, and a count the batch sizes
+    divide by), and all run at once, each worker's CPU share lowered when the cluster is smaller than
+    K x workers x cpus-per-worker."""
+    if gpu:
+        return BranchResources(workers, cpus_per_worker, max(1, min(k, int(cluster.get("GPU", 0) // workers))))
     per_branch = max(1, workers // k)
     while per_branch > 1 and (cfg.data.total_batch_size % per_branch or cfg.data.val_batch_size % per_branch):
         per_branch -= 1
-    if gpu:
-        return BranchResources(per_branch, cpus_per_worker, max(1, min(k, int(cluster.get("GPU", 0) // per_branch))))
     # rounded down to Ray's resource granularity: 3 x 0.6667 CPU would not fit 2 CPUs, and the third branch's
     # workers would wait (and time out) until another branch ends
     share = math.floor(min(cpus_per_worker, cluster.get("CPU", 0.0) / (k * per_branch)) * 1e4) / 1e4

@@ -100,9 +100,10 @@ def test_the_branches_share_the_stage_workers(demo):
     assert (plan.workers, plan.cpus_per_worker, plan.parallel) == (4, 2.0, 2)
     odd = plan_resources(demo, 2, workers=6, gpu=False, cpus_per_worker=1.0, cluster={"CPU": 8.0})
     assert odd.workers == 2  # 3 does not divide the batch of 8
-    # GPUs: one per worker; the branches that do not fit wait for a slot
-    gpu = plan_resources(demo, 4, workers=2, gpu=True, cpus_per_worker=4.0, cluster={"CPU": 32.0, "GPU": 2.0})
-    assert (gpu.workers, gpu.parallel) == (1, 2)
+    # GPUs: each branch keeps --workers GPUs (the per-GPU batch as configured); the rest wait for a slot
+    gpu = plan_resources(demo, 4, workers=2, gpu=True, cpus_per_worker=4.0, cluster={"CPU": 32.0, "GPU": 4.0})
+    assert (gpu.workers, gpu.cpus_per_worker, gpu.parallel) == (2, 4.0, 2)
+    assert plan_resources(demo, 3, workers=8, gpu=True, cpus_per_worker=1.0, cluster={"GPU": 8.0}).parallel == 1
 
 
 def test_a_continued_run_keeps_its_number_of_branches(demo):
