@@ -195,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace the output file if it exists")
     p.set_defaults(func=commands.show_augment)
 
-    p = sub.add_parser("convert-weights", help="upstream DEIMv2 checkpoint -> deim_ray final.pth (EMA weights "
-                       "preferred)")
+    p = sub.add_parser("convert-weights", help="upstream DEIMv2 / DEIM (D-FINE, RT-DETRv2) checkpoint -> "
+                       "deim_ray final.pth (EMA weights preferred)")
     p.add_argument("checkpoint", help="upstream checkpoint (.pth: {'model', 'ema': {'module'}} or a state dict)")
     p.add_argument("-c", "--config", required=True, help="the upstream config the checkpoint was trained with")
     p.add_argument("-o", "--output", required=True, help="final.pth to write (never overwritten)")

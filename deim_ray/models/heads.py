@@ -6,6 +6,11 @@ for RT-DETRv2, the query position head (`query_pos_method: as_reg`, a 3-layer d-
 attributes, so the options travel inside the model config (and so inside `final.pth`) and `apply_head_options`
 re-applies them whenever a model is built from such a config.
 
+D-FINE's LQE (`lqe_layers.*.reg_conf`) runs with the decoder activation upstream (`activation`: silu under DEIM,
+relu for the plain baselines); transformers always uses ReLU there. A config with `upstream_lqe_act: True` (every
+D-FINE config deim_ray builds) gets upstream's; one without it (a D-FINE `final.pth` written before this option
+existed) keeps the ReLU it was trained with.
+
 Activations are switched by changing the class of the existing head modules (or their `act`), never by
 building new ones, so parameter names, initial values and tied weights stay as transformers made them.
 """
@@ -15,11 +20,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import init
+from transformers.activations import ACT2CLS
 
 HEAD_NAMES = frozenset({"query_pos_head", "enc_bbox_head", "pre_bbox_head"})
 """Modules named so (or inside a `bbox_embed` list) are the MLP heads upstream builds with `mlp_act`."""
 MLP_ACTS = ("relu", "silu")
 QUERY_POS_METHODS = ("default", "as_reg")
+UPSTREAM_LQE_ACT = "upstream_lqe_act"
 
 
 class SiluPredictionHead(nn.Module):
@@ -34,8 +41,12 @@ class SiluPredictionHead(nn.Module):
 
 
 def apply_head_options(model: nn.Module) -> None:
-    """Apply `config.query_pos_method` and `config.mlp_act` (when present) to a freshly built model, in place."""
+    """Apply `config.query_pos_method`, `config.mlp_act` and `config.upstream_lqe_act` (when present) to a freshly
+    built model, in place."""
     config = model.config
+    if getattr(config, UPSTREAM_LQE_ACT, False):
+        for lqe in model.model.decoder.lqe_layers:
+            lqe.reg_conf.act = ACT2CLS[config.decoder_activation_function]()
     if getattr(config, "query_pos_method", "default") == "as_reg":
         _query_pos_as_reg(model)
     if getattr(config, "mlp_act", "relu") == "silu":

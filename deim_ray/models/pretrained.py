@@ -6,9 +6,10 @@
 - a hub id in the same transformers layout, e.g. the checkpoint transformers' own docs use,
   `harshaljanjani/DEIMv2_HGNetv2_N_COCO_Transformers` (downloaded once into the Hugging Face cache; needs network
   or a pre-filled cache);
-- a `.pth` file: a deim_ray `final.pth` or training checkpoint, a plain state dict, or an upstream DEIMv2
-  checkpoint (official release or your own `best_stg2.pth`; `ema.module` preferred over `model`, as upstream's
-  tuning loader does), whose tensor names are converted as `deim-ray convert-weights` does.
+- a `.pth` file: a deim_ray `final.pth` or training checkpoint, a plain state dict, or an upstream checkpoint of
+  the model's family (DEIMv2; D-FINE or RT-DETRv2 as trained by DEIM; official release or your own
+  `best_stg2.pth`; `ema.module` preferred over `model`, as upstream's tuning loader does), whose tensor names are
+  converted as `deim-ray convert-weights` does.
 
 Fine-tuning a COCO-trained model on your own classes (README snippet)::
 
@@ -45,6 +46,7 @@ from transformers import Deimv2ForObjectDetection, PreTrainedConfig
 
 from deim_ray.models.convert import is_upstream_state_dict, to_transformers_names
 from deim_ray.models.errors import ModelError
+from deim_ray.models.families import family_of_config
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ class PretrainedReport:
 
 def load_pretrained(model: nn.Module, source: str) -> PretrainedReport:
     """Copy every tensor of `source` whose name and shape match into `model` (in place) and report."""
-    source_sd = read_state_dict(source)
+    source_sd = read_state_dict(source, family_of_config(model.config).name)
     report = _copy_matching(model, source_sd, source)
     if not report.loaded:
         raise ModelError(f"no tensor of {source} matches the model by name and shape; give a DEIMv2 checkpoint "
@@ -83,15 +85,16 @@ def load_pretrained(model: nn.Module, source: str) -> PretrainedReport:
     return report
 
 
-def read_state_dict(source: str) -> dict[str, torch.Tensor]:
-    """The weights named by `source` (folder, `.pth`/`.pt`/`.safetensors` file, or hub id), on CPU."""
+def read_state_dict(source: str, family: str = "deimv2") -> dict[str, torch.Tensor]:
+    """The weights named by `source` (folder, `.pth`/`.pt`/`.safetensors` file, or hub id), on CPU; upstream
+    tensor names are renamed for a model of `family`."""
     path = Path(source).expanduser()
     if path.is_dir():
         return _from_transformers(str(path), source)
     if path.is_file():
         state = _from_safetensors(path) if path.suffix == ".safetensors" else _from_torch_file(path)
-        if is_upstream_state_dict(state):  # upstream DEIMv2 names: rename to transformers' (models/convert)
-            state, _, _ = to_transformers_names(state)
+        if is_upstream_state_dict(state):  # upstream names: rename to transformers' (models/convert)
+            state, _, _ = to_transformers_names(state, family)
         return state
     if _looks_like_hub_id(source):
         return _from_transformers(source, source)

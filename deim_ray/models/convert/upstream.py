@@ -1,10 +1,11 @@
-"""models layer: load upstream DEIMv2 weights into deim_ray's (transformers) model, every tensor accounted for.
+"""models layer: load upstream DEIMv2 / DEIM weights into deim_ray's (transformers) model, every tensor accounted for.
 
     sd, which = read_upstream_checkpoint("best_stg2.pth")      # EMA weights when present ("ema"), else "model"
     report = load_upstream_state(model, sd, "best_stg2.pth", which)   # strict: raises ModelError naming tensors
 
-`to_transformers_names(sd)` only renames (no model needed); `model.pretrained` uses it to fine-tune from an
-upstream checkpoint with another class count. The name rules are in `keys.py`.
+`to_transformers_names(sd, family)` only renames (no model needed); `model.pretrained` uses it to fine-tune from an
+upstream checkpoint with another class count. The name rules are in `keys.py` (DEIMv2, Intellindust-AI-Lab/DEIMv2)
+and `family_keys.py` (D-FINE and RT-DETRv2 as trained by ShihuaHuang95/DEIM); the model's config says which.
 
 Strict loading refuses a checkpoint when an upstream tensor has no rule or no counterpart in the model, when a
 shape differs, or when a model tensor gets no value, except these, whose fresh value is what upstream computes:
@@ -23,8 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deim_ray.models.convert.family_keys import FAMILY_KEYS
+from deim_ray.models.convert.family_keys import IGNORED as FAMILY_IGNORED
 from deim_ray.models.convert.keys import IGNORED, rename, split_fused
 from deim_ray.models.errors import ModelError
+from deim_ray.models.families import family_of_config
 
 _KEEP_INIT = re.compile(r"(layer_scale[12]\.lambda1|register_tokens|embeddings\.mask_token)$")
 # upstream tensors that may have no place: a ViT key bias (see above) and the decoder layers' `norm2`, which
@@ -76,26 +80,28 @@ def read_upstream_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
         raise ModelError(f"{path} holds no state dict (looked for ema.module, model, or a dict of tensors)")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if not is_upstream_state_dict(sd):
-        raise ModelError(f"{path} is not an upstream DEIMv2 checkpoint (tensor names such as {next(iter(sd), '-')!r} "
+        raise ModelError(f"{path} is not an upstream DEIM/DEIMv2 checkpoint (tensor names such as {next(iter(sd), '-')!r} "
                          "do not start with backbone./encoder./decoder.)")
     return sd, which
 
 
-def to_transformers_names(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
-    """(renamed tensors, upstream names without a rule, upstream names dropped by design). Decoder heads are
-    emitted under both names transformers ties (`model.decoder.class_embed.i` and `class_embed.i`)."""
-    hybrid = any(k.startswith(("encoder.fpn_blocks.", "encoder.encoder.")) for k in sd)
+def to_transformers_names(sd: dict[str, torch.Tensor], family: str = "deimv2"
+                          ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """(renamed tensors, upstream names without a rule, upstream names dropped by design) for a model of
+    `family`. Decoder heads are emitted under both names transformers ties (`model.decoder.class_embed.i` and
+    `class_embed.i`)."""
+    renamer, ignored = _rules(sd, family)
     out: dict[str, torch.Tensor] = {}
     unmapped: list[str] = []
     dropped: list[str] = []
     for key, tensor in sd.items():
-        if IGNORED.search(key):
+        if ignored.search(key):
             dropped.append(key)
             continue
         mask = sd.get(key + "_mask") if key.endswith("qkv.bias") else None
         parts = split_fused(key, tensor, mask)
         if parts is None:
-            name = rename(key, hybrid=hybrid)
+            name = renamer(key)
             if name is None:
                 unmapped.append(key)
                 continue
@@ -106,6 +112,13 @@ def to_transformers_names(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
             if tied:
                 out[tied.group(1)] = value
     return out, unmapped, dropped
+
+
+def _rules(sd: dict[str, torch.Tensor], family: str):
+    if family in FAMILY_KEYS:
+        return FAMILY_KEYS[family].rename, FAMILY_IGNORED
+    hybrid = any(k.startswith(("encoder.fpn_blocks.", "encoder.encoder.")) for k in sd)
+    return (lambda key: rename(key, hybrid=hybrid)), IGNORED
 
 
 def load_upstream_state(model: nn.Module, sd: dict[str, torch.Tensor], source: str, weights: str
@@ -123,7 +136,7 @@ def match_upstream_state(sd: dict[str, torch.Tensor], target: dict[str, torch.Te
     """(tensors by model name, model tensors kept at init, upstream tensors not needed) for a model with state
     dict `target` built from `config`; raises ModelError naming what does not fit. Shapes only: works on
     meta tensors."""
-    converted, unmapped, dropped = to_transformers_names(sd)
+    converted, unmapped, dropped = to_transformers_names(sd, family_of_config(config).name)
     for name in [n for n in converted if n not in target and _UNUSED.search(n)]:
         dropped.append(name)
         del converted[name]

@@ -12,8 +12,9 @@ Each variant mirrors the architecture upstream DEIM builds from `configs/deim_df
 | l | HGNetv2-B4 | 8, 16, 32 | 256 | 6 | 31.29M |
 | x | HGNetv2-B5 | 8, 16, 32 | 256 (encoder 384) | 6 | 61.14M |
 
-`mlp_act` is upstream's activation of the decoder's MLP heads (SiLU under DEIM); transformers' config carries it
-as an extra attribute and `heads.apply_head_options` applies it. The plain D-FINE baselines (`dfine_hgnetv2_*`)
+`mlp_act` is upstream's activation of the decoder's MLP heads (SiLU under DEIM) and `upstream_lqe_act` gives the
+LQE the decoder activation, as upstream does; transformers' config carries both as extra attributes and
+`heads.apply_head_options` applies them. The plain D-FINE baselines (`dfine_hgnetv2_*`)
 are the same networks with ReLU in the decoder and its heads, and frozen backbone norms for L and X
 (`model.extra` carries those differences; see `configs/dfine/`).
 """
@@ -82,6 +83,7 @@ def _three_levels(backbone: dict[str, Any], in_channels: list[int], *, hidden: i
         "decoder_activation_function": "silu",
         "num_queries": 300,
         "mlp_act": "silu",
+        "upstream_lqe_act": True,
     }
 
 
@@ -106,6 +108,7 @@ def n() -> dict[str, Any]:
         "decoder_activation_function": "silu",
         "num_queries": 300,
         "mlp_act": "silu",
+        "upstream_lqe_act": True,
     }
 
 
