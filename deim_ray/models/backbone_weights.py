@@ -59,7 +59,8 @@ def backbone_note(variant: str, backbone_pretrained: str | None, pretrained: str
     if backbone_pretrained or pretrained or variant == "tiny":
         return None
     return ("model.backbone_pretrained is not set: the backbone starts from random weights, while upstream's COCO "
-            "recipe starts from ImageNet (HGNetV2) or DINOv3 weights; see README 'Your data and pretrained weights'")
+            "recipe starts from ImageNet (HGNetV2, ResNet-vd) or DINOv3 weights; see README 'Your data and "
+            "pretrained weights'")
 
 
 def load_backbone_weights(model: nn.Module, variant: str, path: str) -> BackboneReport:

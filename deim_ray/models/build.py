@@ -43,6 +43,7 @@ from deim_ray.models.deimv2 import UPSTREAM_ARCH_KEY, apply_upstream_arch
 from deim_ray.models.errors import ModelError
 from deim_ray.models.family_loss import DeimCriterionLoss, LossRecipe
 from deim_ray.models.families import Family, family_of_config, get_family
+from deim_ray.models.family_backbones import load_family_backbone
 from deim_ray.models.heads import apply_head_options
 from deim_ray.models.pretrained import PretrainedReport, load_pretrained
 from deim_ray.models.sizes import feature_strides, validate_input_size
@@ -142,15 +143,18 @@ def build_model_with_report(cfg: ModelConfig, num_classes: int) -> tuple[PreTrai
     """`build_model` that also returns what was loaded from `cfg.pretrained` (None when it is unset)."""
     model = build_from_config(build_model_config(cfg, num_classes))
     if cfg.backbone_pretrained is not None:
-        if cfg.family != "deimv2":
-            raise ModelError(f"model.backbone_pretrained is supported for DEIMv2 only, not {cfg.family}; use "
-                             "model.pretrained with a checkpoint of the same family")
-        log.info("%s", load_backbone_weights(model, cfg.variant, cfg.backbone_pretrained).summary())
+        log.info("%s", _load_backbone(model, cfg).summary())
     if cfg.pretrained is None:
         return model, None
     report = load_pretrained(model, cfg.pretrained)
     log.info("%s", report.summary())
     return model, report
+
+
+def _load_backbone(model: PreTrainedModel, cfg: ModelConfig):
+    if cfg.family == "deimv2":
+        return load_backbone_weights(model, cfg.variant, cfg.backbone_pretrained)
+    return load_family_backbone(model, cfg.family, cfg.variant, cfg.backbone_pretrained)
 
 
 def count_parameters(model: nn.Module) -> int:

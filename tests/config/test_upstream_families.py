@@ -14,7 +14,8 @@ from deim_ray.config.loader import load_config
 from deim_ray.config.upstream import convert_upstream, write_converted
 from deim_ray.driver.info import describe_config
 from deim_ray.engine.optim import build_param_groups
-from deim_ray.models import build_model, count_parameters
+from deim_ray.models import build_model_config, count_parameters
+from deim_ray.models.build import build_from_config
 
 ROOT = Path(__file__).parent / "fixtures" / "upstream_deim"
 REFERENCE = json.loads((Path(__file__).parents[1] / "models" / "fixtures" / "family_params.json").read_text())
@@ -39,21 +40,26 @@ def test_upstream_config_builds_upstreams_parameter_count_and_is_shipped(rel):
     cfg = load_config(ROOT / rel)
     assert cfg.model.family == ("dfine" if rel.startswith("deim_dfine") else "rtdetrv2")
     assert cfg.model.variant == _expected_variant(rel)
-    with torch.device("meta"):
-        model = build_model(cfg.model, REFERENCE["num_classes"])
+    with torch.device("meta"):  # no weights, and no backbone file read
+        model = build_from_config(build_model_config(cfg.model, REFERENCE["num_classes"]))
     got, want = count_parameters(model), REFERENCE["params"][rel]
     assert abs(got / want - 1) <= 0.005, f"{rel}: {got} vs upstream {want}"
     build_param_groups(model, cfg.optimizer)  # the translated groups are exclusive, as upstream asserts
     family_dir, *rest = Path(rel).parts
     shipped = load_config(Path(SHIPPED[family_dir], *rest))
     data = dataclasses.replace(cfg.data, train=shipped.data.train, val=shipped.data.val)
-    assert dataclasses.replace(cfg, data=data, source="") == dataclasses.replace(shipped, source="")
+    # the same backbone file, in deim_ray's ./weight/ folder instead of the upstream authors' local_model_dir
+    assert Path(cfg.model.backbone_pretrained).name == Path(shipped.model.backbone_pretrained).name
+    assert shipped.model.backbone_pretrained.startswith("./weight/")
+    model_cfg = dataclasses.replace(cfg.model, backbone_pretrained=shipped.model.backbone_pretrained)
+    assert dataclasses.replace(cfg, data=data, model=model_cfg, source="") == dataclasses.replace(shipped, source="")
 
 
 def test_recipes_differ_as_upstream_says():
     deim = convert_upstream(ROOT / "deim_rtdetrv2/deim_r50vd_60e_coco.yml")[0]["model"]
     plain = convert_upstream(ROOT / "deim_rtdetrv2/rtdetrv2_r50vd_6x_coco.yml")[0]["model"]
-    assert deim == {"family": "rtdetrv2", "variant": "r50", "focal_loss_gamma": 1.5}
+    assert deim == {"family": "rtdetrv2", "variant": "r50", "focal_loss_gamma": 1.5, "backbone_pretrained":
+                    "../RT-DETR-main/rtdetrv2_pytorch/INK1k/ResNet50_vd_ssld_v2_pretrained_from_paddle.pth"}
     assert plain["losses"] == ["vfl", "boxes"] and plain["focal_loss_gamma"] == 2.0
     assert plain["extra"] == {"freeze_backbone_batch_norms": True, "decoder_activation_function": "relu",
                               "mlp_act": "relu", "query_pos_method": "default"}
@@ -66,7 +72,7 @@ def test_param_groups_follow_upstreams_names():
     """deim_hgnetv2_s: backbone minus its batch norms at the backbone LR; every norm without weight decay."""
     cfg = load_config(ROOT / "deim_dfine/deim_hgnetv2_s_coco.yml")
     with torch.device("meta"):
-        model = build_model(cfg.model, 80)
+        model = build_from_config(build_model_config(cfg.model, 80))
     backbone, norms, rest = build_param_groups(model, cfg.optimizer)
     assert backbone["lr"] == 0.0002 and all(n.startswith("model.backbone.") for n in backbone["names"])
     assert not any("normalization" in n for n in backbone["names"])

@@ -2,8 +2,9 @@
 
 `seeded_state(shapes, seed, fixed)` gives every upstream tensor a value that depends only on its name, shape and
 `seed` (torch's CPU generator), at the scale of a trained network: weights ~ N(0, 1/fan_in), biases and BatchNorm
-means small, norm scales near 1, BatchNorm variances in [0.5, 1.5], class-head biases near upstream's prior (0.01). Tensors listed in `fixed` (upstream's own
-values for buffers that are not learned, such as the decoder's anchors, `up` and `reg_scale`) are taken from there.
+means small, norm scales near 1, BatchNorm variances in [0.5, 1.5], class-head biases near upstream's prior
+(0.01). Tensors listed in `fixed` (upstream's own values for buffers that are not learned, such as the decoder's
+anchors, `up` and `reg_scale`) are taken from there.
 
 The fixture script (`fixtures/upstream/make_family_fixtures.py`) loads these weights into upstream's own model and
 records its outputs; the tests load the same weights through `deim-ray convert-weights`.

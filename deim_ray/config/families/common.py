@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,8 +21,6 @@ _BACKBONE_KW: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "use_lab": ("backbone_config.use_learnable_affine_block", bool),
 }
 _FREEZE_NOTE = "deim_ray trains every backbone layer (no freeze_at); the stem/stages upstream freezes are trained"
-_PRETRAINED_NOTE = ("backbone-only pretrained weights are not loaded for D-FINE / RT-DETRv2 yet (the backbone starts "
-                    "from random weights); fine-tune a whole model with model.pretrained")
 
 
 @dataclass(frozen=True)
@@ -43,6 +42,10 @@ class UpstreamFamily:
     (the plain baselines) gets the class default, not the DEIM value."""
     decoder_kw: dict[str, str | None] = field(default_factory=dict)
     """Decoder keys whose transformers / head-option keyword differs from DEIMv2's (None: no keyword)."""
+    weights_file: Callable[[Reader], str] = lambda r: ""
+    """The backbone-only weights file upstream's backbone loads when `pretrained` is set (its file name)."""
+    weights_dir: str = ""
+    """Upstream's default `local_model_dir`, the folder that file is read from (or downloaded to)."""
 
 
 def convert_family(r: Reader, fam: UpstreamFamily) -> str:
@@ -57,6 +60,7 @@ def convert_family(r: Reader, fam: UpstreamFamily) -> str:
     r.put("model.family", fam.family, "DEIM.decoder")
     r.put("model.variant", variant, f"{backbone}.name" if backbone == "HGNetv2" else f"{backbone}.depth")
     _convert_backbone(r, backbone, fam.backbone_keys[variant])
+    _convert_backbone_weights(r, backbone, fam)
     _compare_section(r, encoder, fam.encoder_keys[variant], {}, _ENCODER_KW)
     decoder_keys = _normalise_decoder(r, fam.decoder, fam.decoder_keys[variant])
     keywords = {k: v for k, v in {**_DECODER_KW, **fam.decoder_kw}.items() if v is not None}
@@ -80,13 +84,22 @@ def _convert_backbone(r: Reader, section: str, expected: dict[str, Any]) -> None
             r.put(f"model.extra.{keyword}", cast(value), path)
     if r.get(f"{section}.freeze_at", -1) != -1:
         r.note(f"{section}.freeze_at", r.peek(f"{section}.freeze_at"), _FREEZE_NOTE)
-    if r.get(f"{section}.pretrained", False):
-        r.note(f"{section}.pretrained", True, _PRETRAINED_NOTE)
-    for key in ("local_model_dir", "freeze_stem_only"):
-        r.ignore(f"{section}.{key}")
+    r.ignore(f"{section}.freeze_stem_only")
     for key in _section(r, section):
         if key in expected and key not in (*_BACKBONE_KW, "freeze_at"):
             r.expect(f"{section}.{key}", expected[key])
+
+
+def _convert_backbone_weights(r: Reader, section: str, fam: UpstreamFamily) -> None:
+    """`pretrained: True` -> `model.backbone_pretrained`: the file upstream's backbone reads, `local_model_dir` +
+    its file name (where upstream also downloads it to); a path instead of True names the file itself."""
+    pretrained = r.get(f"{section}.pretrained", False)
+    folder = r.get(f"{section}.local_model_dir", fam.weights_dir)
+    if not pretrained:
+        return
+    use_path = isinstance(pretrained, str) and not pretrained.startswith(("http://", "https://"))
+    path = pretrained if use_path else os.path.join(folder, fam.weights_file(r))
+    r.put("model.backbone_pretrained", path, f"{section}.pretrained")
 
 
 def _normalise_decoder(r: Reader, section: str, expected: dict[str, Any]) -> dict[str, Any]:

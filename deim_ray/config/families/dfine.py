@@ -75,4 +75,5 @@ DFINE = UpstreamFamily(
     losses=["mal", "boxes", "local"], use_uni_set=True, param_regex=PARAM_REGEX,
     decoder_defaults={"activation": "relu", "mlp_act": "relu"},
     decoder_kw={"mlp_act": "mlp_act"},
+    weights_file=lambda r: f"PPHGNetV2_{r.peek('HGNetv2.name')}_stage1.pth", weights_dir="weight/hgnetv2/",
 )

@@ -33,6 +33,11 @@ _VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
              "decoder": {"feat_channels": [384, 384, 384]}},
 }
 
+# The ImageNet files upstream's PResNet loads (`local_weights`), per depth.
+RESNET_FILES = {18: "ResNet18_vd_pretrained_from_paddle.pth", 34: "ResNet34_vd_pretrained_from_paddle.pth",
+                50: "ResNet50_vd_ssld_v2_pretrained_from_paddle.pth",
+                101: "ResNet101_vd_ssld_pretrained_from_paddle.pth"}
+
 # Upstream param-group regexes -> transformers' names. Upstream's PResNet names its batch norms `norm`
 # (transformers: `normalization`); encoder/decoder norms as for D-FINE.
 PARAM_REGEX = {
@@ -63,4 +68,5 @@ RTDETRV2 = UpstreamFamily(
     # transformers' RT-DETRv2 always evaluates its last layer: another eval_idx is reported, not mapped
     decoder_defaults={"activation": "relu", "mlp_act": "relu", "query_pos_method": "default"},
     decoder_kw={"mlp_act": "mlp_act", "query_pos_method": "query_pos_method", "eval_idx": None},
+    weights_file=lambda r: RESNET_FILES[r.peek("PResNet.depth", 50)], weights_dir="weights/resnets",
 )
