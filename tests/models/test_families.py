@@ -11,6 +11,7 @@ from torch import nn
 from deim_ray.config.schema import ModelConfig
 from deim_ray.models import ModelError, build_model, count_parameters, forward_loss, load_final, \
     make_final_checkpoint, set_matcher_epoch
+from deim_ray.models.build import build_from_config
 from deim_ray.models.family_loss import DeimCriterionLoss
 from deim_ray.models.heads import SiluPredictionHead
 from tests.models.conftest import make_targets
@@ -111,3 +112,17 @@ def test_final_round_trip_keeps_family_heads_and_outputs(tmp_path, family):
 
 def test_tiny_sizes_stay_small():
     assert count_parameters(_tiny("dfine")) < 2_100_000 and count_parameters(_tiny("rtdetrv2")) < 1_000_000
+
+
+def test_dfine_lqe_runs_with_the_decoder_activation_as_upstream():
+    """Upstream's LQE uses the decoder `activation` (silu under DEIM); a config without `upstream_lqe_act` (a
+    D-FINE final.pth written before it existed) keeps transformers' ReLU, which it was trained with."""
+    def lqe_act_at_minus_one(model: nn.Module) -> float:
+        return float(model.model.decoder.lqe_layers[0].reg_conf.act(torch.tensor(-1.0)))
+
+    deim, plain = _tiny("dfine"), _tiny("dfine", extra={"decoder_activation_function": "relu"})
+    assert lqe_act_at_minus_one(deim) == pytest.approx(float(nn.functional.silu(torch.tensor(-1.0))))
+    assert lqe_act_at_minus_one(plain) == 0.0
+    config = deim.config
+    del config.upstream_lqe_act
+    assert lqe_act_at_minus_one(build_from_config(config)) == 0.0
