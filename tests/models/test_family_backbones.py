@@ -96,3 +96,10 @@ def test_import_maps_pretrained_to_upstreams_file(rel, path):
     assert not any("pretrained" in n for n in notes)
     cfg = load_config(CONFIGS / rel)
     assert Path(cfg.model.backbone_pretrained).name == BACKBONE_FILES[cfg.model.family][cfg.model.variant]
+
+
+def test_file_that_is_not_a_state_dict_is_refused(tmp_path):
+    path = tmp_path / "PPHGNetV2_B0_stage1.pth"
+    torch.save([1, 2], path)
+    with pytest.raises(ModelError, match="is not a state dict of tensors"):
+        build_model(ModelConfig(family="dfine", variant="tiny", backbone_pretrained=str(path)), 3)
