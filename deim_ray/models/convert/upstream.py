@@ -1,4 +1,4 @@
-"""models layer: load upstream DEIMv2 / DEIM weights into deim_ray's (transformers) model, every tensor accounted for.
+"""models layer: load upstream DEIMv2 / DEIM weights into deim_ray's (transformers) model, every tensor counted.
 
     sd, which = read_upstream_checkpoint("best_stg2.pth")      # EMA weights when present ("ema"), else "model"
     report = load_upstream_state(model, sd, "best_stg2.pth", which)   # strict: raises ModelError naming tensors
@@ -80,8 +80,8 @@ def read_upstream_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
         raise ModelError(f"{path} holds no state dict (looked for ema.module, model, or a dict of tensors)")
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if not is_upstream_state_dict(sd):
-        raise ModelError(f"{path} is not an upstream DEIM/DEIMv2 checkpoint (tensor names such as {next(iter(sd), '-')!r} "
-                         "do not start with backbone./encoder./decoder.)")
+        raise ModelError(f"{path} is not an upstream DEIM/DEIMv2 checkpoint (tensor names such as "
+                         f"{next(iter(sd), '-')!r} do not start with backbone./encoder./decoder.)")
     return sd, which
 
 
