@@ -28,6 +28,8 @@ from deim_ray.config.loader import load_config
 from deim_ray.config.schema import Config
 from deim_ray.data.synthetic import synthetic_splits
 from deim_ray.engine.data import build_data
+from deim_ray.engine.ema import ModelEMA
+from deim_ray.engine.lr import LRSchedule
 from deim_ray.engine.optim import build_optimizer
 from deim_ray.models.build import build_model
 from deim_ray.models.loss import forward_loss
@@ -43,24 +45,30 @@ def _config(path: str, root: Path) -> Config:
 
 
 def bare_epochs(cfg: Config) -> list[float]:
-    """Train-part seconds of each epoch of a plain loop: forward, loss, backward, clip, step."""
+    """Train-part seconds of each epoch of a plain loop doing the recipe's per-step work: the LR of the
+    iteration, forward, loss, backward, clip, step, EMA update (as upstream's own loop does)."""
     torch.set_num_threads(1)  # a Ray Train worker with one CPU runs with one thread
     torch.manual_seed(cfg.train.seed)
     data = build_data(cfg, 0, 1)
     model = build_model(cfg.model, data.num_classes)
     optimizer = build_optimizer(model, cfg.optimizer)
+    lr_schedule = LRSchedule(optimizer, cfg.lr_scheduler, cfg.schedule.epochs, len(data.train_loader))
+    ema = ModelEMA(model, cfg.ema.decay, cfg.ema.warmups, cfg.ema.start) if cfg.ema.enabled else None
     model.train()
     times = []
     for epoch in range(cfg.schedule.epochs):
         data.train_loader.set_epoch(epoch)
         started = time.monotonic()
-        for images, targets in data.train_loader:
+        for i, (images, targets) in enumerate(data.train_loader):
+            lr_schedule.set_iteration(epoch, i)
             loss, _ = forward_loss(model, images, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.train.clip_max_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_max_norm)
             optimizer.step()
+            if ema is not None:
+                ema.update(model)
         times.append(time.monotonic() - started)
     return times
 

@@ -26,6 +26,7 @@ from ray.train import Checkpoint
 from ray.train.v2.api.report_config import CheckpointUploadMode
 
 from deim_ray.config.schedule import best_artifact
+from deim_ray.driver.scratch import process_scratch
 from deim_ray.engine import dist
 from deim_ray.engine.hooks import EpochRecord, Hook
 from deim_ray.engine.state import save_train_state
@@ -86,7 +87,7 @@ class CheckpointHook(Hook):
         self.metrics = [r for r in lines if r["epoch"] <= trainer.epoch]
         # in case a worker died between the two steps of an epoch's commit
         self.store.publish_best(best_artifact(trainer.stage))
-        self.scratch = Path(tempfile.mkdtemp(prefix="deim_ray_scratch_"))
+        self.scratch = Path(tempfile.mkdtemp(prefix="side_", dir=process_scratch()))
         self.uploader = BackgroundUploader()
 
     def after_epoch(self, trainer, record: EpochRecord, decision):
@@ -99,7 +100,7 @@ class CheckpointHook(Hook):
         checkpoint, upload = None, None
         if trainer.is_main:
             self.metrics.append(record.to_json())
-            folder = Path(tempfile.mkdtemp(prefix="deim_ray_ckpt_"))
+            folder = Path(tempfile.mkdtemp(prefix="ckpt_", dir=process_scratch()))
             save_train_state(trainer.state_dict(extra=_artifact_meta(trainer, self.metrics)), folder / CKPT_FILE)
             checkpoint = Checkpoint.from_directory(str(folder))
             upload = functools.partial(self._publish, record=record, best=decision.save,

@@ -1,9 +1,11 @@
-"""driver layer: `plots/metrics.png`, the picture of a run, redrawn after every epoch and by `deim-ray plot`.
+"""driver layer: `plots/metrics.png`, the picture of a run, redrawn during training and by `deim-ray plot`.
 
 Three panels over epochs: AP and AP50 with the stage switch marked and each stage's best highlighted, the
 training loss, and the LR. The image is drawn from `metrics.jsonl` lines alone, so a run anywhere (local or S3)
 can be redrawn from its directory. Matplotlib's object API (no pyplot state) lets rank 0 draw on its uploader
-thread while training goes on.
+thread while training goes on. A drawing holds the GIL for 0.1-0.5 s (the first one of a process also imports
+matplotlib), time the next training steps wait for, so rank 0 redraws at most once per `PLOT_INTERVAL_S` of a
+stage and after the stage's last epoch.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 
+from deim_ray.config.schedule import stage_epochs
 from deim_ray.engine.hooks import Hook
 from deim_ray.storage import RunStore
 
@@ -19,6 +23,7 @@ log = logging.getLogger("deim_ray.worker")
 
 PLOT_KEY = "plots/metrics.png"
 METRICS_KEY = "metrics.jsonl"
+PLOT_INTERVAL_S = 60.0
 _STAGE_COLOURS = {1: "tab:blue", 2: "tab:orange"}
 
 
@@ -68,9 +73,7 @@ def _mark_bests(ax, records: list[dict]) -> None:
 def write_plot(store: RunStore, records: list[dict], stop_epoch: int | None) -> str:
     """Draw `records` into the run's plots/metrics.png; returns its URI."""
     png = render_metrics(records, stop_epoch, title=f"run {store.name}")
-    key = store.key(PLOT_KEY)
-    store.storage.write_bytes(key, png)
-    return store.storage.child_uri(key)
+    return store.write_bytes(PLOT_KEY, png).uri
 
 
 def redraw(store: RunStore) -> str:
@@ -87,15 +90,24 @@ def redraw(store: RunStore) -> str:
 
 
 class PlotHook(Hook):
-    """Rank 0: redraw plots/metrics.png after each epoch, on the run's uploader thread (after metrics.jsonl)."""
+    """Rank 0: redraw plots/metrics.png on the run's uploader thread (after metrics.jsonl), at most once per
+    `interval_s` of a stage and after its last epoch."""
 
-    def __init__(self, sync, store: RunStore):
-        self.sync, self.store = sync, store
+    def __init__(self, sync, store: RunStore, interval_s: float = PLOT_INTERVAL_S):
+        self.sync, self.store, self.interval_s = sync, store, interval_s
+        self.drawn_at = 0.0
+
+    def before_stage(self, trainer):
+        self.drawn_at = time.monotonic()
 
     def after_epoch(self, trainer, record, decision):
-        if trainer.is_main:
-            lines = list(self.sync.metrics)
-            self.sync.uploader.submit(self._draw, lines, trainer.cfg.schedule.stop_epoch)
+        if not trainer.is_main or trainer.stop_reason or self.sync.uploader is None:
+            return  # fenced off (a newer attempt owns the run) or not rank 0
+        sched = trainer.cfg.schedule
+        last = record.epoch == stage_epochs(trainer.stage, sched.epochs, sched.stop_epoch).stop - 1
+        if last or time.monotonic() - self.drawn_at >= self.interval_s:
+            self.drawn_at = time.monotonic()
+            self.sync.uploader.submit(self._draw, list(self.sync.metrics), sched.stop_epoch)
 
     def _draw(self, lines: list[dict], stop_epoch: int) -> None:
         try:  # a picture never ends a run; the next epoch draws it again

@@ -27,6 +27,7 @@ from deim_ray.config.errors import ConfigError
 from deim_ray.config.schedule import Stage
 from deim_ray.data.errors import DataError
 from deim_ray.engine.optim import ParamGroupError
+from deim_ray.engine.loop import NonFiniteLossError
 from deim_ray.engine.state import CheckpointError
 from deim_ray.models.errors import ModelError
 from deim_ray.logs import is_verbose
@@ -49,20 +50,26 @@ class ClusterTooSmall(RuntimeError):
 INPUT_ERRORS = (ConfigError, DataError, ModelError, CheckpointError, ParamGroupError)
 """Worker errors caused by the run's input (config, data, weights, checkpoint): deterministic, never retried."""
 
+NOT_RETRIED = {**dict.fromkeys(INPUT_ERRORS, "the input would fail again"),
+               NonFiniteLossError: "its rollbacks are spent; a retry would resume into the same losses"}
+"""Worker errors that end the stage at once, and why a retry would not help."""
+
 
 class InputFailure(RuntimeError):
-    """A worker failed on the run's input; raised in Ray's controller to end the stage without retries."""
+    """A worker failed in a way a retry repeats (the run's input, spent NaN rollbacks); raised in Ray's
+    controller to end the stage without retries."""
 
 
 class StopOnInputErrors(ray.train.UserCallback):
-    """Ends the stage at the first worker error in INPUT_ERRORS: the same input fails the same way on every
+    """Ends the stage at the first worker error in NOT_RETRIED: the same input fails the same way on every
     retry, so `max_failures` retries would only repeat it (and bury its one-line message)."""
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
         for rank, error in sorted(worker_exceptions.items()):
-            if isinstance(error, INPUT_ERRORS):
+            why = next((why for kind, why in NOT_RETRIED.items() if isinstance(error, kind)), None)
+            if why is not None:
                 text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise InputFailure(f"{text} (worker {rank}; not retried: the input would fail again)")
+                raise InputFailure(f"{text} (worker {rank}; not retried: {why})")
 
 
 class ClusterUnreachable(RuntimeError):

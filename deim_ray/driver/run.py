@@ -90,6 +90,8 @@ def _run_stage(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | N
     """Run one stage to its end under a newly claimed generation (`stage_job.fit_stage`); a failed stage moves
     the run to FAILED with the workers' reason."""
     store.renew()
+    if removed := store.sweep_stale_states():
+        log.info("run %s: removed %d objects of earlier attempts' Ray runs", req.name, removed)
     try:
         return fit_stage(req, store, stage, stg1_sha)
     except StageRunFailed as e:

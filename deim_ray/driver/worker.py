@@ -24,6 +24,7 @@ from deim_ray.driver.checkpoint_hook import CheckpointHook
 from deim_ray.driver.console import BoardHook
 from deim_ray.driver.fault_injection import FaultHook
 from deim_ray.driver.plots import PlotHook
+from deim_ray.driver.scratch import sweep_dead_scratch
 from deim_ray.driver.tensorboard import TensorBoardHook
 from deim_ray.engine.hooks import ProgressHook
 from deim_ray.engine.state import load_train_state
@@ -83,6 +84,7 @@ def train_stage(args_dict: dict) -> None:
     """Ray Train entry point (`train_loop_per_worker`)."""
     args = WorkerArgs(**args_dict)
     setup_logging(quiet=not args.verbose, verbose=args.verbose)
+    sweep_dead_scratch()  # what killed workers of this node left behind
     cfg = config_from_dict(args.config)
     stage = Stage(args.stage)
     fault = FaultHook.from_env(os.environ, args.generation)  # test-only; None unless DEIM_RAY_FAULT is set

@@ -2,7 +2,7 @@
 
 A checkpoint is a plain dict of tensors and primitives so `torch.load(weights_only=True)` reads it:
 model, EMA (weights, update count, decay), optimizer, AMP scaler, the last completed epoch, its stage, the
-best-metric tracker and the config hash. The upstream key names `model`, `ema.module`, `ema.updates`,
+best-metric tracker, the config hash and the non-finite remedies in force (LR scale, AMP off). The upstream key names `model`, `ema.module`, `ema.updates`,
 `optimizer` and `last_epoch` are kept.
 """
 
@@ -25,7 +25,8 @@ class CheckpointError(ValueError):
 
 
 def make_train_state(*, model: dict, ema: dict | None, optimizer: dict, scaler: dict | None, epoch: int,
-                     stage: int, best: dict, config_sha256: str, extra: dict | None = None) -> dict[str, Any]:
+                     stage: int, best: dict, config_sha256: str, extra: dict | None = None,
+                     remedies: dict | None = None) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "model": model,
@@ -38,6 +39,7 @@ def make_train_state(*, model: dict, ema: dict | None, optimizer: dict, scaler: 
         "config_sha256": config_sha256,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "extra": extra or {},
+        "remedies": remedies or {},
     }
 
 

@@ -135,7 +135,8 @@ class Trainer:
             optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler else None,
             epoch=self.epoch, stage=int(self.stage), best=self.tracker.state_dict(),
-            config_sha256=self.config_sha256, extra=extra)
+            config_sha256=self.config_sha256, extra=extra,
+            remedies={"lr_scale": self.lr_schedule.scale, "amp_off": self._amp_off})
 
     def load_weights(self, state: dict, ema_decay: float | None = None) -> None:
         """Model, EMA, optimizer and scaler from a TrainState (not the epoch or the tracker)."""
@@ -155,11 +156,24 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
 
     def load_state(self, state: dict) -> None:
-        """Everything, for a resume: weights, epoch, stage, tracker."""
+        """Everything, for a resume: weights, epoch, stage, tracker, and the remedies of earlier rollbacks in the
+        stage (a lowered LR, AMP off), so a resumed stage keeps them."""
+        remedies = state.get("remedies") or {}
+        if remedies.get("amp_off"):
+            self._turn_amp_off()
         self.load_weights(state, ema_decay=self._ema_decay_for(Stage(state["stage"])))
         self.epoch = int(state["last_epoch"])
         self.stage = Stage(state["stage"])
         self.tracker = BestTracker.from_state(state["best"])
+        self.lr_schedule.scale = float(remedies.get("lr_scale", 1.0))
+
+    @property
+    def _amp_off(self) -> bool:
+        """Whether a rollback turned the configured mixed precision off."""
+        return self.amp_dtype is None and _amp_dtype(self.cfg, self.device) is not None
+
+    def _turn_amp_off(self) -> None:
+        self.amp_dtype, self.scaler = None, None
 
     def _ema_decay_for(self, stage: Stage) -> float:
         return self.cfg.schedule.ema_restart_decay if stage is Stage.TWO else self.cfg.ema.decay
@@ -250,11 +264,12 @@ class Trainer:
         """Back to the state after the last good epoch (or the stage start), with the configured remedies."""
         log.warning("%s: rolling back to the state after epoch %d (rollback %d of at most %d)", cause,
                     self._good["last_epoch"], self.rollbacks, self.cfg.train.nan_retries)
+        scale = self.lr_schedule.scale  # remedies add up over the rollbacks of an epoch
         self.load_state(self._good)
-        self.lr_schedule.scale *= self.cfg.train.nan_lr_factor
+        self.lr_schedule.scale = scale * self.cfg.train.nan_lr_factor
         if self.cfg.train.nan_amp_off and self.amp_dtype is not None:
-            log.warning("mixed precision is off for the rest of this stage run")
-            self.amp_dtype, self.scaler = None, None
+            log.warning("mixed precision is off for the rest of this stage")
+            self._turn_amp_off()
 
     def _run_epoch(self, epoch: int, stage1_best: dict | None) -> None:
         self.data.train_loader.set_epoch(epoch)

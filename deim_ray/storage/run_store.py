@@ -12,7 +12,8 @@ A branch view (`branch(name)`) writes the files of one stage-2 branch under `sta
 generation. A record's `key` is always relative to the run directory.
 
 An artifact is uploaded first and recorded in the manifest second, so the manifest only ever names complete,
-checksummed objects. Nothing here deletes an object a manifest may name.
+checksummed objects. Nothing here deletes an object a manifest may name; `sweep_stale_states` removes the Ray
+folders of earlier generations that no record names.
 
 One writer at a time (fencing). A driver start `claim`s the run (takes it over) and each of its stage runs
 `renew`s that claim (refused once taken over): either way the manifest's `generation` goes up by one in a
@@ -52,6 +53,9 @@ METRICS_KEY = "metrics.jsonl"
 
 _RACES = 20
 """Manifest writes retried after losing a race to a writer of the same generation (driver vs. rank 0)."""
+
+_RAY_RUN = re.compile(r"stage\d+-g(\d+)")
+"""A Ray run's folder under `ray/`: its stage and the generation that ran it."""
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]{0,127}")
 
@@ -238,7 +242,10 @@ class RunStore:
     # ---- writes ------------------------------------------------------------------------------------------------
     def write_text(self, rel: str, text: str) -> ObjectInfo:
         """Replace `rel` atomically with `text` (fenced)."""
-        data = text.encode("utf-8")
+        return self.write_bytes(rel, text.encode("utf-8"))
+
+    def write_bytes(self, rel: str, data: bytes) -> ObjectInfo:
+        """Replace `rel` atomically with `data` (fenced): metrics, plots, TensorBoard event files."""
         return self._fenced_write(rel, lambda key, cond: self.storage.write_bytes(key, data, **cond))
 
     def write_manifest(self, manifest: Manifest) -> None:
@@ -379,6 +386,23 @@ class RunStore:
         """Discard unfinished uploads / temp files of this run older than `older_than` (left by a killed
         process; never a complete object). Call it when (re)starting a run; returns how many."""
         return self.storage.abort_stale_uploads(self.name + "/", older_than)
+
+    def sweep_stale_states(self) -> int:
+        """Delete what the Ray runs of earlier generations stored (`ray/<stage>-g<generation>/...`: TrainStates,
+        Ray's own bookkeeping), except folders a manifest record still names (the `last` a resume starts from).
+        Called by the holder of the current generation at a stage start; returns how many objects it removed."""
+        manifest = self._manifest()
+        self._check_fence(manifest)
+        named = {r.key.split("/")[1] for r in manifest.artifacts.values()
+                 if r is not None and r.key.startswith("ray/") and r.key.count("/") >= 2}
+        removed, prefix = 0, self.key("ray") + "/"
+        for key in self.storage.list(prefix):
+            folder = key[len(prefix):].split("/")[0]
+            found = _RAY_RUN.fullmatch(folder)
+            if found and int(found.group(1)) < manifest.generation and folder not in named:
+                self.storage.delete(key)
+                removed += 1
+        return removed
 
     def ray_storage(self, subdir: str = "ray"):
         """`(storage_path, storage_filesystem)` for `ray.train.RunConfig`, at `<run>/<subdir>`."""

@@ -27,3 +27,16 @@ def test_data_error_on_the_workers_ends_the_stage_without_retries(ray_local, tin
     assert "does not exist" in message and "not retried" in message and "\n" not in message, message
     manifest = json.loads((tmp_path / "runs" / "bad-data" / "manifest.json").read_text())
     assert manifest["state"] == "FAILED" and "not retried" in manifest["transitions"][-1]["note"]
+
+
+def test_spent_nan_rollbacks_end_the_stage_but_a_lost_worker_is_retried():
+    """The stage's own rollbacks already retried the epoch; Ray's retries stay for crashes and lost nodes."""
+    from deim_ray.driver.ray_stage import InputFailure, StopOnInputErrors
+    from deim_ray.engine.loop import NonFiniteLossError
+
+    callback = StopOnInputErrors()
+    callback.after_exception(None, {0: RuntimeError("worker died"), 1: OSError("connection reset")})
+    with pytest.raises(InputFailure) as info:
+        callback.after_exception(None, {1: NonFiniteLossError("stage 1: epoch 3 kept producing non-finite losses")})
+    assert str(info.value) == ("stage 1: epoch 3 kept producing non-finite losses (worker 1; not retried: its "
+                               "rollbacks are spent; a retry would resume into the same losses)")

@@ -45,6 +45,25 @@ def test_restart_decay_takes_effect_on_updates():
     assert torch.allclose(ema.module[2].weight, 0.5 * before + 0.5 * model[2].weight)
 
 
+def test_ema_keeps_following_after_states_are_loaded_into_model_and_ema():
+    """The fused update keeps references to both sides' tensors: loading states (rollback, stage restart) must
+    not leave it updating stale copies, and another model object gets its own pairs."""
+    model = _net()
+    ema = ModelEMA(model, decay=0.5, warmups=0)
+    ema.update(model)
+    model.load_state_dict({k: v + 1.0 if v.is_floating_point() else v for k, v in model.state_dict().items()})
+    ema.load_state_dict({**ema.state_dict(), "module": _net().state_dict()})
+    before = ema.module[0].weight.clone()
+    ema.update(model)
+    assert torch.allclose(ema.module[0].weight, 0.5 * before + 0.5 * model[0].weight)
+    other = _net()
+    with torch.no_grad():
+        other[0].weight.fill_(3.0)
+    before = ema.module[0].weight.clone()
+    ema.update(other)
+    assert torch.allclose(ema.module[0].weight, 0.5 * before + 1.5)
+
+
 def test_ema_state_round_trip_keeps_update_count():
     model = _net()
     ema = ModelEMA(model, decay=0.99, warmups=100)

@@ -58,7 +58,7 @@ def test_skipped_steps_are_counted_and_a_rollback_reruns_the_epoch(cfg):
     # epoch 0: one NaN step (under the tolerance of 2) is skipped; epoch 1: two NaN steps roll the stage back to
     # the state after epoch 0 and the epoch runs again, clean
     inject = InjectNaN([(0, 3), (1, 2), (1, 5)])
-    trainer = Trainer(cfg(), "sha", hooks=[inject])
+    trainer = Trainer(cfg("train.nan_lr_factor=0.5"), "sha", hooks=[inject])
     trainer.run_stage(StageStart(Stage.ONE))
     first, second = inject.records
     assert (first["nonfinite_steps"], first["nonfinite_rollbacks"]) == (1, 0)
@@ -69,6 +69,12 @@ def test_skipped_steps_are_counted_and_a_rollback_reruns_the_epoch(cfg):
     steps = {int(s["step"]) for s in trainer.optimizer.state_dict()["state"].values()}  # undid epoch 1's try
     assert steps == {(ITERS - 1) + ITERS}
     assert _finite(trainer) and trainer.rollbacks == 1
+    # the lowered LR is part of the checkpoint: a stage resumed from it (a worker lost later) keeps it
+    state = trainer.state_dict()
+    assert state["remedies"] == {"lr_scale": 0.5, "amp_off": False}
+    resumed = Trainer(cfg("train.nan_lr_factor=0.5"), "sha")
+    resumed.load_state(state)
+    assert resumed.lr_schedule.scale == 0.5
 
 
 @pytest.mark.slow

@@ -48,6 +48,7 @@ def test_a_stale_writer_changes_nothing(storage, tmp_path):
         "epoch": lambda: _epoch(stale, tmp_path, 1),
         "metrics": lambda: stale.write_text("metrics.jsonl", "stale\n"),
         "config": lambda: stale.write_text("config.yaml", "stale: true\n"),
+        "plot": lambda: stale.write_bytes("plots/metrics.png", b"stale"),
         "final": lambda: stale.put_artifact(FINAL, tmp_path / "final.pt", epoch=1, stage=1, ap=0.9),
         "best": lambda: stale.publish_best(BEST_STG1),
         "transition": lambda: stale.transition(RunState.FAILED, "stale"),
@@ -61,6 +62,28 @@ def test_a_stale_writer_changes_nothing(storage, tmp_path):
     record = fresh.verify_artifact(BEST_STG1)
     assert record.key == "artifacts/best_stg1.pth" and fresh.verify_artifact(LAST).key.startswith("ray/stage1-g")
     assert fresh.read_text("metrics.jsonl") == f'{{"epoch": 0, "generation": {fresh.generation}}}\n'
+
+
+def test_earlier_generations_ray_folders_are_swept_unless_a_record_names_them(storage, tmp_path):
+    first = _new_run(storage)
+    _epoch(first, tmp_path, 0)  # stage1-g1: `last` after the takeovers below still names it
+    storage.write_bytes(first.key("ray/stage1-g1/.ray_bookkeeping.json"), b"{}")
+    orphan = RunStore(storage, "fenced")
+    orphan.claim()  # an attempt that stored a state but died before committing it
+    orphan.put_state(f"ray/stage1-g{orphan.generation}/epoch_0001/state.pt", tmp_path / "g1-e0.pt")
+    storage.write_bytes(orphan.key(f"ray/stage1-g{orphan.generation}/checkpoint_manager.json"), b"{}")
+    storage.write_bytes(orphan.key("ray/not-a-ray-run/keep.txt"), b"x")
+    fresh = RunStore(storage, "fenced")
+    fresh.claim()
+    fresh.put_state(f"ray/stage1-g{fresh.generation}/epoch_0001/state.pt", tmp_path / "g1-e0.pt")
+    before = set(storage.list("fenced/ray/"))
+    with pytest.raises(StaleWriter):
+        orphan.sweep_stale_states()  # only the current generation sweeps
+    assert set(storage.list("fenced/ray/")) == before
+    assert fresh.sweep_stale_states() == 2
+    assert set(storage.list("fenced/ray/")) == before - {f"fenced/ray/stage1-g{orphan.generation}/epoch_0001/state.pt",
+                                                         f"fenced/ray/stage1-g{orphan.generation}/checkpoint_manager.json"}
+    assert fresh.verify_artifact(LAST).key == "ray/stage1-g1/epoch_0000/state.pt"
 
 
 def test_a_write_raced_by_a_takeover_is_refused_by_the_storage_itself(storage, tmp_path):
