@@ -117,14 +117,8 @@ def _add_use_commands(sub) -> None:
     p.set_defaults(func=commands.export)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="deim-ray", description=__doc__.splitlines()[0])
-    noise = parser.add_mutually_exclusive_group()
-    noise.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
-    noise.add_argument("-v", "--verbose", action="store_true",
-                       help="also Ray's own lines, the workers' logs and library chatter")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_training_commands(sub) -> None:
+    """Commands that train: train, demo, tune."""
     p = sub.add_parser("train", help="two-stage training on Ray Train")
     _add_config_args(p)
     _add_run_args(p, default_name=None)
@@ -153,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=COUNT, default=3, help="worker failures each stage survives (default 3)")
     p.set_defaults(func=commands.tune)
 
+
+def _add_run_commands(sub) -> None:
+    """Commands that read a run from its storage: resolve, fetch, ls."""
     p = sub.add_parser("resolve", help="print a run's final artifact and why it was chosen")
     p.add_argument("run", help="run directory or s3://bucket/prefix/NAME")
     p.add_argument("--no-verify", action="store_true",
@@ -175,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_endpoint_arg(p)
     p.set_defaults(func=commands.ls)
 
-    _add_use_commands(sub)
 
+def _add_config_commands(sub) -> None:
+    """Commands about configs, data and weights before a run: info, show-augment, convert-weights, import-config."""
     p = sub.add_parser("info", help="model size, the whole schedule phase by phase (checked as train checks), "
                                     "and the loader workers needed")
     _add_config_args(p)
@@ -206,6 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="upstream config file (its __include__ chain is followed)")
     p.add_argument("-o", "--output", required=True, help="YAML file to write")
     p.set_defaults(func=commands.import_config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="deim-ray", description=__doc__.splitlines()[0])
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    noise.add_argument("-v", "--verbose", action="store_true",
+                       help="also Ray's own lines, the workers' logs and library chatter")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_training_commands(sub)
+    _add_run_commands(sub)
+    _add_use_commands(sub)
+    _add_config_commands(sub)
     return parser
 
 
