@@ -99,6 +99,9 @@ class PlotHook(Hook):
 
     def before_stage(self, trainer):
         self.drawn_at = time.monotonic()
+        if trainer.is_main:  # here, before the epochs: imported on the uploader thread it would slow training
+            import matplotlib.backends.backend_agg  # noqa: F401
+            import matplotlib.figure  # noqa: F401
 
     def after_epoch(self, trainer, record, decision):
         if not trainer.is_main or trainer.stop_reason or self.sync.uploader is None:
