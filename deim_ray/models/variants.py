@@ -189,7 +189,9 @@ def hgnetv2_x() -> dict[str, Any]:
 
 def _vit(hidden: int, heads: int, out_indices: list[int], *, dinov3: bool, gated: bool = False) -> dict[str, Any]:
     """ViT backbone dict. `dinov3=True`: the official DINOv3 small models (register tokens, layer scale,
-    key bias, final norm); False: the distilled tiny ViTs used by S and M."""
+    final norm); False: the distilled tiny ViTs used by S and M. Both have a key bias: the distilled ViTs
+    learn one, and RoPE rotates it differently per position, so softmax does not cancel it (the official
+    models' is masked to zero)."""
     ffn_ratio = 6 if gated else 4
     intermediate = hidden * ffn_ratio
     if gated:  # SwiGLU keeps 2/3 of the hidden width, rounded up to a multiple of 8
@@ -202,10 +204,11 @@ def _vit(hidden: int, heads: int, out_indices: list[int], *, dinov3: bool, gated
         "num_hidden_layers": 12,
         "intermediate_size": intermediate,
         "use_gated_mlp": gated,
+        "hidden_act": "silu" if gated else "gelu",  # upstream's SwiGLU FFN: silu(w1 x) * w2 x
         "layerscale_value": 1e-5 if dinov3 else 1.0,
         "num_register_tokens": 4 if dinov3 else 0,
         "pos_embed_rescale": 2.0 if dinov3 else None,
-        "key_bias": dinov3,
+        "key_bias": True,
         "apply_layernorm": dinov3,
         "rope_theta": 100.0,
         "layer_norm_eps": 1e-5 if dinov3 else 1e-6,  # upstream: DINOv3 "layernormbf16", ViT-Tiny eps 1e-6

@@ -4,7 +4,7 @@ Upstream (Intellindust-AI-Lab/DEIMv2) names a tensor by its module path in `DEIM
 transformers by its path in `Deimv2ForObjectDetection`. `rename(key)` rewrites one name with ordered regular
 expression rules (first a prefix rule per part of the model, then renames inside that part). Tensors upstream
 stores fused are split by `split_fused`: the `nn.MultiheadAttention` `in_proj` of the AIFI and decoder
-self-attention (q, k, v), the ViT `qkv` projection (q, k, v; a masked key bias is dropped), and the decoder's
+self-attention (q, k, v), the ViT `qkv` projection (q, k, v; DINOv3's key-bias mask multiplied in), and the decoder's
 SwiGLU `w12` (gate, up).
 
 `IGNORED` lists upstream tensors with no counterpart by design: anchors and the valid mask (recomputed from the

@@ -11,8 +11,7 @@ Strict loading refuses a checkpoint when an upstream tensor has no rule or no co
 shape differs, or when a model tensor gets no value, except these, whose fresh value is what upstream computes:
 - `layer_scale{1,2}.lambda1` of ViTs without layer scale (upstream's distilled ViT-Tiny): initialised to 1.0;
 - empty `register_tokens` (ViTs without registers);
-- `embeddings.mask_token`: unused at inference;
-- a ViT key bias absent from the model: a constant added to every key, which softmax cancels.
+- `embeddings.mask_token`: unused at inference.
 """
 
 from __future__ import annotations
@@ -31,9 +30,9 @@ from deim_ray.models.errors import ModelError
 from deim_ray.models.families import family_of_config
 
 _KEEP_INIT = re.compile(r"(layer_scale[12]\.lambda1|register_tokens|embeddings\.mask_token)$")
-# upstream tensors that may have no place: a ViT key bias (see above) and the decoder layers' `norm2`, which
-# upstream keeps but skips when the layer has a gateway (transformers then builds no such norm)
-_UNUSED = re.compile(r"(\.attention\.k_proj\.bias|\.encoder_attn_layer_norm\.weight)$")
+# upstream tensors that may have no place: the decoder layers' `norm2`, which upstream keeps but skips when the
+# layer has a gateway (transformers then builds no such norm)
+_UNUSED = re.compile(r"\.encoder_attn_layer_norm\.weight$")
 _TIED = re.compile(r"^model\.decoder\.((?:class|bbox)_embed\..+)$")
 
 
@@ -47,7 +46,7 @@ class ConversionReport:
     loaded: int
     kept_init: tuple[str, ...]
     dropped: tuple[str, ...]
-    """Upstream tensors left out by design (anchors, RoPE periods, a cancelled key bias)."""
+    """Upstream tensors left out by design (anchors, RoPE periods, the key-bias mask, unused norms)."""
 
     def summary(self) -> str:
         return (f"converted {self.source} ({self.weights} weights): {self.loaded} tensors loaded, "
