@@ -3,7 +3,7 @@ counts, and `model.pretrained` from an upstream checkpoint.
 
 The fixtures under fixtures/upstream come from upstream's own code (`make_fixtures.py`, run by hand): perturbed
 Atto and Femto weights with upstream's eval outputs, and every upstream config's parameter count and state-dict
-shapes. The upstream configs themselves are the copies under tests/config/fixtures/upstream.
+shapes; `make_loss_fixture.py` adds upstream's training loss of the Atto weights (whole model, denoising off). The upstream configs themselves are the copies under tests/config/fixtures/upstream.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import torch
 from deim_ray.cli.main import main
 from deim_ray.config.loader import load_config
 from deim_ray.config.schema import ModelConfig
-from deim_ray.models import ModelError, build_model_config, build_model_with_report, load_final
-from deim_ray.models.convert import match_upstream_state
+from deim_ray.models import (ModelError, build_model_config, build_model_with_report, forward_loss, load_final,
+                             set_matcher_epoch)
+from deim_ray.models.convert import load_upstream_state, match_upstream_state
 from deim_ray.models.build import build_from_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "upstream"
@@ -69,6 +70,31 @@ def test_converted_weights_reproduce_upstream_outputs(tmp_path, capsys, name):
     assert _aligned_max_diff(got, fixture) <= 1e-3
     assert meta["meta"]["weights"] == "ema" and meta["num_classes"] == 80
     assert meta["category_ids"][:3] == [1, 2, 3] and meta["category_ids"][-1] == 90
+
+
+@pytest.mark.parametrize("epoch", ["first", "matcher switch"])
+def test_converted_model_trains_on_upstream_loss(epoch):
+    """Through the whole converted model (train mode, denoising off, batch of the fixture image and its mirror):
+    `forward_loss` equals upstream's criterion on upstream's own training forward, at epoch 0 and at the
+    config's matcher switch (IoU-order matcher), as `make_loss_fixture.py` recorded them."""
+    weights = torch.load(FIXTURES / "hgnetv2_atto.pt", weights_only=True)
+    fixture = torch.load(FIXTURES / "hgnetv2_atto_loss.pt", weights_only=True)
+    cfg = load_config(_config("hgnetv2_atto"))
+    change = cfg.schedule.matcher_change_epoch
+    assert change == fixture["matcher_change_epoch"]
+    at = 0 if epoch == "first" else change
+    model = build_from_config(build_model_config(cfg.model, 80))
+    load_upstream_state(model, weights["state_dict"], "hgnetv2_atto.pt", "model")
+    model.config.num_denoising = 0
+    model.train()
+    assert set_matcher_epoch(model, at, change, cfg.schedule.iou_order_alpha) == (epoch != "first")
+    image = weights["image"].float() / 255
+    targets = [{"boxes": t["boxes"], "class_labels": t["labels"]} for t in fixture["targets"]]
+    with torch.no_grad():
+        total, terms = forward_loss(model, torch.cat([image, image.flip(-1)]), targets)
+    upstream = fixture["terms"][at]
+    assert set(terms) == set(upstream) and len(upstream) == 15
+    assert abs(float(total) - sum(upstream.values())) <= 1e-3 * sum(upstream.values())
 
 
 def test_model_weights_are_used_when_no_ema_and_differ(tmp_path, capsys):
