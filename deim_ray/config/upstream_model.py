@@ -114,8 +114,6 @@ _ENCODER_KW = {
 _LOSS_WEIGHTS = {"loss_mal": 1, "loss_bbox": 5, "loss_giou": 2, "loss_fgl": 0.15, "loss_ddf": 1.5}
 _MATCHER_COSTS = {"cost_class": "matcher_class_cost", "cost_bbox": "matcher_bbox_cost",
                   "cost_giou": "matcher_giou_cost"}
-_VIT_WEIGHTS_NOTE = ("DINOv3/ViT backbone files are not read yet; the backbone starts from random weights (set "
-                     "model.pretrained to fine-tune a whole DEIMv2 checkpoint)")
 
 # Upstream param-group regexes (module names) -> the same groups over transformers parameter names.
 PARAM_REGEX = {
@@ -193,8 +191,9 @@ def _compare_backbone(r: Reader, section: str, expected: dict[str, Any]) -> None
         path = f"{r.get(f'{section}.local_model_dir', './weight/hgnetv2/')}PPHGNetV2_{stem}_stage1.pth"
         r.put("model.backbone_pretrained", path, f"{section}.pretrained")
         r.ignore(f"{section}.pretrained")
-    if r.has(f"{section}.weights_path"):
-        r.note(f"{section}.weights_path", r.get(f"{section}.weights_path"), _VIT_WEIGHTS_NOTE)
+    if r.get(f"{section}.weights_path", None):  # DINOv3STAs: the ViT file (upstream skips a missing one silently)
+        r.put("model.backbone_pretrained", r.get(f"{section}.weights_path"), f"{section}.weights_path")
+    r.ignore(f"{section}.weights_path")
     r.ignore(f"{section}.local_model_dir")
     if r.get(f"{section}.freeze_at", -1) == -1:
         r.ignore(f"{section}.freeze_stem_only")  # only read when freezing is on

@@ -10,8 +10,21 @@ Upstream DEIMv2 starts every COCO run from ImageNet weights of its backbone. For
 
 Names map to transformers' HGNetV2 (`stem.` -> `embedder.`, `stages.` -> `encoder.stages.`, `conv` ->
 `convolution`, `bn` -> `normalization`, under `model.conv_encoder.model.`); `num_batches_tracked` counters are
-never required. The DINOv3 sizes' ViT files (`vitt_distill.pt`, `vittplus_distill.pt`, the official DINOv3
-ViT-S/16 checkpoints) are not read yet: setting `backbone_pretrained` for S, M, L or X is an error that says so.
+never required.
+
+The DINOv3 sizes start their ViT from the file upstream's `DINOv3STAs.weights_path` names, loaded as upstream
+does (strict, into the ViT only; the spatial tuning adapter and the fusion layers start from their
+initialisation):
+
+- S, M: the distilled ViT-Tiny / ViT-Tiny+ (`vitt_distill.pt`, `vittplus_distill.pt`), a state dict of
+  upstream's ViT-Tiny `_model` (`blocks.N.attn.qkv`, `patch_embed.proj`, `cls_token`, ...);
+- L, X: the official DINOv3 ViT-S/16 and ViT-S+/16 checkpoints, a state dict of DINOv3's
+  `DinoVisionTransformer` (`storage_tokens`, `blocks.N.ls1.gamma`, `qkv.bias_mask`, ...).
+
+Their names and fused tensors go through the same mapping as whole upstream checkpoints (`models.convert`): every
+ViT tensor must come from the file (except what that mapping keeps at its initial value: layer-scale vectors of
+ViTs without layer scale, an empty register-token tensor, the mask token), and a file tensor with no place or
+another shape is an error that names it.
 
 Without backbone weights (and without `model.pretrained`) a run starts from a random backbone; `backbone_note`
 is the one line the trainer logs and `deim-ray info` prints about it.
@@ -26,9 +39,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deim_ray.models.convert.upstream import match_upstream_state
 from deim_ray.models.errors import ModelError
 
 HGNETV2_B0_URL = "https://github.com/Peterande/storage/releases/download/dfinev1.0/PPHGNetV2_B0_stage1.pth"
+_VIT = "model.conv_encoder.backbone."
+_VIT_FILES = {
+    "s": ("backbone.dinov3._model.", "vitt_distill.pt",
+          "https://drive.google.com/file/d/1YMTq_woOLjAcZnHSYNTsNg7f0ahj5LPs/view (DEIMv2's README)"),
+    "m": ("backbone.dinov3._model.", "vittplus_distill.pt",
+          "https://drive.google.com/file/d/1COHfjzq5KfnEaXTluVGEOMdhpuVcG6Jt/view (DEIMv2's README)"),
+    "l": ("backbone.dinov3.", "dinov3_vits16_pretrain_lvd1689m-08c60483.pth",
+          "https://github.com/facebookresearch/dinov3 (ViT-S/16 distilled, LVD-1689M)"),
+    "x": ("backbone.dinov3.", "dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth",
+          "https://github.com/facebookresearch/dinov3 (ViT-S+/16 distilled, LVD-1689M)"),
+}
+"""Per DINOv3 size: where the file's names sit in upstream's DEIM model, upstream's file name, where to get it."""
 _PREFIX = "model.conv_encoder.model."
 _RULES = ((r"^stem\.", "embedder."), (r"^stages\.", "encoder.stages."), (r"\.conv\.weight$", ".convolution.weight"),
           (r"\.bn\.", ".normalization."))
@@ -65,11 +91,13 @@ def backbone_note(variant: str, backbone_pretrained: str | None, pretrained: str
 
 def load_backbone_weights(model: nn.Module, variant: str, path: str) -> BackboneReport:
     """Copy upstream backbone file `path` into `model` (in place) with upstream's rules for `variant`."""
+    if variant in _VIT_FILES:
+        return _load_vit(model, variant, path)
     rule = _PARTIAL.get(variant)
     if rule is None:
-        raise ModelError(f"model.backbone_pretrained is not supported for DEIMv2-{variant} yet (the DINOv3/ViT "
-                         "backbone files cannot be read); unset it, or fine-tune a whole model with model.pretrained")
-    source = _read(path)
+        raise ModelError(f"model.backbone_pretrained is not supported for DEIMv2-{variant} yet; unset it, or "
+                         "fine-tune a whole model with model.pretrained")
+    source = _read(path, f"download {HGNETV2_B0_URL} there (see README)")
     target = {k: v for k, v in model.state_dict().items() if k.startswith(_PREFIX)}
     renamed = {_rename(k): (k, v) for k, v in source.items()}
     other_shape = [f"{name} {tuple(v.shape)} in the file, {tuple(target[name].shape)} here"
@@ -89,22 +117,37 @@ def load_backbone_weights(model: nn.Module, variant: str, path: str) -> Backbone
                           unused=tuple(k for k in source if _rename(k) not in take))
 
 
+def _load_vit(model: nn.Module, variant: str, path: str) -> BackboneReport:
+    """Upstream's strict load of a ViT file (module doc) into the model's ViT."""
+    prefix, name, where = _VIT_FILES[variant]
+    source = _read(path, f"get {name} from {where} (see README)")
+    target = {k: v for k, v in model.state_dict().items() if k.startswith(_VIT)}
+    advice = f"give {name}, the file upstream's DEIMv2-{variant.upper()} config names"
+    take, kept, unused = match_upstream_state({prefix + k: v for k, v in source.items()}, target, model.config,
+                                              path, advice)
+    with torch.no_grad():
+        model.load_state_dict(take, strict=False)
+    return BackboneReport(source=path, loaded=tuple(k for k in target if k in take), missing=tuple(kept),
+                          unused=tuple(k.removeprefix(prefix) for k in unused))
+
+
 def _rename(key: str) -> str:
     for pattern, replacement in _RULES:
         key = re.sub(pattern, replacement, key)
     return _PREFIX + key
 
 
-def _read(path: str) -> dict[str, torch.Tensor]:
+def _read(path: str, fetch: str) -> dict[str, torch.Tensor]:
+    """The state dict in file `path`; `fetch` says where to get the file when it does not exist."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise ModelError(f"model.backbone_pretrained {path} does not exist; download {HGNETV2_B0_URL} there (see "
-                         "README), or set model.backbone_pretrained: null to start from a random backbone")
+        raise ModelError(f"model.backbone_pretrained {path} does not exist; {fetch}, or set "
+                         "model.backbone_pretrained: null to start from a random backbone")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt files and refused pickles
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ModelError(f"cannot load {path} with weights_only=True ({reason})") from None
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise ModelError(f"{path} is not a state dict of tensors (upstream's PPHGNetV2_*_stage1.pth layout)")
+        raise ModelError(f"{path} is not a state dict of tensors (the layout of upstream's backbone files)")
     return state

@@ -33,6 +33,7 @@ _KEEP_INIT = re.compile(r"(layer_scale[12]\.lambda1|register_tokens|embeddings\.
 # upstream tensors that may have no place: the decoder layers' `norm2`, which upstream keeps but skips when the
 # layer has a gateway (transformers then builds no such norm)
 _UNUSED = re.compile(r"\.encoder_attn_layer_norm\.weight$")
+_ADVICE = "pass the upstream config the checkpoint was trained with"
 _TIED = re.compile(r"^model\.decoder\.((?:class|bbox)_embed\..+)$")
 
 
@@ -130,11 +131,11 @@ def load_upstream_state(model: nn.Module, sd: dict[str, torch.Tensor], source: s
                             dropped=tuple(dropped))
 
 
-def match_upstream_state(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], config, source: str
-                         ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+def match_upstream_state(sd: dict[str, torch.Tensor], target: dict[str, torch.Tensor], config, source: str,
+                         advice: str = _ADVICE) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
     """(tensors by model name, model tensors kept at init, upstream tensors not needed) for a model with state
-    dict `target` built from `config`; raises ModelError naming what does not fit. Shapes only: works on
-    meta tensors."""
+    dict `target` built from `config` (or a part of one); raises ModelError naming what does not fit, ending
+    with `advice`. Shapes only: works on meta tensors."""
     converted, unmapped, dropped = to_transformers_names(sd, family_of_config(config).name)
     for name in [n for n in converted if n not in target and _UNUSED.search(n)]:
         dropped.append(name)
@@ -146,7 +147,7 @@ def match_upstream_state(sd: dict[str, torch.Tensor], target: dict[str, torch.Te
     missing = [n for n in target if n not in converted]
     kept = [n for n in missing if _keeps_init(config, target[n], n)]
     missing = [n for n in missing if n not in kept]
-    _refuse(source, unmapped, unexpected, wrong, missing)
+    _refuse(source, unmapped, unexpected, wrong, missing, advice)
     return converted, kept, dropped
 
 
@@ -167,12 +168,12 @@ def _keeps_init(config, tensor: torch.Tensor, name: str) -> bool:
     return True
 
 
-def _refuse(source: str, unmapped: list[str], unexpected: list[str], wrong: list[str], missing: list[str]) -> None:
+def _refuse(source: str, unmapped: list[str], unexpected: list[str], wrong: list[str], missing: list[str],
+            advice: str) -> None:
     problems = [(unmapped, "upstream tensors with no deim_ray counterpart"),
                 (unexpected, "converted tensors the model does not have"),
                 (wrong, "tensors with another shape"), (missing, "model tensors the checkpoint does not provide")]
     found = [f"{len(names)} {what}: {', '.join(names[:4])}{' ...' if len(names) > 4 else ''}"
              for names, what in problems if names]
     if found:
-        raise ModelError(f"{source} does not fit the model built from the config ({'; '.join(found)}); pass the "
-                         "upstream config the checkpoint was trained with")
+        raise ModelError(f"{source} does not fit the model built from the config ({'; '.join(found)}); {advice}")
