@@ -1,12 +1,12 @@
 """models layer: backbone-only pretrained weights in upstream's files (`model.backbone_pretrained`).
 
 Upstream DEIMv2 starts every COCO run from ImageNet weights of its backbone. For the HGNetV2 sizes that is
-`PPHGNetV2_B0_stage1.pth` (Atto, Femto, Pico and N all start from B0's file), a plain state dict of upstream's
-`HGNetv2` module, loaded with upstream's rules:
+`PPHGNetV2_<B>_stage1.pth` (Atto, Femto, Pico, N and HGNetV2-S start from B0's file; HGNetV2-M/L/X from B2/B4/B5),
+a plain state dict of upstream's `HGNetv2` module, loaded with upstream's rules:
 
 - Atto: every tensor whose name and shape match (its narrower last stage keeps its initialisation);
 - Femto, Pico: every tensor whose name matches; a matching name with another shape is an error;
-- N (B0 itself): every backbone tensor must come from the file.
+- N and HGNetV2-S/M/L/X (the file's own backbone): every backbone tensor must come from the file.
 
 Names map to transformers' HGNetV2 (`stem.` -> `embedder.`, `stages.` -> `encoder.stages.`, `conv` ->
 `convolution`, `bn` -> `normalization`, under `model.conv_encoder.model.`); `num_batches_tracked` counters are
@@ -42,7 +42,7 @@ from torch import nn
 from deim_ray.models.convert.upstream import match_upstream_state
 from deim_ray.models.errors import ModelError
 
-HGNETV2_B0_URL = "https://github.com/Peterande/storage/releases/download/dfinev1.0/PPHGNetV2_B0_stage1.pth"
+_HGNETV2_URL = "https://github.com/Peterande/storage/releases/download/dfinev1.0/PPHGNetV2_{}_stage1.pth"
 _VIT = "model.conv_encoder.backbone."
 _VIT_FILES = {
     "s": ("backbone.dinov3._model.", "vitt_distill.pt",
@@ -58,8 +58,10 @@ _VIT_FILES = {
 _PREFIX = "model.conv_encoder.model."
 _RULES = ((r"^stem\.", "embedder."), (r"^stages\.", "encoder.stages."), (r"\.conv\.weight$", ".convolution.weight"),
           (r"\.bn\.", ".normalization."))
-_PARTIAL = {"tiny": "shape", "atto": "shape", "femto": "name", "pico": "name", "n": "strict"}
-"""How each HGNetV2 size takes B0's file (upstream's rules; `tiny` shares Atto's backbone)."""
+_HGNETV2_FILES = {"tiny": ("B0", "shape"), "atto": ("B0", "shape"), "femto": ("B0", "name"), "pico": ("B0", "name"),
+                  "n": ("B0", "strict"), "hgnetv2_s": ("B0", "strict"), "hgnetv2_m": ("B2", "strict"),
+                  "hgnetv2_l": ("B4", "strict"), "hgnetv2_x": ("B5", "strict")}
+"""Which file each HGNetV2 size starts from, and how it takes it (upstream's rules; `tiny` shares Atto's backbone)."""
 
 
 @dataclass(frozen=True)
@@ -93,24 +95,25 @@ def load_backbone_weights(model: nn.Module, variant: str, path: str) -> Backbone
     """Copy upstream backbone file `path` into `model` (in place) with upstream's rules for `variant`."""
     if variant in _VIT_FILES:
         return _load_vit(model, variant, path)
-    rule = _PARTIAL.get(variant)
-    if rule is None:
-        raise ModelError(f"model.backbone_pretrained is not supported for DEIMv2-{variant} yet; unset it, or "
+    if variant not in _HGNETV2_FILES:
+        raise ModelError(f"model.backbone_pretrained is not supported for DEIMv2-{variant}; unset it, or "
                          "fine-tune a whole model with model.pretrained")
-    source = _read(path, f"download {HGNETV2_B0_URL} there (see README)")
+    stem, rule = _HGNETV2_FILES[variant]
+    file, url = f"PPHGNetV2_{stem}_stage1.pth", _HGNETV2_URL.format(stem)
+    source = _read(path, f"download {url} there (see README)")
     target = {k: v for k, v in model.state_dict().items() if k.startswith(_PREFIX)}
     renamed = {_rename(k): (k, v) for k, v in source.items()}
     other_shape = [f"{name} {tuple(v.shape)} in the file, {tuple(target[name].shape)} here"
                    for name, (_, v) in renamed.items() if name in target and v.shape != target[name].shape]
     if other_shape and rule != "shape":
         raise ModelError(f"{path} does not fit DEIMv2-{variant}'s backbone ({len(other_shape)} tensors of another "
-                         f"shape, e.g. {other_shape[0]}); give PPHGNetV2_B0_stage1.pth")
+                         f"shape, e.g. {other_shape[0]}); give {file}")
     take = {name: v for name, (_, v) in renamed.items() if name in target and v.shape == target[name].shape}
     missing = tuple(k for k in target if k not in take and not k.endswith("num_batches_tracked"))
     if not take or (rule == "strict" and missing):
-        raise ModelError(f"{path} is not an HGNetV2-B0 backbone file for DEIMv2-{variant}: {len(take)} tensors match, "
-                         f"{len(missing)} backbone tensors missing (e.g. {missing[0] if missing else '-'}); give "
-                         f"PPHGNetV2_B0_stage1.pth ({HGNETV2_B0_URL})")
+        raise ModelError(f"{path} is not an HGNetV2-{stem} backbone file for DEIMv2-{variant}: {len(take)} tensors "
+                         f"match, {len(missing)} backbone tensors missing (e.g. {missing[0] if missing else '-'}); "
+                         f"give {file} ({url})")
     with torch.no_grad():
         model.load_state_dict(take, strict=False)
     return BackboneReport(source=path, loaded=tuple(k for k in target if k in take), missing=missing,

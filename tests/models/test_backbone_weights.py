@@ -16,7 +16,8 @@ import torch
 
 from deim_ray.config.loader import load_config
 from deim_ray.config.schema import ModelConfig
-from deim_ray.models import ModelError, build_model
+from deim_ray.models import ModelError, build_model, build_model_config
+from deim_ray.models.build import build_from_config
 from deim_ray.models.backbone_weights import backbone_note, load_backbone_weights
 
 KEYS = json.loads((Path(__file__).parent / "fixtures" / "upstream_hgnetv2_b0_keys.json").read_text())
@@ -97,8 +98,28 @@ def test_unusable_sources_are_one_line_errors(b0_file, tmp_path):
     torch.save({k: v for k, v in state.items() if not k.startswith("stages.3.")}, partial)
     with pytest.raises(ModelError, match=r"not an HGNetV2-B0 backbone file for DEIMv2-n"):
         _build("n", partial)  # N (B0) needs every backbone tensor, as upstream's strict load
-    with pytest.raises(ModelError, match=r"not supported for DEIMv2-hgnetv2_s yet"):
-        build_model(ModelConfig(variant="hgnetv2_s", backbone_pretrained=str(path)), 3)
+    with pytest.raises(ModelError, match=r"not supported for DEIMv2-tiny_custom"):
+        load_backbone_weights(_build("atto", None), "tiny_custom", str(path))
+
+
+@pytest.mark.parametrize("size,stem", [("hgnetv2_s", "B0"), ("hgnetv2_m", "B2")])
+def test_hgnetv2_s_to_x_take_their_own_file_whole(tmp_path, b0_file, size, stem):
+    """Upstream loads `PPHGNetV2_<B>_stage1.pth` strictly for S/M/L/X (names and shapes: upstream's built models)."""
+    g = torch.Generator().manual_seed(2)
+    state = {k.removeprefix("backbone."): torch.randn(shape, generator=g)
+             for k, shape in MODELS[size]["shapes"].items() if k.startswith("backbone.")}
+    path = tmp_path / f"PPHGNetV2_{stem}_stage1.pth"
+    torch.save(state, path)
+    model = _build(size, None)
+    report = load_backbone_weights(model, size, str(path))
+    assert report.missing == () and report.unused == () and len(report.loaded) == len(state)
+    sd = model.state_dict()
+    assert torch.equal(sd[HG + "embedder.stem1.convolution.weight"], state["stem.stem1.conv.weight"])
+    assert torch.equal(sd[HG + "encoder.stages.2.downsample.normalization.running_var"],
+                       state["stages.2.downsample.bn.running_var"])
+    if stem != "B0":
+        with pytest.raises(ModelError, match=rf"give PPHGNetV2_{stem}_stage1\.pth"):
+            load_backbone_weights(model, size, str(b0_file[0]))
 
 
 def test_backbone_note_only_when_the_backbone_starts_random():
@@ -157,22 +178,27 @@ def test_model_backbone_pretrained_loads_a_vit_file_and_says_so(tmp_path, caplog
 
 
 def test_vit_files_that_do_not_fit_are_one_line_errors(tmp_path):
+    """A misfit is refused before anything is loaded, so models on the meta device show every case fast."""
     path_l, state_l = _vit_file(tmp_path, "l")
     with pytest.raises(ModelError, match=r"tensors with another shape: .*cls_token \(1, 1, 384\) vs \(1, 1, 192\)"
                                          r".*give vitt_distill\.pt"):
         _build("s", path_l)
+    meta = {}
+    for size in ("x", "l"):
+        with torch.device("meta"):
+            meta[size] = build_from_config(build_model_config(ModelConfig(variant=size), 3))
     with pytest.raises(ModelError, match=r"model tensors the checkpoint does not provide: .*layer\.0\.mlp\.gate_proj"):
-        _build("x", path_l)  # ViT-S+ has a SwiGLU FFN (w1/w2/w3), ViT-S a plain MLP (fc1/fc2)
+        load_backbone_weights(meta["x"], "x", str(path_l))  # ViT-S+ has a SwiGLU FFN (w1/w2/w3), ViT-S fc1/fc2
     extra = tmp_path / "extra.pth"
     torch.save(dict(state_l, **{"head.weight": torch.zeros(3)}), extra)
     with pytest.raises(ModelError, match=r"no deim_ray counterpart: backbone\.dinov3\.head\.weight"):
-        _build("l", extra)
+        load_backbone_weights(meta["l"], "l", str(extra))
     partial = tmp_path / "partial.pth"
     torch.save({k: v for k, v in state_l.items() if not k.startswith("blocks.11.")}, partial)
     with pytest.raises(ModelError, match=r"model tensors the checkpoint does not provide: .*layer\.11\."):
-        _build("l", partial)
+        load_backbone_weights(meta["l"], "l", str(partial))
     with pytest.raises(ModelError, match=r"absent\.pt does not exist; get vittplus_distill\.pt from https://"):
-        _build("m", tmp_path / "absent.pt")
+        load_backbone_weights(meta["l"], "m", str(tmp_path / "absent.pt"))
 
 
 def test_shipped_dinov3_configs_name_upstreams_files():
