@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import io
+
 import torch
 from torch import nn
 
@@ -52,3 +55,31 @@ def test_config_without_the_key_builds_transformers_architecture():
     model = build_from_config(config)
     assert not isinstance(model.model.enc_output, nn.Identity)
     assert torch.equal(model.model.enc_bbox_head.act(X), X.relu())
+
+
+def _query_pos_calls(model) -> list[int]:
+    calls = []
+    model.model.decoder.query_pos_head.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        model(pixel_values=torch.rand(1, 3, 160, 160))
+        model(pixel_values=torch.rand(1, 3, 160, 160))
+    return calls
+
+
+def test_query_position_embedding_once_per_forward_as_upstream():
+    """Upstream's DEIMv2 decoder embeds the initial reference points once for all layers (transformers: per layer);
+    a config saved before `query_pos` existed keeps the per-layer embedding it was trained with."""
+    torch.manual_seed(0)
+    config = build_model_config(ModelConfig(variant="tiny"), 3)
+    model = build_from_config(config).eval()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # the model pickles (and deep-copies, as the EMA does) with its hooks
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert len(_query_pos_calls(loaded)) == 2 and len(_query_pos_calls(copy.deepcopy(model))) == 2
+    assert len(_query_pos_calls(model)) == 2  # two forwards, one embedding each
+    assert model.model.decoder.query_pos_head.once is None  # nothing kept between forwards
+    assert "model.decoder.query_pos_head.layers.0.weight" in model.state_dict()
+    getattr(config, UPSTREAM_ARCH_KEY).pop("query_pos")
+    per_layer = build_from_config(config).eval()
+    assert len(_query_pos_calls(per_layer)) == 2 * config.decoder_layers
+

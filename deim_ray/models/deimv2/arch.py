@@ -11,7 +11,11 @@ transformers' DEIMv2 differs from upstream's `DEIMTransformer` in three places t
   width (`nn.Identity` otherwise: HGNetV2-S's 256-channel stride-8 level); transformers always projects.
 
 - transformers' ViT backbone always layer-normalises its last feature map; upstream's distilled ViT-Tiny
-  (DINOv3-S/M, `apply_layernorm: False`) returns it raw.
+  (DINOv3-S/M, `apply_layernorm: False`) returns it raw;
+- transformers' decoder recomputes the query position embedding in every layer from that layer's reference
+  points (as D-FINE does); upstream's DEIMv2 decoder computes it once, from the initial reference points, and
+  every layer uses that one (`upstream_arch["query_pos"] == "once"`; configs saved before this key keep the
+  per-layer embedding they were trained with).
 
 It also zero-initialises the last layer of `enc_bbox_head` and `pre_bbox_head` as upstream does (transformers
 only zeroes the decoder `bbox_embed`).
@@ -27,6 +31,7 @@ import torch
 from torch import nn
 from transformers import Deimv2ForObjectDetection
 from transformers.activations import ACT2CLS
+from transformers.models.deimv2.modeling_deimv2 import Deimv2MLP
 
 UPSTREAM_ARCH_KEY = "upstream_arch"
 
@@ -48,6 +53,8 @@ def _apply_upstream(model: Deimv2ForObjectDetection, arch: dict) -> None:
     for lqe in inner.decoder.lqe_layers:
         lqe.reg_conf.act = ACT2CLS[lqe_act]()
     inner.enc_output = nn.Identity()
+    if arch.get("query_pos") == "once":
+        _query_pos_once(inner.decoder)
     _identity_projections(model)
     backbone = getattr(inner.conv_encoder, "backbone", None)
     if backbone is not None and not getattr(backbone.config, "apply_layernorm", True):
@@ -66,3 +73,27 @@ def _identity_projections(model: Deimv2ForObjectDetection) -> None:
     for i, channels in enumerate(encoder.intermediate_channel_sizes):
         if channels == config.encoder_hidden_dim:
             encoder.encoder_input_proj[i] = nn.Identity()
+
+
+class QueryPosOnce(Deimv2MLP):
+    """The decoder's query position head, answering every call of one decoder forward with its first result
+    (the embedding of the initial reference points), as upstream's decoder uses one embedding for all layers.
+    Same parameters and names as `Deimv2MLP`; the decoder's hooks forget the result before and after each forward
+    (so no tensor or autograd graph outlives it)."""
+
+    once: torch.Tensor | None = None
+
+    def forward(self, stat_features: torch.Tensor) -> torch.Tensor:
+        if self.once is None:
+            self.once = super().forward(stat_features)
+        return self.once
+
+
+def _query_pos_once(decoder: nn.Module) -> None:
+    decoder.query_pos_head.__class__ = QueryPosOnce
+    decoder.register_forward_pre_hook(_forget_query_pos)
+    decoder.register_forward_hook(_forget_query_pos)
+
+
+def _forget_query_pos(decoder: nn.Module, *_) -> None:
+    decoder.query_pos_head.once = None
