@@ -67,7 +67,9 @@ def test_converted_weights_reproduce_upstream_outputs(tmp_path, capsys, name):
     model, meta = load_final(out)
     with torch.no_grad():
         got = model(pixel_values=fixture["image"].float() / 255)
-    assert _aligned_max_diff(got, fixture) <= 1e-3
+    # the parity target is 1e-3; the same computation gives ~1.3e-7 here, and small architecture differences
+    # show far below 1e-3 (re-embedding the query positions in every layer: 7.7e-6), so the bound is tight
+    assert _aligned_max_diff(got, fixture) <= 2e-6
     assert meta["meta"]["weights"] == "ema" and meta["num_classes"] == 80
     assert meta["category_ids"][:3] == [1, 2, 3] and meta["category_ids"][-1] == 90
 
