@@ -4,6 +4,11 @@ Every write goes to a hidden temp file in the target's folder, is fsynced, then 
 a reader sees the old file or the complete new one. sha256 is computed while the bytes are written and is the
 version a conditional write compares; `lock(key)` (an flock on a hidden lock file next to `key`) makes a
 read-compare-write sequence atomic for every process that takes it.
+
+A lock held for longer than `LOCK_BREAK_S` belongs to a process that is stuck (frozen, partitioned from the
+filesystem, stopped in a debugger): the waiter replaces the lock file with a new one and goes on, so a newer
+attempt of a run never waits forever for a stale one. The stale holder, should it wake up, still meets the
+version checks of every conditional write.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import io
+import logging
 import os
 import shutil
 import time
@@ -21,6 +27,11 @@ from pathlib import Path
 from deim_ray.storage.base import (LOCK_SUFFIX, TEMP_SUFFIX, ObjectInfo, atomic_local_file, check_key, fsync_dir,
                                    hash_stream, join_key, sha256_file)
 from deim_ray.storage.errors import BadStorageURI, ObjectNotFound, PreconditionFailed
+
+log = logging.getLogger("deim_ray.storage")
+
+LOCK_BREAK_S = 120.0
+"""How long one holder may keep a lock before a waiter takes it as stuck (critical sections take milliseconds)."""
 
 
 class LocalStorage:
@@ -61,8 +72,7 @@ class LocalStorage:
     def lock(self, key: str) -> Iterator[None]:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.parent / f".{path.name}{LOCK_SUFFIX}", "a") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        with _acquire(path.parent / f".{path.name}{LOCK_SUFFIX}", LOCK_BREAK_S) as f:
             try:
                 yield
             finally:
@@ -190,3 +200,38 @@ def _is_temp(name: str) -> bool:
 def _is_hidden(name: str) -> bool:
     """Temp and lock files: never objects."""
     return _is_temp(name) or (name.startswith(".") and name.endswith(LOCK_SUFFIX))
+
+
+def _acquire(lock_path: Path, break_after: float):
+    """The open lock file, flocked by this process. Polls without blocking; a lock file whose one holder kept
+    it `break_after` seconds is replaced (a new inode nobody holds); a lock won on a replaced file is retried."""
+    held_by, since, pause = None, time.monotonic(), 0.001
+    while True:
+        f = open(lock_path, "a")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            inode = os.fstat(f.fileno()).st_ino
+            f.close()
+            if inode != held_by:
+                held_by, since = inode, time.monotonic()
+            elif time.monotonic() - since > break_after:
+                log.warning("%s was held for more than %.0f s by a process that does not release it; replacing it",
+                            lock_path, break_after)
+                _replace(lock_path)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+            continue
+        try:
+            current = os.stat(lock_path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(f.fileno()).st_ino:
+            return f
+        f.close()  # won the lock of a file that was replaced meanwhile: take the new one
+
+
+def _replace(lock_path: Path) -> None:
+    fresh = lock_path.parent / f"{lock_path.name}.{os.getpid()}.{time.monotonic_ns()}{TEMP_SUFFIX}"
+    fresh.touch()
+    os.replace(fresh, lock_path)

@@ -261,9 +261,8 @@ class RunStore:
 
     def put_state(self, rel: str, local_path: str | os.PathLike) -> ObjectInfo:
         """Upload a TrainState under a key of this generation's own (never replacing another attempt's)."""
-        with self._guard():
-            self.check_fence()
-            return self.storage.upload_file(self.key(rel), local_path)
+        self.check_fence()  # no lock: the key is this generation's own, no other writer's write can race it
+        return self.storage.upload_file(self.key(rel), local_path)
 
     def commit_epoch(self, state: ObjectInfo, *, epoch: int, stage: int, ap: float | None, best: str | None,
                      metrics: str) -> None:
