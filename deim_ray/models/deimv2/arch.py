@@ -17,8 +17,8 @@ transformers' DEIMv2 differs from upstream's `DEIMTransformer` in three places t
   every layer uses that one (`upstream_arch["query_pos"] == "once"`; configs saved before this key keep the
   per-layer embedding they were trained with).
 
-It also zero-initialises the last layer of `enc_bbox_head` and `pre_bbox_head` as upstream does (transformers
-only zeroes the decoder `bbox_embed`).
+It also initialises the weights as upstream's constructors do (`init.py`; transformers draws every Linear and
+Conv2d from N(0, 0.01-0.02), several times smaller than upstream's torch defaults).
 
 The config attribute `upstream_arch` (a dict, saved with the config, e.g. `{"mlp_act": "silu"}`) asks for these
 changes; `apply_upstream_arch` applies them to a freshly built model (`models.build.build_from_config` calls it). A config without it (a transformers checkpoint)
@@ -27,11 +27,12 @@ builds transformers' architecture unchanged, so older `final.pth` files still lo
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from transformers import Deimv2ForObjectDetection
 from transformers.activations import ACT2CLS
 from transformers.models.deimv2.modeling_deimv2 import Deimv2MLP
+
+from deim_ray.models.deimv2.init import init_as_upstream
 
 UPSTREAM_ARCH_KEY = "upstream_arch"
 
@@ -59,10 +60,7 @@ def _apply_upstream(model: Deimv2ForObjectDetection, arch: dict) -> None:
     backbone = getattr(inner.conv_encoder, "backbone", None)
     if backbone is not None and not getattr(backbone.config, "apply_layernorm", True):
         backbone.norm = nn.Identity()
-    with torch.no_grad():
-        for mlp in (inner.enc_bbox_head, inner.decoder.pre_bbox_head):
-            mlp.layers[-1].weight.zero_()
-            mlp.layers[-1].bias.zero_()
+    init_as_upstream(model)
 
 
 def _identity_projections(model: Deimv2ForObjectDetection) -> None:
