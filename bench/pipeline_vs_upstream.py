@@ -65,15 +65,20 @@ def ours(cfg: Config):
 def import_upstream(root: Path):
     """Upstream's `engine.data`; the modules its package needs only for logging and FLOPs are stubbed if absent."""
     sys.path.insert(0, str(root))
-    for package, module, attr in (("tensorboard", "torch.utils.tensorboard", "SummaryWriter"),
-                                  ("calflops", "calflops", "calculate_flops")):
+    for package, module, attr, stub in (("tensorboard", "torch.utils.tensorboard", "SummaryWriter", None),
+                                        ("calflops", "calflops", "calculate_flops", _flops_not_measured)):
         if importlib.util.find_spec(package) is None:
-            sys.modules[module] = types.SimpleNamespace(**{attr: None})
+            sys.modules[module] = types.SimpleNamespace(**{attr: stub})
     with contextlib.redirect_stdout(io.StringIO()):
         import engine  # noqa: F401  (registers upstream's classes)
         from engine import data
     _new_transform_api(data)
     return data
+
+
+def _flops_not_measured(*args, **kwargs):
+    """Stands in for `calflops.calculate_flops`, whose numbers upstream's training only prints."""
+    return "not measured", "not measured", None
 
 
 def _new_transform_api(data) -> None:
