@@ -54,3 +54,27 @@ def test_every_decoder_layer_starts_from_the_same_score_head():
     heads = sorted(k for k in ours if k.startswith("model.decoder.class_embed.") and k.endswith(".weight"))
     assert len(heads) == 3
     assert all(torch.equal(ours[heads[0]], ours[k]) for k in heads[1:])
+
+
+def test_denoising_boxes_keep_their_size_where_noise_crossed_two_corners():
+    """Upstream takes |w|, |h| of a noised box whose corners crossed; transformers kept the negative size, which
+    its inverse_sigmoid clamps to a zero-size box (about 4 in 10 negative queries)."""
+    from transformers.models.deimv2 import modeling_deimv2
+
+    from deim_ray.models.deimv2 import denoising
+
+    _fresh("hgnetv2_atto")  # building a DEIMv2 model installs upstream's denoising boxes
+    assert modeling_deimv2.get_contrastive_denoising_training_group is denoising.denoising_group_as_upstream
+    targets = [{"class_labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.3],
+                                                                            [0.3, 0.6, 0.1, 0.1]])}]
+    args = dict(targets=targets, num_classes=3, num_queries=10, class_embed=torch.nn.Embedding(4, 8),
+                num_denoising_queries=100, label_noise_ratio=0.5, box_noise_scale=1.0)
+    torch.manual_seed(0)
+    ours = denoising.denoising_group_as_upstream(**args)[1].sigmoid()
+    torch.manual_seed(0)
+    plain = denoising._GROUP(**args)[1].sigmoid()
+    collapsed = (plain[..., 2:] < 1e-4).any(-1)
+    assert 0.2 < collapsed.float().mean() < 0.6           # the case is common
+    assert (ours[..., 2:] > 1e-4).all()                    # upstream's boxes keep a size
+    assert torch.allclose(ours[~collapsed], plain[~collapsed])   # and nothing else changes
+    assert modeling_deimv2.corners_to_center_format is denoising._TO_CENTRE

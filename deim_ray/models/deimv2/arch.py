@@ -17,6 +17,9 @@ transformers' DEIMv2 differs from upstream's `DEIMTransformer` in three places t
   every layer uses that one (`upstream_arch["query_pos"] == "once"`; configs saved before this key keep the
   per-layer embedding they were trained with).
 
+- transformers' denoising queries keep a negative width/height where noise crossed two corners; upstream takes
+  its absolute value (`denoising.py`; installed for every DEIMv2 model once one such model is built).
+
 It also initialises the weights as upstream's constructors do (`init.py`; transformers draws every Linear and
 Conv2d from N(0, 0.01-0.02), several times smaller than upstream's torch defaults).
 
@@ -32,6 +35,7 @@ from transformers import Deimv2ForObjectDetection
 from transformers.activations import ACT2CLS
 from transformers.models.deimv2.modeling_deimv2 import Deimv2MLP
 
+from deim_ray.models.deimv2 import denoising
 from deim_ray.models.deimv2.init import init_as_upstream
 
 UPSTREAM_ARCH_KEY = "upstream_arch"
@@ -61,6 +65,7 @@ def _apply_upstream(model: Deimv2ForObjectDetection, arch: dict) -> None:
     if backbone is not None and not getattr(backbone.config, "apply_layernorm", True):
         backbone.norm = nn.Identity()
     init_as_upstream(model)
+    denoising.install()
 
 
 def _identity_projections(model: Deimv2ForObjectDetection) -> None:
