@@ -100,7 +100,7 @@ def load_backbone_weights(model: nn.Module, variant: str, path: str) -> Backbone
                          "fine-tune a whole model with model.pretrained")
     stem, rule = _HGNETV2_FILES[variant]
     file, url = f"PPHGNetV2_{stem}_stage1.pth", _HGNETV2_URL.format(stem)
-    source = _read(path, f"download {url} there (see README)")
+    source = read_backbone_file(path, f"download {url} there (see README)")
     target = {k: v for k, v in model.state_dict().items() if k.startswith(_PREFIX)}
     renamed = {_rename(k): (k, v) for k, v in source.items()}
     other_shape = [f"{name} {tuple(v.shape)} in the file, {tuple(target[name].shape)} here"
@@ -123,7 +123,7 @@ def load_backbone_weights(model: nn.Module, variant: str, path: str) -> Backbone
 def _load_vit(model: nn.Module, variant: str, path: str) -> BackboneReport:
     """Upstream's strict load of a ViT file (module doc) into the model's ViT."""
     prefix, name, where = _VIT_FILES[variant]
-    source = _read(path, f"get {name} from {where} (see README)")
+    source = read_backbone_file(path, f"get {name} from {where} (see README)")
     target = {k: v for k, v in model.state_dict().items() if k.startswith(_VIT)}
     advice = f"give {name}, the file upstream's DEIMv2-{variant.upper()} config names"
     take, kept, unused = match_upstream_state({prefix + k: v for k, v in source.items()}, target, model.config,
@@ -140,7 +140,7 @@ def _rename(key: str) -> str:
     return _PREFIX + key
 
 
-def _read(path: str, fetch: str) -> dict[str, torch.Tensor]:
+def read_backbone_file(path: str, fetch: str) -> dict[str, torch.Tensor]:
     """The state dict in file `path`; `fetch` says where to get the file when it does not exist."""
     file = Path(path).expanduser()
     if not file.is_file():

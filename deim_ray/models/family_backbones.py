@@ -19,13 +19,12 @@ place with its shape. `num_batches_tracked` counters are never required, and a m
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from deim_ray.config.families.rtdetrv2 import RESNET_FILES
-from deim_ray.models.backbone_weights import BackboneReport
+from deim_ray.models.backbone_weights import BackboneReport, read_backbone_file
 from deim_ray.models.convert.family_keys import FAMILY_KEYS
 from deim_ray.models.errors import ModelError
 
@@ -48,28 +47,13 @@ def backbone_url(family: str, variant: str) -> str:
     return (_HGNET_URL if family == "dfine" else _RESNET_URL) + BACKBONE_FILES[family][variant]
 
 
-def _read_state(path: str, url: str) -> dict[str, torch.Tensor]:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ModelError(f"model.backbone_pretrained {path} does not exist; download {url} there (see README), or "
-                         "set model.backbone_pretrained: null to start from a random backbone")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt files and refused pickles
-        raise ModelError(f"cannot load {path} with weights_only=True "
-                         f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:200]})") from None
-    if isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()):
-        return state
-    raise ModelError(f"{path} is not a state dict of tensors (the layout of upstream's backbone files, {url})")
-
-
 def load_family_backbone(model: nn.Module, family: str, variant: str, path: str) -> BackboneReport:
     """Copy upstream backbone file `path` into `model` (in place), strictly as upstream does (module doc)."""
     name = BACKBONE_FILES[family].get(variant)
     if name is None:
         raise ModelError(f"model.backbone_pretrained: no upstream backbone file fits {family} size {variant!r}; "
                          "unset it")
-    source = _read_state(path, backbone_url(family, variant))
+    source = read_backbone_file(path, f"download {backbone_url(family, variant)} there (see README)")
     target = {k: v for k, v in model.state_dict().items() if k.startswith(_BACKBONE)}
     renamed = {k: FAMILY_KEYS[family].rename("backbone." + k) for k in source}
     take = {renamed[k]: v for k, v in source.items() if renamed[k] in target and v.shape == target[renamed[k]].shape}
