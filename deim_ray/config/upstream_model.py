@@ -115,16 +115,27 @@ _LOSS_WEIGHTS = {"loss_mal": 1, "loss_bbox": 5, "loss_giou": 2, "loss_fgl": 0.15
 _MATCHER_COSTS = {"cost_class": "matcher_class_cost", "cost_bbox": "matcher_bbox_cost",
                   "cost_giou": "matcher_giou_cost"}
 
-# Upstream param-group regexes (module names) -> the same groups over transformers parameter names.
+# Upstream param-group regexes (module names) -> the same members over transformers parameter names. Upstream's
+# HGNetv2 names its batch norms `bn` and nothing `norm`, and `(?!.*norm|bn)` tests `bn` only at the name's start:
+# that group holds every backbone parameter, batch norms included (weight-decayed), and `(?=.*norm|bn)` none.
+# Checked parameter by parameter against upstream's own optimizer (tests/engine/test_param_groups_upstream.py).
 PARAM_REGEX = {
-    r"^(?=.*backbone)(?!.*norm|bn).*$": r"conv_encoder\.model\.(?!.*norm)",
-    r"^(?=.*backbone)(?=.*norm|bn).*$": r"conv_encoder\.model\..*norm",
-    r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn|bias)).*$": r"^(?!.*conv_encoder\.model\.)(?=.*(?:norm|bn|bias))",
-    r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn)).*$": r"^(?!.*conv_encoder\.model\.)(?=.*(?:norm|bn))",
+    r"^(?=.*backbone)(?!.*norm|bn).*$": r"conv_encoder\.model\.",
+    r"^(?=.*backbone)(?=.*norm|bn).*$": r"(?!)",
+    r"^(?=.*backbone)(?!.*bn).*$": r"conv_encoder\.model\.(?!.*normalization)",
+    r"^(?=.*(?:norm|bn)).*$": r"(?=.*(?:norm|bn))",
+    # the lite encoder's downsampling batch norms are `encoder.down_sample{1,2}.2` upstream (no `norm` in the name)
+    r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn|bias)).*$":
+        r"^(?!.*conv_encoder\.model\.)(?!.*encoder\.down_conv\d\.norm\.weight)(?=.*(?:norm|bn|bias))",
+    r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn)).*$":
+        r"^(?!.*conv_encoder\.model\.)(?!.*encoder\.down_conv\d\.norm\.)(?=.*(?:norm|bn))",
     r"^(?=.*.dinov3)(?!.*(?:norm|bn|bias)).*$": r"conv_encoder\.backbone\.(?!.*(?:norm|bn|bias))",
     r"^(?=.*.dinov3)(?=.*(?:norm|bn|bias)).*$": r"conv_encoder\.backbone\..*(?:norm|bn|bias)",
+    # the ViT feature projections are `backbone.convs.N` / `backbone.norms.N` upstream (not sta/encoder/decoder),
+    # the STA's batch norms `backbone.sta.<conv>.<index>` (only their biases match)
     r"^(?=.*(?:sta|encoder|decoder))(?=.*(?:norm|bn|bias)).*$":
-        r"^(?!.*conv_encoder\.backbone\.)(?=.*(?:norm|bn|bias))",
+        r"^(?!.*conv_encoder\.(?:backbone|fusion_proj)\.)(?!.*spatial_tuning_adapter\..*norm\.weight)"
+        r"(?=.*(?:norm|bn|bias))",
 }
 
 

@@ -65,7 +65,8 @@ def build_model_config(cfg: ModelConfig, num_classes: int) -> PreTrainedConfig:
     # freezes them by default
     kwargs.setdefault("freeze_backbone_batch_norms", False)
     if cfg.family == "deimv2":
-        kwargs[UPSTREAM_ARCH_KEY] = {"mlp_act": "silu", "query_pos": "once"}  # see models/deimv2/arch.py
+        # see models/deimv2/arch.py; a variant may add its own entries (HGNetV2-X's frozen stem)
+        kwargs[UPSTREAM_ARCH_KEY] = {"mlp_act": "silu", "query_pos": "once", **kwargs.get(UPSTREAM_ARCH_KEY, {})}
     kwargs.update(_overrides(cfg))
     kwargs.update(_loss_terms(cfg, family))
     _merge_extra(kwargs, cfg.extra, family)

@@ -180,10 +180,11 @@ def hgnetv2_l() -> dict[str, Any]:
 
 
 def hgnetv2_x() -> dict[str, Any]:
-    """B5 with frozen backbone batch norms (upstream `freeze_norm: True`), a 384-wide encoder, reg_scale 8."""
+    """B5 with frozen backbone batch norms (upstream `freeze_norm: True`) and a frozen stem (`freeze_at: 0`,
+    `freeze_stem_only: True`), a 384-wide encoder, reg_scale 8."""
     kwargs = _hgnetv2_hybrid("B5", lab=False, width=384, depth_mult=1.0, expansion=1.0, trailing_conv=False,
                              decoder_layers=6, enc_ffn=2048)
-    kwargs.update(reg_scale=8.0, freeze_backbone_batch_norms=True)
+    kwargs.update(reg_scale=8.0, freeze_backbone_batch_norms=True, upstream_arch={"freeze_stem": True})
     return kwargs
 
 

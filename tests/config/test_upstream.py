@@ -48,9 +48,10 @@ def test_n_converts_model_optimizer_and_runtime():
     o = cfg.optimizer
     assert (o.type, o.lr, o.betas, o.weight_decay) == ("AdamW", 0.0008, (0.9, 0.999), 0.0001)
     assert o.params == (
-        ParamGroupConfig(r"conv_encoder\.model\.(?!.*norm)", 0.0004, None),
-        ParamGroupConfig(r"conv_encoder\.model\..*norm", 0.0004, 0.0),
-        ParamGroupConfig(r"^(?!.*conv_encoder\.model\.)(?=.*(?:norm|bn|bias))", None, 0.0),
+        ParamGroupConfig(r"conv_encoder\.model\.", 0.0004, None),
+        ParamGroupConfig(r"(?!)", 0.0004, 0.0),
+        ParamGroupConfig(r"^(?!.*conv_encoder\.model\.)(?!.*encoder\.down_conv\d\.norm\.weight)(?=.*(?:norm|bn|bias))",
+                         None, 0.0),
     )
     d = cfg.data
     assert (d.total_batch_size, d.val_batch_size, d.num_workers) == (32, 64, 4)
@@ -89,7 +90,8 @@ def test_atto_lite_variant_and_disabled_batch_augmentation():
     assert (cfg.augment.mixup_prob, cfg.augment.mixup_epochs) == (0.0, (0, 0))
     assert (cfg.augment.copyblend_prob, cfg.augment.copyblend_epochs) == (0.0, (0, 0))
     assert (cfg.data.image_size, cfg.augment.mosaic.output_size, cfg.augment.mosaic_prob) == ((320, 320), 160, 0.3)
-    assert cfg.optimizer.params[2].params == r"^(?!.*conv_encoder\.model\.)(?=.*(?:norm|bn))"
+    assert cfg.optimizer.params[2].params == (r"^(?!.*conv_encoder\.model\.)(?!.*encoder\.down_conv\d\.norm\.)"
+                                              r"(?=.*(?:norm|bn))")
     validate(cfg, workers=8)
     _, unhonoured = convert_upstream(ATTO)
     assert noted(unhonoured) == COMMON_NOTES | {
@@ -105,7 +107,8 @@ def test_dinov3_s_variant_normalisation_and_multi_scale():
     assert [g.params for g in cfg.optimizer.params] == [
         r"conv_encoder\.backbone\.(?!.*(?:norm|bn|bias))",
         r"conv_encoder\.backbone\..*(?:norm|bn|bias)",
-        r"^(?!.*conv_encoder\.backbone\.)(?=.*(?:norm|bn|bias))",
+        r"^(?!.*conv_encoder\.(?:backbone|fusion_proj)\.)(?!.*spatial_tuning_adapter\..*norm\.weight)"
+        r"(?=.*(?:norm|bn|bias))",
     ]
     assert [g.lr for g in cfg.optimizer.params] == [0.000025, 0.000025, None]
     validate(cfg, workers=8)

@@ -99,6 +99,38 @@ def test_converted_model_trains_on_upstream_loss(epoch):
     assert abs(float(total) - sum(upstream.values())) <= 1e-3 * sum(upstream.values())
 
 
+def test_converted_model_training_step_equals_upstream_with_denoising():
+    """One training step through the whole converted model with denoising on, against upstream's own forward,
+    criterion and backward (`make_train_steps.py --write`): the same torch seed before the forward draws the same
+    denoising noise on both sides (both draw it in the same order), so every loss term, denoising terms included,
+    and every parameter's gradient agree. Upstream takes |w|, |h| of noised boxes whose corners crossed
+    (models/deimv2/denoising.py); transformers' zero-size boxes change the denoising terms."""
+    weights = torch.load(FIXTURES / "hgnetv2_atto.pt", weights_only=True)
+    fixture = torch.load(FIXTURES / "hgnetv2_atto_step.pt", weights_only=True)
+    cfg = load_config(_config("hgnetv2_atto"))
+    model = build_from_config(build_model_config(cfg.model, 80))
+    load_upstream_state(model, weights["state_dict"], "hgnetv2_atto.pt", "model")
+    assert model.config.num_denoising == fixture["num_denoising"] > 0
+    model.train()
+    image = weights["image"].float() / 255
+    targets = [{"boxes": t["boxes"], "class_labels": t["labels"]} for t in fixture["targets"]]
+    torch.manual_seed(fixture["seed"])
+    total, terms = forward_loss(model, torch.cat([image, image.flip(-1)]), targets)
+    total.backward()
+    upstream = fixture["terms"]
+    assert set(terms) == set(upstream) and sum("_dn_" in k for k in upstream) == 12
+    wrong = {k: (float(terms[k]), v) for k, v in upstream.items() if abs(float(terms[k]) - v) > 2e-5 * max(v, 1e-3)}
+    assert not wrong, wrong
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values())
+    norms = fixture["grad_norms"]
+    assert set(grads) <= set(norms)
+    largest = max(norms.values())
+    off = {n: (float(g.double().norm()), norms[n]) for n, g in grads.items()
+           if abs(float(g.double().norm()) - norms[n]) > 1e-4 * norms[n] + 1e-6 * largest}
+    assert not off, f"{len(off)} gradients differ, e.g. {list(off.items())[:3]}"
+
+
 def test_model_weights_are_used_when_no_ema_and_differ(tmp_path, capsys):
     ckpt, fixture = _upstream_checkpoint(tmp_path, "hgnetv2_atto")
     raw = torch.load(ckpt, weights_only=True)

@@ -17,6 +17,10 @@ transformers' DEIMv2 differs from upstream's `DEIMTransformer` in three places t
   every layer uses that one (`upstream_arch["query_pos"] == "once"`; configs saved before this key keep the
   per-layer embedding they were trained with).
 
+- upstream's HGNetV2-X freezes its stem (`freeze_at: 0`, `freeze_stem_only`; `upstream_arch["freeze_stem"]`), and
+  its distilled ViT-Tiny (DINOv3-S/M) has no layer scale, mask token or register tokens: transformers' are kept
+  at identity and not trained.
+
 - transformers' denoising queries keep a negative width/height where noise crossed two corners; upstream takes
   its absolute value (`denoising.py`; installed for every DEIMv2 model once one such model is built).
 
@@ -64,8 +68,21 @@ def _apply_upstream(model: Deimv2ForObjectDetection, arch: dict) -> None:
     backbone = getattr(inner.conv_encoder, "backbone", None)
     if backbone is not None and not getattr(backbone.config, "apply_layernorm", True):
         backbone.norm = nn.Identity()
+    if backbone is not None and getattr(backbone.config, "layerscale_value", None) == 1.0:
+        _freeze_tiny_vit_extras(backbone)
+    if arch.get("freeze_stem"):
+        inner.conv_encoder.model.embedder.requires_grad_(False)
     init_as_upstream(model)
     denoising.install()
+
+
+def _freeze_tiny_vit_extras(backbone: nn.Module) -> None:
+    """Upstream's distilled ViT-Tiny (DINOv3-S/M) has no layer scale, mask token or register tokens; transformers'
+    ViT always does. Built as identities (layer scale 1.0, no register tokens; the mask token is never used), they
+    must also stay so in training: upstream has nothing to train there."""
+    for name, p in backbone.named_parameters():
+        if name.endswith(("lambda1", "mask_token", "register_tokens")):
+            p.requires_grad_(False)
 
 
 def _identity_projections(model: Deimv2ForObjectDetection) -> None:
