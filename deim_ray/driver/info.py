@@ -22,6 +22,7 @@ from deim_ray.data.errors import DataError
 from deim_ray.data.gates import phase_table
 from deim_ray.data.synthetic import ensure_dataset, synthetic_splits
 from deim_ray.data.throughput import phase_rates, workers_needed
+from deim_ray.driver.stage2_branches import stage2_space
 from deim_ray.models.backbone_weights import backbone_note
 from deim_ray.models.build import build_from_config, build_model_config, count_parameters
 from deim_ray.models.families import get_family
@@ -87,6 +88,7 @@ def describe_config(cfg: Config, num_classes: int | None = None, derived: list[s
         *(["derived by the schedule rule:", *(f"  {note}" for note in derived)] if derived else []),
         f"image_size: {cfg.data.image_size[0]}x{cfg.data.image_size[1]}   total_batch_size: {cfg.data.total_batch_size}",
         f"lr: {cfg.optimizer.type} {cfg.optimizer.lr:g}, {lr.type}, warm-up {lr.warmup_iter} iterations",
+        _stage2_search(cfg),
         "",
         f"{'epochs':<10} {'stage':<6} {'lr':<14} {'ema / best rule':<58} augmentation",
     ]
@@ -102,6 +104,14 @@ def _with_local_data(cfg: Config, tmp: Path) -> Config:
         return cfg
     train, val = synthetic_splits(tmp)
     return dataclasses.replace(cfg, data=ensure_dataset(dataclasses.replace(cfg.data, train=train, val=val)))
+
+
+def _stage2_search(cfg: Config) -> str:
+    """What `--stage2-branches K` (K > 1) draws its branches from; SpaceError (one line) as `train` gives it."""
+    space = stage2_space(cfg)
+    source = "the config's stage2_search" if cfg.stage2_search else "default space"
+    dims = ", ".join(f"{d.key} ~ {d.describe()}" for d in space.dimensions)
+    return f"stage-2 branches (--stage2-branches K > 1), {source}: {dims}"
 
 
 def describe_loader(cfg: Config, consumed_per_s: float | None, images: int = 32) -> str:

@@ -4,6 +4,7 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -29,6 +30,22 @@ def test_info_prints_model_size_and_phase_table(capsys):
     assert rows[0].split()[0] == "0-0" and "Mosaic" not in rows[0]
     assert "Mosaic p=0.3" in rows[1] and "MixUp" in rows[1]
     assert rows[-1].split()[:2] == ["8-14", "2"] and "Mosaic" not in rows[-1] and "restart from best_stg1" in rows[-1]
+
+
+def test_info_shows_what_stage2_branches_draw_from(tmp_path, capsys):
+    assert main(["info", "-c", TINY, "--no-loader"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("stage-2 branches"))
+    assert "default space" in line and "schedule.ema_restart_decay ~ choice(" in line
+    custom = tmp_path / "search.yml"
+    custom.write_text(f"__include__: [{Path(TINY).resolve()}]\n"
+                      "stage2_search:\n  lr_scheduler.tail_lr_factor: {choice: [0.3, 0.6]}\n")
+    assert main(["info", "-c", str(custom), "--no-loader"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("stage-2 branches"))
+    assert line.endswith("the config's stage2_search: lr_scheduler.tail_lr_factor ~ choice(0.3, 0.6)")
+    custom.write_text(f"__include__: [{Path(TINY).resolve()}]\nstage2_search:\n  optimizer.lr: {{choice: [0.1]}}\n")
+    assert main(["info", "-c", str(custom), "--no-loader"]) == 2  # as train refuses it
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "optimizer.lr" in err[0] and "not a stage-2 key" in err[0]
 
 
 def test_info_of_the_n_config_matches_the_paper_size(capsys):
