@@ -118,10 +118,12 @@ def main() -> None:
         for stage, epochs in ((1, range(1, stop)), (2, range(stop + 1, cfg.schedule.epochs))):  # first of each warms up
             ratios = [b[e] / o[e] for b, o in zip(bare, ours) for e in epochs]
             if ratios:
+                totals = sum(b[e] for b in bare for e in epochs) / sum(o[e] for o in ours for e in epochs)
                 print(f"stage {stage} train time per epoch, bare/deim_ray: median {statistics.median(ratios):.2f} "
                       f"(min {min(ratios):.2f}, max {max(ratios):.2f}; bare median "
                       f"{statistics.median(b[e] for b in bare for e in epochs):.2f}s, deim_ray median "
-                      f"{statistics.median(o[e] for o in ours for e in epochs):.2f}s)")
+                      f"{statistics.median(o[e] for o in ours for e in epochs):.2f}s); all its epochs together "
+                      f"{totals:.3f}")
         for key in fixed[0]:
             print(f"fixed cost {key:<22} median {statistics.median(c[key] for c in fixed):6.1f}s")
 
