@@ -1,8 +1,10 @@
 """What deim_ray and Ray Train add to training: per-epoch train time under deim_ray (one Ray Train worker)
-against a bare PyTorch loop of the same model, loss, optimizer and loader in this process, plus the fixed
+against a bare PyTorch loop of the same model, loss, optimizer and loader, plus the fixed
 costs of a two-stage run.
 
-Repeats interleave the two (bare, deim_ray, deim_ray, bare, ...). The train part of an epoch is compared
+Repeats interleave the two (bare, deim_ray, deim_ray, bare, ...). The bare loop runs in a fresh process of its
+own, as each Ray Train worker does: run in this process it would share it with the Ray driver this script becomes
+after the first deim_ray run, whose threads compete for the GIL. The train part of an epoch is compared
 (deim_ray's `epoch_time_s` from metrics.jsonl, the bare loop's own clock); evaluation is excluded from both.
 Fixed costs come from the manifest's transition times (one-second resolution): start (call to stage 1
 running), stage-1 and stage-2 worker groups (stage wall time minus its epochs' train and eval time), the
@@ -18,6 +20,8 @@ import argparse
 import datetime as dt
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,6 +77,13 @@ def bare_epochs(cfg: Config) -> list[float]:
     return times
 
 
+def bare_in_fresh_process(config: str, root: Path) -> list[float]:
+    """`bare_epochs` in a new Python process (no Ray in it)."""
+    out = subprocess.run([sys.executable, __file__, "-c", config, "--bare-only", str(root)], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def _when(stamp: str) -> float:
     return dt.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc).timestamp()
 
@@ -100,7 +111,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", default="configs/demo/tiny.yml")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--bare-only", type=Path, help=argparse.SUPPRESS)  # the bare loop's own process
     args = parser.parse_args()
+    if args.bare_only:
+        print(json.dumps(bare_epochs(_config(args.config, args.bare_only))))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _config(args.config, Path(tmp) / "data")
         stop = cfg.schedule.stop_epoch
@@ -108,13 +123,13 @@ def main() -> None:
         for r in range(args.repeats):
             for kind in (("bare", "deim_ray") if r % 2 == 0 else ("deim_ray", "bare")):
                 if kind == "bare":
-                    bare.append(bare_epochs(cfg))
+                    bare.append(bare_in_fresh_process(args.config, Path(tmp) / "data"))
                 else:
                     epochs, costs = deim_ray_run(cfg, Path(tmp) / "runs", f"overhead-{r}")
                     ours.append(epochs)
                     fixed.append(costs)
         print(f"{args.config}: {cfg.schedule.epochs} epochs ({stop} in stage 1), {args.repeats} interleaved repeats, "
-              f"one Ray Train worker vs a bare loop in this process")
+              f"one Ray Train worker vs a bare loop in a process of its own")
         for stage, epochs in ((1, range(1, stop)), (2, range(stop + 1, cfg.schedule.epochs))):  # first of each warms up
             ratios = [b[e] / o[e] for b, o in zip(bare, ours) for e in epochs]
             if ratios:
