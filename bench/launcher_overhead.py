@@ -4,7 +4,8 @@ costs of a two-stage run.
 
 Repeats interleave the two (bare, deim_ray, deim_ray, bare, ...). The bare loop runs in a fresh process of its
 own, as each Ray Train worker does: run in this process it would share it with the Ray driver this script becomes
-after the first deim_ray run, whose threads compete for the GIL. The train part of an epoch is compared
+after the first deim_ray run, whose threads compete for the GIL. Like deim_ray, it evaluates after each epoch
+(untimed). The train part of an epoch is compared
 (deim_ray's `epoch_time_s` from metrics.jsonl, the bare loop's own clock); evaluation is excluded from both.
 Fixed costs come from the manifest's transition times (one-second resolution): start (call to stage 1
 running), stage-1 and stage-2 worker groups (stage wall time minus its epochs' train and eval time), the
@@ -33,6 +34,7 @@ from deim_ray.config.schema import Config
 from deim_ray.data.synthetic import synthetic_splits
 from deim_ray.engine.data import build_data
 from deim_ray.engine.ema import ModelEMA
+from deim_ray.engine.loop import evaluate
 from deim_ray.engine.lr import LRSchedule
 from deim_ray.engine.optim import build_optimizer
 from deim_ray.models.build import build_model
@@ -74,6 +76,9 @@ def bare_epochs(cfg: Config) -> list[float]:
             if ema is not None:
                 ema.update(model)
         times.append(time.monotonic() - started)
+        # untimed, as deim_ray's: the first steps after an evaluation are slower (1-s epochs showed ~0.08 s)
+        evaluate(ema.module if ema is not None else model, data.val_loader, coco_gt=data.coco_gt,
+                 category_ids=data.category_ids, device=torch.device("cpu"), num_top_queries=cfg.eval.num_top_queries)
     return times
 
 
