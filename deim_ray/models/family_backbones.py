@@ -19,7 +19,6 @@ place with its shape. `num_batches_tracked` counters are never required, and a m
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
