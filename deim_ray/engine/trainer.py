@@ -81,6 +81,18 @@ def _check_same_shapes(model: torch.nn.Module, weights: dict[str, torch.Tensor])
                               "trained with, or fine-tune from it with model.pretrained under a new run name")
 
 
+def _check_same_groups(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """An optimizer state of another parameter grouping (other trainable parameters, or other `optimizer.params`
+    groups) is a one-line CheckpointError, not torch's "doesn't match the size of optimizer's group"."""
+    own = [len(g["params"]) for g in optimizer.param_groups]
+    theirs = [len(g["params"]) for g in saved.get("param_groups", [])]
+    if own != theirs:
+        raise CheckpointError(f"checkpoint's optimizer holds {len(theirs)} parameter groups of {theirs} tensors, this "
+                              f"model's optimizer {len(own)} of {own} (another set of trainable parameters or "
+                              "optimizer.params groups): resume with the config and version it was trained with, or "
+                              "fine-tune from it with model.pretrained under a new run name")
+
+
 def _amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     if not cfg.train.use_amp or device.type != "cuda":
         return None
@@ -141,6 +153,7 @@ class Trainer:
     def load_weights(self, state: dict, ema_decay: float | None = None) -> None:
         """Model, EMA, optimizer and scaler from a TrainState (not the epoch or the tracker)."""
         _check_same_shapes(dist.unwrap(self.model), state["model"])
+        _check_same_groups(self.optimizer, state["optimizer"])
         dist.unwrap(self.model).load_state_dict(state["model"])
         if self.ema is not None:
             if state.get("ema") is not None:

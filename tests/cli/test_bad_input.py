@@ -480,6 +480,24 @@ def test_resume_from_another_class_count_is_one_line_error(env):
     assert "\n" not in str(info.value) and "model.pretrained" in str(info.value)
 
 
+@pytest.mark.slow
+def test_resume_with_other_trainable_parameters_is_one_line_error_and_loads_nothing(env):
+    """A TrainState whose optimizer grouped other parameters (e.g. saved while a tensor now frozen was trained)."""
+    from deim_ray.engine.trainer import Trainer
+
+    torch.set_num_threads(1)
+    cfg = load_config(env.config)
+    trainer = Trainer(cfg, "sha")
+    state = trainer.state_dict()
+    state["optimizer"]["param_groups"][-1]["params"].append(max(
+        i for g in state["optimizer"]["param_groups"] for i in g["params"]) + 1)
+    state["model"] = {k: torch.full_like(v, 7) if v.is_floating_point() else v for k, v in state["model"].items()}
+    with pytest.raises(CheckpointError, match="parameter groups") as info:
+        trainer.load_weights(state)
+    assert "\n" not in str(info.value) and "model.pretrained" in str(info.value)
+    assert not any(torch.all(p == 7) for p in trainer.model.parameters())  # nothing was loaded
+
+
 def test_fine_tune_across_class_counts_loads_what_matches_and_reports_the_rest(env):
     cfg = load_config(env.config)
     weights = env.tmp / "coco-like.pth"
