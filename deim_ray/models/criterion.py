@@ -20,6 +20,14 @@ upstream, so its total differs. What upstream computes, and this module reproduc
   Femto and Pico configs train without them).
 
 Not reproduced on purpose: upstream replaces NaN terms by 0 (`nan_to_num`), which would hide a diverging run.
+
+Boxes whose edges crossed: the D-FINE-style decoding (`distance2bbox`) lets a box's left edge pass its right one
+(each edge distance reaches `-2 * up * reg_scale`, the box's own half-size is `reg_scale / 2`), giving a negative
+width or height. Upstream's matcher asserts on such a box and training stops (a known D-FINE crash, at a random
+epoch); transformers' raises ValueError. Here (`_sized_boxes`) the matcher, IoU and GIoU see such a size as zero
+(and a non-finite box as an empty one), while the L1 term sees the box as predicted, so it pushes the negative size
+back (and a non-finite box keeps the loss non-finite: the step is skipped). Boxes of non-negative size are
+computed exactly as upstream computes them.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import torch.nn.functional as F
 from transformers.image_transforms import center_to_corners_format
 from transformers.loss.loss_d_fine import bbox2distance
 from transformers.loss.loss_deimv2 import Deimv2Loss
-from transformers.loss.loss_for_object_detection import box_iou
+from transformers.loss.loss_for_object_detection import box_iou, generalized_box_iou
 
 Targets = list[dict[str, torch.Tensor]]
 Output = dict[str, Any]
@@ -97,6 +105,7 @@ class DEIMCriterion(Deimv2Loss):
 
     def forward(self, outputs: Output, targets: Targets) -> dict[str, torch.Tensor]:
         self._ddf_counts = None
+        outputs = _sized_boxes(outputs)
         main = {k: outputs[k] for k in ("logits", "pred_boxes", "pred_corners", "ref_points") if k in outputs}
         decoder = outputs.get("aux_outputs", []) + ([outputs["pre_outputs"]] if "pre_outputs" in outputs else [])
         indices = self.matcher(main, targets)
@@ -139,6 +148,16 @@ class DEIMCriterion(Deimv2Loss):
                 if key in self.weight_dict:
                     terms[key + suffix] = value * self.weight_dict[key]
         return terms
+
+    def loss_boxes(self, outputs: Output, targets: Targets, indices, num_boxes: float) -> dict[str, torch.Tensor]:
+        """L1 on the boxes as predicted (`raw_boxes`), GIoU on their sizes floored at zero (`pred_boxes`)."""
+        idx = self._get_source_permutation_idx(indices)
+        target = torch.cat([t["boxes"][i] for t, (_, i) in zip(targets, indices)], dim=0)
+        raw = outputs.get("raw_boxes", outputs["pred_boxes"])[idx]
+        giou = generalized_box_iou(center_to_corners_format(outputs["pred_boxes"][idx]),
+                                   center_to_corners_format(target))
+        return {"loss_bbox": F.l1_loss(raw, target, reduction="none").sum() / num_boxes,
+                "loss_giou": (1 - torch.diag(giou)).sum() / num_boxes}
 
     def loss_local(self, outputs: Output, targets: Targets, indices, num_boxes: float) -> dict[str, torch.Tensor]:
         """FGL on the matched queries' corners; DDF towards the last layer's corners (see the module notes)."""
@@ -185,6 +204,23 @@ class DEIMCriterion(Deimv2Loss):
         pos = per_corner[mask].mean() if mask.any() else per_corner.new_zeros(())
         neg = per_corner[~mask].mean() if (~mask).any() else per_corner.new_zeros(())
         return (pos * counts[0] + neg * counts[1]) / (counts[0] + counts[1])
+
+
+def _sized_boxes(outputs: Output) -> Output:
+    """`outputs` with every `pred_boxes` (cx, cy, w, h) given a size of at least zero and finite values, the boxes
+    as predicted kept as `raw_boxes` (see the module notes). Identity, values and gradients, for boxes of
+    non-negative finite size."""
+    if isinstance(outputs, list):
+        return [_sized_boxes(o) for o in outputs]
+    if not isinstance(outputs, dict):
+        return outputs
+    out = {k: _sized_boxes(v) if isinstance(v, (dict, list)) and k != "dn_meta" else v for k, v in outputs.items()}
+    if "pred_boxes" in outputs:
+        boxes = outputs["pred_boxes"]
+        sized = torch.cat([boxes[..., :2], boxes[..., 2:].clamp(min=0)], -1)
+        out["pred_boxes"] = torch.nan_to_num(sized, nan=0.0, posinf=1.0, neginf=0.0)
+        out["raw_boxes"] = boxes
+    return out
 
 
 class _Matching:

@@ -168,3 +168,73 @@ def test_ddp_without_find_unused_parameters_survives_an_empty_rank(tmp_path):
             pytest.fail("DDP step hung: a rank without boxes left parameters without gradients")
     for rank in range(2):
         assert torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)["equal"]
+
+
+
+def _cross_every_box(model) -> None:
+    """Every decoder layer's corner head predicts the lowest bin for all four edges: each edge moves
+    `2 * up * reg_scale` inwards, past the box centre, so every refined box has negative width and height."""
+    with torch.no_grad():
+        for head in model.model.decoder.bbox_embed:
+            head.layers[-1].weight.zero_()
+            bias = head.layers[-1].bias.view(4, -1)
+            bias.zero_()
+            bias[:, 0] = 30.0
+
+
+def test_boxes_whose_edges_crossed_train_instead_of_stopping_the_run(tiny_model):
+    """Upstream's matcher asserts on such a box (training stops at a random epoch); transformers' raises
+    ValueError. Here the step computes a finite loss and finite gradients."""
+    _cross_every_box(tiny_model)
+    tiny_model.eval()
+    with torch.no_grad():
+        boxes = tiny_model(pixel_values=IMAGES).pred_boxes
+    assert (boxes[..., 2:] < 0).all()
+
+    tiny_model.train()
+    torch.manual_seed(0)
+    loss, terms = forward_loss(tiny_model, IMAGES, make_targets(3, 2))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert 0 < terms["loss_giou"] / tiny_model.config.weight_loss_giou <= 2  # GIoU of a zero-size box: in (-1, 0]
+    assert all(torch.isfinite(p.grad).all() for p in tiny_model.parameters() if p.grad is not None)
+
+
+def _boxes_and_matches(negative_width: bool):
+    g = torch.Generator().manual_seed(1)
+    boxes = torch.cat([0.2 + 0.6 * torch.rand(2, 10, 2, generator=g), 0.01 + 0.4 * torch.rand(2, 10, 2, generator=g)],
+                      -1)
+    if negative_width:
+        boxes[0, 4, 2] = -0.05
+    indices = [(torch.tensor([0, 4, 7]), torch.tensor([2, 0, 1])), (torch.tensor([3, 9]), torch.tensor([1, 0]))]
+    return boxes.requires_grad_(), indices
+
+
+def test_a_crossed_box_gets_giou_of_zero_size_and_l1_that_widens_it(tiny_model):
+    from transformers.loss.loss_rt_detr import RTDetrLoss
+
+    from deim_ray.models.criterion import DEIMCriterion, _sized_boxes
+
+    criterion, targets = DEIMCriterion(tiny_model.config), make_targets(3, 2)
+    boxes, indices = _boxes_and_matches(negative_width=True)
+    with pytest.raises(ValueError, match="corner"):  # what transformers' (and upstream's) loss does with it
+        RTDetrLoss.loss_boxes(criterion, {"pred_boxes": boxes}, targets, indices, 5.0)
+    terms = criterion.loss_boxes(_sized_boxes({"pred_boxes": boxes}), targets, indices, 5.0)
+    assert all(torch.isfinite(v) for v in terms.values())
+    (grad_l1,) = torch.autograd.grad(terms["loss_bbox"], boxes, retain_graph=True)
+    (grad_giou,) = torch.autograd.grad(terms["loss_giou"], boxes)
+    assert grad_l1[0, 4, 2] < 0 and grad_giou[0, 4, 2] == 0  # descending the loss widens it; GIoU has no say
+
+
+def test_boxes_of_positive_size_lose_exactly_as_upstream(tiny_model):
+    """The size floor is the identity for boxes of non-negative size: the terms of transformers' loss_boxes
+    (upstream's formulas)."""
+    from transformers.loss.loss_rt_detr import RTDetrLoss
+
+    from deim_ray.models.criterion import DEIMCriterion, _sized_boxes
+
+    criterion, targets = DEIMCriterion(tiny_model.config), make_targets(3, 2)
+    boxes, indices = _boxes_and_matches(negative_width=False)
+    ours = criterion.loss_boxes(_sized_boxes({"pred_boxes": boxes}), targets, indices, 5.0)
+    stock = RTDetrLoss.loss_boxes(criterion, {"pred_boxes": boxes}, targets, indices, 5.0)
+    assert ours.keys() == stock.keys() and all(torch.equal(ours[k], stock[k]) for k in ours)
