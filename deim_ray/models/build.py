@@ -47,6 +47,7 @@ from deim_ray.models.family_backbones import load_family_backbone
 from deim_ray.models.heads import apply_head_options
 from deim_ray.models.pretrained import PretrainedReport, load_pretrained
 from deim_ray.models.sizes import feature_strides, validate_input_size
+from deim_ray.models.upstream_init import init_as_upstream_deim
 
 __all__ = ["build_from_config", "build_model", "build_model_config", "build_model_with_report", "count_parameters",
            "feature_strides", "validate_input_size"]
@@ -114,7 +115,8 @@ def _merge_extra(kwargs: dict[str, Any], extra: dict[str, Any], family: Family) 
             hint = f"did you mean {close[0]!r}?" if close else f"see transformers' {name} for valid keys"
             raise ModelError(f"model.extra has unknown {name} key {key!r}; {hint}")
         if key in family.head_options and value not in family.head_options[key]:
-            raise ModelError(f"model.extra.{key} must be one of {', '.join(family.head_options[key])}, got {value!r}")
+            raise ModelError(f"model.extra.{key} must be one of {', '.join(map(str, family.head_options[key]))}, "
+                             f"got {value!r}")
         if key == "backbone_config" and isinstance(value, dict):
             kwargs["backbone_config"] = {**kwargs["backbone_config"], **value}
         else:
@@ -128,13 +130,15 @@ def build_model(cfg: ModelConfig, num_classes: int) -> PreTrainedModel:
 
 
 def build_from_config(config: PreTrainedConfig) -> PreTrainedModel:
-    """The model of a config made by `build_model_config` (random init): the family's transformers model with
-    upstream's head options applied and, for D-FINE/RT-DETRv2, the DEIM criterion as its loss."""
+    """The model of a config made by `build_model_config` (random init, drawn as upstream draws it): the family's
+    transformers model with upstream's head options applied and, for D-FINE/RT-DETRv2, the DEIM criterion as its
+    loss."""
     family = family_of_config(config)
     model = family.model_class(config)
     apply_head_options(model)
-    apply_upstream_arch(model)
+    apply_upstream_arch(model)  # DEIMv2: upstream's architecture and init (models/deimv2)
     if family.loss is not None:
+        init_as_upstream_deim(model)
         losses = tuple(getattr(config, "losses", family.loss.losses))
         model.loss_function = DeimCriterionLoss(LossRecipe(losses, family.loss.use_uni_set))
     return model

@@ -26,7 +26,7 @@ from transformers import (DFineConfig, DFineForObjectDetection, Deimv2Config, De
 from deim_ray.models.family_loss import LossRecipe
 from deim_ray.models.dfine import variants as dfine_variants
 from deim_ray.models.errors import ModelError
-from deim_ray.models.heads import MLP_ACTS, QUERY_POS_METHODS
+from deim_ray.models.heads import FREEZE_OPTIONS, MLP_ACTS, QUERY_POS_METHODS
 from deim_ray.models.rtdetrv2 import variants as rtdetrv2_variants
 from deim_ray.models.variants import VARIANTS as DEIMV2_VARIANTS
 
@@ -41,8 +41,9 @@ class Family:
     variants: dict[str, Callable[[], dict[str, Any]]]
     loss: LossRecipe | None
     """The DEIM-recipe loss of D-FINE / RT-DETRv2; None: DEIMv2 (`loss.DeimLoss`)."""
-    head_options: dict[str, tuple[str, ...]]
-    """Upstream decoder options this family accepts in `model.extra` on top of its config's fields."""
+    head_options: dict[str, tuple[Any, ...]]
+    """Upstream options this family accepts in `model.extra` on top of its config's fields (decoder heads,
+    frozen backbone layers), each with its accepted values."""
 
     def variant_kwargs(self, variant: str) -> dict[str, Any]:
         if variant not in self.variants:
@@ -53,10 +54,10 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "deimv2": Family("deimv2", "DEIMv2", Deimv2Config, Deimv2ForObjectDetection, DEIMV2_VARIANTS, None, {}),
     "dfine": Family("dfine", "D-FINE", DFineConfig, DFineForObjectDetection, dfine_variants.VARIANTS,
-                    LossRecipe(("mal", "boxes", "local"), use_uni_set=True), {"mlp_act": MLP_ACTS}),
+                    LossRecipe(("mal", "boxes", "local"), use_uni_set=True), {"mlp_act": MLP_ACTS, **FREEZE_OPTIONS}),
     "rtdetrv2": Family("rtdetrv2", "RT-DETRv2", RTDetrV2Config, RTDetrV2ForObjectDetection,
                        rtdetrv2_variants.VARIANTS, LossRecipe(("mal", "boxes"), use_uni_set=False),
-                       {"mlp_act": MLP_ACTS, "query_pos_method": QUERY_POS_METHODS}),
+                       {"mlp_act": MLP_ACTS, "query_pos_method": QUERY_POS_METHODS, **FREEZE_OPTIONS}),
 }
 
 

@@ -1,4 +1,5 @@
-"""models layer: upstream's decoder-head options that transformers' D-FINE / RT-DETRv2 configs lack.
+"""models layer: upstream's decoder-head (and frozen-backbone) options that transformers' D-FINE / RT-DETRv2
+configs lack.
 
 Upstream DEIM configures the MLP heads of the decoder (`mlp_act`: relu or silu; the DEIM recipe uses silu) and,
 for RT-DETRv2, the query position head (`query_pos_method: as_reg`, a 3-layer d->d->d MLP instead of the 2-layer
@@ -11,8 +12,13 @@ relu for the plain baselines); transformers always uses ReLU there. A config wit
 D-FINE config deim_ray builds) gets upstream's; one without it (a D-FINE `final.pth` written before this option
 existed) keeps the ReLU it was trained with.
 
+Frozen backbone layers: upstream's `freeze_at` keeps the backbone stem (`freeze_at >= 0`) and some stages out of
+training. The config carries it as `freeze_stem` and `freeze_stages` (the first N stages after the stem;
+`import-config` translates HGNetv2's `freeze_at` / `freeze_stem_only` and PResNet's `freeze_at`).
+
 Activations are switched by changing the class of the existing head modules (or their `act`), never by
-building new ones, so parameter names, initial values and tied weights stay as transformers made them.
+building new ones, so parameter names and tied weights stay as transformers made them (the initial values are
+then redrawn as upstream draws them, `upstream_init.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ HEAD_NAMES = frozenset({"query_pos_head", "enc_bbox_head", "pre_bbox_head"})
 """Modules named so (or inside a `bbox_embed` list) are the MLP heads upstream builds with `mlp_act`."""
 MLP_ACTS = ("relu", "silu")
 QUERY_POS_METHODS = ("default", "as_reg")
+FREEZE_OPTIONS = {"freeze_stem": (False, True), "freeze_stages": (0, 1, 2, 3, 4)}
+"""`model.extra` options of both families that freeze backbone layers, with their accepted values."""
 UPSTREAM_LQE_ACT = "upstream_lqe_act"
 
 
@@ -41,9 +49,14 @@ class SiluPredictionHead(nn.Module):
 
 
 def apply_head_options(model: nn.Module) -> None:
-    """Apply `config.query_pos_method`, `config.mlp_act` and `config.upstream_lqe_act` (when present) to a freshly
-    built model, in place."""
+    """Apply `config.query_pos_method`, `config.mlp_act`, `config.upstream_lqe_act`, `config.freeze_stem` and
+    `config.freeze_stages` (when present) to a freshly built model, in place."""
     config = model.config
+    if getattr(config, "freeze_stem", False):
+        model.model.backbone.model.embedder.requires_grad_(False)
+    if getattr(config, "freeze_stages", 0):
+        for stage in model.model.backbone.model.encoder.stages[:config.freeze_stages]:
+            stage.requires_grad_(False)
     if getattr(config, UPSTREAM_LQE_ACT, False):
         for lqe in model.model.decoder.lqe_layers:
             lqe.reg_conf.act = ACT2CLS[config.decoder_activation_function]()

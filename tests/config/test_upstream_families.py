@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from deim_ray.config.loader import load_config
 from deim_ray.config.upstream import convert_upstream, write_converted
@@ -61,11 +62,33 @@ def test_recipes_differ_as_upstream_says():
     assert deim == {"family": "rtdetrv2", "variant": "r50", "focal_loss_gamma": 1.5, "backbone_pretrained":
                     "../RT-DETR-main/rtdetrv2_pytorch/INK1k/ResNet50_vd_ssld_v2_pretrained_from_paddle.pth"}
     assert plain["losses"] == ["vfl", "boxes"] and plain["focal_loss_gamma"] == 2.0
-    assert plain["extra"] == {"freeze_backbone_batch_norms": True, "decoder_activation_function": "relu",
-                              "mlp_act": "relu", "query_pos_method": "default"}
+    assert plain["extra"] == {"freeze_backbone_batch_norms": True, "freeze_stem": True,
+                              "decoder_activation_function": "relu", "mlp_act": "relu", "query_pos_method": "default"}
     tree, notes = convert_upstream(ROOT / "deim_rtdetrv2/rtdetrv2_r50vd_m_7x_coco.yml")
     assert tree["model"]["decoder_layers"] == 6
     assert any(n.startswith("RTDETRTransformerv2.eval_idx=2") for n in notes)
+
+
+@pytest.mark.parametrize("rel, section, keys, stem, stages", [
+    ("deim_rtdetrv2/rtdetrv2_r50vd_6x_coco.yml", "PResNet", {"freeze_at": 2}, True, 2),
+    ("deim_dfine/dfine_hgnetv2_x_coco.yml", "HGNetv2", {"freeze_at": 1, "freeze_stem_only": False}, True, 2),
+    ("deim_dfine/dfine_hgnetv2_x_coco.yml", "HGNetv2", {"freeze_at": 1}, True, 0),
+    ("deim_dfine/dfine_hgnetv2_x_coco.yml", "HGNetv2", {"freeze_at": -1}, False, 0),
+])
+def test_freeze_at_keeps_upstreams_frozen_backbone_layers_out_of_training(tmp_path, rel, section, keys, stem, stages):
+    """HGNetv2 freezes its stem and, unless `freeze_stem_only` (its default), stages 0..freeze_at; PResNet its
+    stem and the first `freeze_at` stages."""
+    config = tmp_path / "frozen.yml"
+    config.write_text(yaml.safe_dump({"__include__": [str(ROOT / rel)], section: keys}))
+    extra = convert_upstream(config)[0]["model"]["extra"]
+    assert extra.get("freeze_stem", False) == stem and extra.get("freeze_stages", 0) == stages
+    cfg = load_config(config, ["model.backbone_pretrained=null"])
+    with torch.device("meta"):
+        model = build_from_config(build_model_config(cfg.model, 80))
+    backbone = model.model.backbone.model
+    assert all(p.requires_grad != stem for p in backbone.embedder.parameters())
+    for i, stage in enumerate(backbone.encoder.stages):
+        assert all(p.requires_grad == (i >= stages) for p in stage.parameters())
 
 
 def test_param_groups_follow_upstreams_names():

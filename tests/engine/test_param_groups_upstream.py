@@ -1,6 +1,7 @@
-"""Every parameter gets upstream's learning rate and weight decay: the shipped DEIMv2 configs and the imported
-upstream configs against the settings upstream's own optimizer gives each parameter
-(`tests/models/fixtures/upstream/param_groups.json.gz`, written by `make_param_groups.py` from upstream's code)."""
+"""Every parameter gets upstream's learning rate and weight decay: the shipped DEIMv2, D-FINE and RT-DETRv2 configs
+and the imported upstream configs against the settings upstream's own optimizer gives each parameter
+(`tests/models/fixtures/upstream/param_groups.json.gz`, written by `make_param_groups.py` from DEIMv2's and DEIM's
+code)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,10 @@ UPSTREAM_CONFIGS = ROOT / "tests" / "config" / "fixtures" / "upstream" / "deimv2
 SHIPPED = ROOT / "configs" / "deimv2"
 NAMES = ["hgnetv2_atto", "hgnetv2_femto", "hgnetv2_pico", "hgnetv2_n", "hgnetv2_s", "hgnetv2_m", "hgnetv2_l",
          "hgnetv2_x", "dinov3_s", "dinov3_m", "dinov3_l", "dinov3_x"]
+UPSTREAM_DEIM = ROOT / "tests" / "config" / "fixtures" / "upstream_deim"
+SHIPPED_DIRS = {"deim_dfine": ROOT / "configs" / "dfine", "deim_rtdetrv2": ROOT / "configs" / "rtdetrv2"}
+with gzip.open(FIXTURE, "rt") as _f:
+    DEIM_CONFIGS = sorted(k for k in json.load(_f) if k.endswith(".yml"))
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +60,11 @@ def test_imported_upstream_config_gives_upstream_groups(name, upstream_settings)
 def test_shipped_config_gives_upstream_groups(name, upstream_settings):
     wrong = differences(SHIPPED / f"deimv2_{name}_coco.yml", upstream_settings[name])
     assert not wrong, f"{len(wrong)} parameters differ: " + "; ".join(wrong[:4])
+
+
+@pytest.mark.parametrize("rel", DEIM_CONFIGS)
+def test_imported_and_shipped_dfine_rtdetrv2_configs_give_upstream_groups(rel, upstream_settings):
+    family_dir, rest = rel.split("/", 1)
+    for config in (UPSTREAM_DEIM / rel, SHIPPED_DIRS[family_dir] / rest):
+        wrong = differences(config, upstream_settings[rel])
+        assert not wrong, f"{config}: {len(wrong)} parameters differ: " + "; ".join(wrong[:4])

@@ -86,6 +86,8 @@ def test_unknown_head_option_value_is_refused():
         _tiny("dfine", extra={"mlp_act": "gelu"})
     with pytest.raises(ModelError, match="unknown DFineConfig key 'query_pos_method'"):
         _tiny("dfine", extra={"query_pos_method": "as_reg"})
+    with pytest.raises(ModelError, match="model.extra.freeze_stages must be one of 0, 1, 2, 3, 4, got 7"):
+        _tiny("rtdetrv2", extra={"freeze_stages": 7})
 
 
 def test_unknown_variant_names_the_family_sizes():

@@ -19,14 +19,17 @@ from deim_ray.config.loader import load_config
 from deim_ray.models import build_model
 
 FIXTURES = Path(__file__).parent / "fixtures" / "upstream"
-CONFIGS = Path(__file__).parents[1] / "config" / "fixtures" / "upstream" / "deimv2"
+CONFIGS = Path(__file__).parents[1] / "config" / "fixtures"
+UPSTREAM_CONFIGS = {"dfine_n": "upstream_deim/deim_dfine/deim_hgnetv2_n_coco.yml",
+                    "rtdetrv2_r18": "upstream_deim/deim_rtdetrv2/deim_r18vd_120e_coco.yml"}
 STATS = json.loads(gzip.open(FIXTURES / "init_stats.json.gz", "rt").read())
 VIT = "model.conv_encoder.backbone."  # the ViT keeps transformers' (ViT-recipe) init
 
 
 def _fresh(name: str) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    cfg = load_config(CONFIGS / f"deimv2_{name}_coco.yml", ["model.backbone_pretrained=null"])
+    rel = UPSTREAM_CONFIGS.get(name, f"upstream/deimv2/deimv2_{name}_coco.yml")
+    cfg = load_config(CONFIGS / rel, ["model.backbone_pretrained=null"])
     return build_model(cfg.model, 80).state_dict()
 
 

@@ -20,7 +20,6 @@ _BACKBONE_KW: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "freeze_norm": ("freeze_backbone_batch_norms", bool),
     "use_lab": ("backbone_config.use_learnable_affine_block", bool),
 }
-_FREEZE_NOTE = "deim_ray trains every backbone layer (no freeze_at); the stem/stages upstream freezes are trained"
 
 
 @dataclass(frozen=True)
@@ -82,12 +81,23 @@ def _convert_backbone(r: Reader, section: str, expected: dict[str, Any]) -> None
         value = r.get(path, expected.get(key))
         if value != expected.get(key):
             r.put(f"model.extra.{keyword}", cast(value), path)
-    if r.get(f"{section}.freeze_at", -1) != -1:
-        r.note(f"{section}.freeze_at", r.peek(f"{section}.freeze_at"), _FREEZE_NOTE)
-    r.ignore(f"{section}.freeze_stem_only")
+    _convert_freeze(r, section)
     for key in _section(r, section):
         if key in expected and key not in (*_BACKBONE_KW, "freeze_at"):
             r.expect(f"{section}.{key}", expected[key])
+
+
+def _convert_freeze(r: Reader, section: str) -> None:
+    """`freeze_at` -> `model.extra.freeze_stem` / `freeze_stages`: HGNetv2 freezes its stem and, unless
+    `freeze_stem_only` (its default), stages 0..freeze_at; PResNet its stem and the first `freeze_at` stages."""
+    freeze_at = r.get(f"{section}.freeze_at", -1)
+    stem_only = r.get(f"{section}.freeze_stem_only", True) if section == "HGNetv2" else False
+    if freeze_at < 0:
+        return
+    stages = 0 if stem_only else (freeze_at + 1 if section == "HGNetv2" else freeze_at)
+    r.put("model.extra.freeze_stem", True, f"{section}.freeze_at")
+    if stages:
+        r.put("model.extra.freeze_stages", min(stages, 4), f"{section}.freeze_at")
 
 
 def _convert_backbone_weights(r: Reader, section: str, fam: UpstreamFamily) -> None:
