@@ -214,7 +214,7 @@ def _sized_boxes(outputs: Output) -> Output:
         return [_sized_boxes(o) for o in outputs]
     if not isinstance(outputs, dict):
         return outputs
-    out = {k: _sized_boxes(v) if isinstance(v, (dict, list)) and k != "dn_meta" else v for k, v in outputs.items()}
+    out = {k: _sized_boxes(v) for k, v in outputs.items()}
     if "pred_boxes" in outputs:
         boxes = outputs["pred_boxes"]
         sized = torch.cat([boxes[..., :2], boxes[..., 2:].clamp(min=0)], -1)

@@ -26,13 +26,13 @@ NAMES = ["hgnetv2_atto", "hgnetv2_femto", "hgnetv2_pico", "hgnetv2_n", "hgnetv2_
 UPSTREAM_DEIM = ROOT / "tests" / "config" / "fixtures" / "upstream_deim"
 SHIPPED_DIRS = {"deim_dfine": ROOT / "configs" / "dfine", "deim_rtdetrv2": ROOT / "configs" / "rtdetrv2"}
 with gzip.open(FIXTURE, "rt") as _f:
-    DEIM_CONFIGS = sorted(k for k in json.load(_f) if k.endswith(".yml"))
+    SETTINGS = json.load(_f)
+DEIM_CONFIGS = sorted(k for k in SETTINGS if k.endswith(".yml"))
 
 
 @pytest.fixture(scope="module")
 def upstream_settings() -> dict:
-    with gzip.open(FIXTURE, "rt") as f:
-        return json.load(f)
+    return SETTINGS
 
 
 def differences(config: Path, expected: dict) -> list[str]:
