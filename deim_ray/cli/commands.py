@@ -6,16 +6,21 @@ import argparse
 import json
 from pathlib import Path
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo" / "shapes.yml"
-
-
 def _load(args: argparse.Namespace):
     from deim_ray.config.loader import load_config
 
     return load_config(args.config, args.update)
 
 
-def _run(args: argparse.Namespace, cfg) -> int:
+def _shortcuts(args: argparse.Namespace):
+    from deim_ray.driver.shortcuts import Shortcuts
+
+    return Shortcuts(config=args.config, model=args.model, data=args.data, epochs=args.epochs,
+                     image_size=args.image_size, batch=args.batch, pretrained=args.pretrained,
+                     backbone_weights=args.backbone_weights, updates=tuple(args.update))
+
+
+def _run(args: argparse.Namespace, cfg, explicit: frozenset[str] = frozenset()) -> int:
     from deim_ray.driver.console import Console
     from deim_ray.driver.run import RunRequest, run_training
     from deim_ray.storage import format_resolution
@@ -24,7 +29,7 @@ def _run(args: argparse.Namespace, cfg) -> int:
     manifest = run_training(RunRequest(cfg=cfg, storage_uri=args.storage, name=args.name, workers=args.workers,
                                        gpu=args.gpu, max_failures=args.max_failures, restart=args.restart,
                                        cpus_per_worker=args.cpus_per_worker, console=console,
-                                       stage2_branches=args.stage2_branches))
+                                       stage2_branches=args.stage2_branches, explicit=explicit))
     if console is None or not console.epochs_shown:  # the epochs were not streamed by this command
         print(epoch_table(args.storage, args.name, cfg.storage, cfg.schedule.epochs))
     print(format_resolution(manifest))
@@ -38,10 +43,19 @@ def _next_steps(storage: str, name: str) -> str:
 
 
 def train(args: argparse.Namespace) -> int:
-    return _run(args, _load(args))
+    from deim_ray.driver.shortcuts import fresh_name, load_for_command, name_base
+
+    shortcuts = _shortcuts(args)
+    loaded = load_for_command(shortcuts)
+    if args.name is None:
+        args.name = fresh_name(args.storage, loaded.cfg, name_base(shortcuts))
+        print(f"run name: {args.name} (in {args.storage}; --name chooses one)")
+    return _run(args, loaded.cfg, loaded.explicit)
 
 
 def demo(args: argparse.Namespace) -> int:
+    from deim_ray.config.shipped import DEMO_CONFIG
+
     if args.config is None:
         if not DEMO_CONFIG.exists():
             raise FileNotFoundError(f"demo config {DEMO_CONFIG} is missing; run from a deim_ray checkout or pass -c")
@@ -145,19 +159,15 @@ def ls(args: argparse.Namespace) -> int:
 
 
 def info(args: argparse.Namespace) -> int:
-    from deim_ray.config.loader import load_config_explained
     from deim_ray.config.validate import validate
+    from deim_ray.driver.shortcuts import load_for_command
 
-    cfg, derived = load_config_explained(args.config, args.update)
-    validate(cfg, workers=args.workers)  # exactly `train`'s checks, before the model libraries load
-    from deim_ray.driver.info import describe_config
+    loaded = load_for_command(_shortcuts(args))
+    validate(loaded.cfg, workers=args.workers)  # exactly `train`'s checks, before the model libraries load
+    from deim_ray.driver.info import describe_checked
 
-    print(describe_config(cfg, derived=derived))
-    if not args.no_loader:
-        from deim_ray.driver.info import describe_loader
-
-        print()
-        print(describe_loader(cfg, args.images_per_s))
+    print(describe_checked(loaded.cfg, loaded.derived, workers=args.workers, keep=loaded.explicit,
+                           data=not args.no_data, loader=not args.no_loader, consumed_per_s=args.images_per_s))
     return 0
 
 

@@ -71,9 +71,27 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                    help="override config keys, e.g. -u schedule.epochs=20 optimizer.lr=1e-3")
 
 
+def _add_shortcut_args(p: argparse.ArgumentParser) -> None:
+    """The one-line training arguments (`driver/shortcuts.py`): a shipped model on a dataset folder."""
+    g = p.add_argument_group("training on a dataset folder (instead of, or on top of, -c CONFIG)")
+    g.add_argument("--data", metavar="DIR", help="dataset folder: COCO (as annotation tools export it too), YOLO or "
+                   "Pascal VOC, detected from the layout; fits batch, warm-ups and EMA to its size")
+    g.add_argument("--model", metavar="NAME", help="shipped model config, e.g. deimv2-atto, deimv2-n, dfine-n, "
+                   "rtdetrv2-r18 (needs --data)")
+    g.add_argument("--epochs", type=POSITIVE_INT, help="total epochs; the two-stage schedule is derived from it")
+    g.add_argument("--image-size", type=POSITIVE_INT, metavar="S", help="train and evaluate at S x S (multiple of 32)")
+    g.add_argument("--batch", type=POSITIVE_INT, metavar="B", help="total batch over all workers (default: the "
+                   "config's, lowered to keep 16 steps per epoch on small data)")
+    g.add_argument("--pretrained", metavar="CKPT", help="fine-tune from a checkpoint (what model.pretrained takes)")
+    g.add_argument("--backbone-weights", metavar="PATH|none", help="ImageNet backbone file (default: the one the "
+                   "config names); none starts from a random backbone")
+
+
 def _add_run_args(p: argparse.ArgumentParser, default_name: str | None) -> None:
     p.add_argument("--storage", default="./runs", help="run storage: a directory or s3://bucket/prefix (default ./runs)")
-    p.add_argument("--name", default=default_name, required=default_name is None, help="run name (same name resumes)")
+    p.add_argument("--name", default=default_name, help="run name (same name resumes; default: "
+                   + (default_name if default_name else "the model or config name, -2, -3, ... after a finished run")
+                   + ")")
     p.add_argument("--workers", type=POSITIVE_INT, default=2, help="Ray Train workers (default 2)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, AMP per config")
     p.add_argument("--cpus-per-worker", type=POSITIVE, default=1.0, help="CPUs reserved per worker (default 1)")
@@ -120,7 +138,8 @@ def _add_use_commands(sub) -> None:
 def _add_training_commands(sub) -> None:
     """Commands that train: train, demo, tune."""
     p = sub.add_parser("train", help="two-stage training on Ray Train")
-    _add_config_args(p)
+    _add_config_args(p, required=False)
+    _add_shortcut_args(p)
     _add_run_args(p, default_name=None)
     p.set_defaults(func=commands.train)
 
@@ -177,9 +196,12 @@ def _add_config_commands(sub) -> None:
     """Commands about configs, data and weights before a run: info, show-augment, convert-weights, import-config."""
     p = sub.add_parser("info", help="model size, the whole schedule phase by phase (checked as train checks), "
                                     "and the loader workers needed")
-    _add_config_args(p)
+    _add_config_args(p, required=False)
+    _add_shortcut_args(p)
     p.add_argument("--workers", type=int, default=2,
                    help="workers the batch sizes must divide by (default 2, as train)")
+    p.add_argument("--no-data", action="store_true", help="skip the data and weight-file checks (describe a config "
+                   "whose data or weights are elsewhere)")
     p.add_argument("--images-per-s", type=POSITIVE, default=None,
                    help="images/s one training worker (GPU) consumes; prints the data.num_workers that keeps up")
     p.add_argument("--no-loader", action="store_true", help="skip the short loader measurement")

@@ -162,6 +162,9 @@ class ScheduleConfig:
     null (the default) keeps the plain matcher, `auto` switches at 90% of stop_epoch."""
     iou_order_alpha: float = 4.0
     """Exponent of the IoU-order matcher cost used from matcher_change_epoch."""
+    fit_to_data: bool = False
+    """Lower the batch, the LR warm-up and the EMA decays / warm-up to what the dataset's length allows
+    (`config/fit.py`; the configured values are upper bounds, so COCO keeps upstream's). `train --data` sets it."""
 
 
 @dataclass(frozen=True)

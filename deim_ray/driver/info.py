@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 
+from deim_ray.config.fit import schedule_warnings
 from deim_ray.config.schedule import Stage
 from deim_ray.config.schema import Config
 from deim_ray.data.errors import DataError
 from deim_ray.data.gates import phase_table
 from deim_ray.data.synthetic import ensure_dataset, synthetic_splits
 from deim_ray.data.throughput import phase_rates, workers_needed
+from deim_ray.driver.preflight import check_model, num_classes, preflight
 from deim_ray.driver.stage2_branches import stage2_space
 from deim_ray.models.backbone_weights import backbone_note
 from deim_ray.models.build import build_from_config, build_model_config, count_parameters
@@ -96,6 +98,31 @@ def describe_config(cfg: Config, num_classes: int | None = None, derived: list[s
         lines.append(f"{start:>3}-{end - 1:<6} {phase.stage:<6} {_lr_at(cfg, start):<14} "
                      f"{_ema_at(cfg, phase.stage):<58} {', '.join(phase.ops)}")
     return "\n".join(lines)
+
+
+def describe_checked(cfg: Config, derived: list[str], *, workers: int, keep=(), data: bool = True,
+                     loader: bool = False, consumed_per_s: float | None = None) -> str:
+    """What `info` prints: `train`'s preflight on this config (the data, the weight files, the model on the meta
+    device; skipped with `data=False` but for the model), the schedule fitted to the data with a warning for each
+    warm-up or EMA horizon longer than its stage, then `describe_config` and optionally `describe_loader`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = _with_local_data(cfg, Path(tmp))
+        if not data:
+            check_model(local, num_classes(local, []), files=False)
+            return describe_config(local, derived=derived) + _loader(local, loader, consumed_per_s)
+        checked = preflight(local, on_cluster=False, workers=workers, keep=keep)
+        fitted, train = checked.cfg, checked.train_images
+        lines = [f"data: {s.split} {s.images} images, {s.annotations} boxes" for s in checked.summaries]
+        if checked.fit_notes:
+            lines += [f"fitted to the {train} train images (schedule.fit_to_data):",
+                      *(f"  {note}" for note in checked.fit_notes)]
+        lines += [f"warning: {w}" for w in schedule_warnings(fitted, train)]
+        text = describe_config(fitted, num_classes(fitted, checked.summaries), derived)
+        return "\n".join([*lines, text]) + _loader(fitted, loader, consumed_per_s)
+
+
+def _loader(cfg: Config, wanted: bool, consumed_per_s: float | None) -> str:
+    return "\n\n" + describe_loader(cfg, consumed_per_s) if wanted else ""
 
 
 def _with_local_data(cfg: Config, tmp: Path) -> Config:

@@ -30,6 +30,7 @@ from deim_ray.engine.optim import ParamGroupError
 from deim_ray.engine.loop import NonFiniteLossError
 from deim_ray.engine.state import CheckpointError
 from deim_ray.models.errors import ModelError
+from deim_ray.driver.worker_output import capture_worker_output
 from deim_ray.logs import is_verbose
 from deim_ray.storage import RunStore
 
@@ -123,6 +124,7 @@ def ensure_ray(address: str | None = None, resources: dict[str, float] | None = 
     if address and address != "local":  # a cluster (or `ray job submit`): its runtime_env stays in charge
         check_reachable(address, source)
         ray.init(address=address, logging_level=level)
+        capture_worker_output(is_verbose())
         return
     dashboard_port = _free_port()
     env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
@@ -135,6 +137,7 @@ def ensure_ray(address: str | None = None, resources: dict[str, float] | None = 
     with _quiet_token_notice():
         ray.init(address="local", logging_level=level, resources=resources, dashboard_port=dashboard_port,
                  runtime_env={"env_vars": env})
+    capture_worker_output(is_verbose())
 
 
 def _free_port() -> int:

@@ -16,6 +16,7 @@ cluster must be able to place the workers (`check_capacity`), so bad input fails
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from deim_ray.config.schedule import BEST_STG1, FINAL, Stage
+from deim_ray.config.schedule import BEST_STG1, FINAL, LAST, Stage
 from deim_ray.config.loader import config_from_dict, config_sha256, diff_configs, dump_yaml
 from deim_ray.config.schema import Config
 from deim_ray.config.validate import validate
@@ -33,6 +34,7 @@ from deim_ray.driver.plots import write_plot
 from deim_ray.driver.preflight import check_request, check_writable, preflight
 from deim_ray.driver.ray_stage import StageRunFailed, check_capacity, ensure_ray
 from deim_ray.driver.stage_job import RunError, RunRequest, fit_stage
+from deim_ray.driver.worker_output import log_file
 from deim_ray.engine.state import load_train_state
 from deim_ray.models.export import make_final_checkpoint
 from deim_ray.storage import Manifest, RunState, RunStore, open_storage, resolve_final
@@ -56,9 +58,18 @@ def _sweep(store: RunStore) -> None:
         log.info("run %s: discarded %d interrupted upload(s) left by an earlier attempt", store.name, swept)
 
 
+def nothing_committed(manifest: Manifest) -> bool:
+    """Whether an unfinished run has no epoch to lose: no checkpoint committed, no stage switch recorded."""
+    return (manifest.state is not RunState.DONE and manifest.switch is None
+            and not any(manifest.artifacts.get(name) for name in (LAST, BEST_STG1)))
+
+
 def check_same_config(req: RunRequest, store: RunStore, manifest: Manifest | None) -> None:
-    """Refuse to continue run `req.name` with another config than it was started with (unless --restart)."""
+    """Refuse to continue run `req.name` with another config than it was started with (unless --restart, or the
+    run committed no epoch yet: it then starts over with the new config)."""
     if manifest is None or req.restart or manifest.config_sha256 == config_sha256(req.cfg):
+        return
+    if nothing_committed(manifest):
         return
     old = _stored_config(store)
     keys = ", ".join(diff_configs(old, req.cfg)[:8]) if old else "unknown keys"
@@ -71,6 +82,9 @@ def open_run(req: RunRequest, store: RunStore) -> Manifest:
     under the same name)."""
     sha = config_sha256(req.cfg)
     manifest = store.read_manifest()
+    if manifest is not None and not req.restart and manifest.config_sha256 != sha and nothing_committed(manifest):
+        log.info("run %s: no epoch was committed under its earlier config; starting over with this one", req.name)
+        req = dataclasses.replace(req, restart=True)
     if manifest is not None and not req.restart:
         check_same_config(req, store, manifest)
         _sweep(store)
@@ -96,8 +110,20 @@ def _run_stage(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | N
         return fit_stage(req, store, stage, stg1_sha)
     except StageRunFailed as e:
         store.transition(RunState.FAILED, note=f"stage {int(stage)}: {e}")
-        raise RunError(f"stage {int(stage)} of run `{req.name}` failed: {e}. Fix the cause and re-run the "
-                       "same command to resume from the last checkpoint") from None
+        logs = log_file()
+        raise RunError(f"stage {int(stage)} of run `{req.name}` failed: {e}. {_retry_hint(store.read_manifest())}"
+                       + (f" (the workers' full output: {logs})" if logs else "")) from None
+
+
+def _retry_hint(manifest: Manifest) -> str:
+    """What re-running does after a failed stage (true for this run's manifest)."""
+    if nothing_committed(manifest):
+        return ("No epoch was committed: fix the cause and re-run the same command (it starts over, with a changed "
+                "config too)")
+    last = manifest.artifacts.get(LAST)
+    where = f"epoch {last.epoch}" if last else "best_stg1"
+    return (f"Fix the cause and re-run the same command to resume after {where} (with the same config; a changed "
+            "config needs --restart or a new --name)")
 
 
 def _switch(store: RunStore, stop_epoch: int) -> str:
@@ -153,7 +179,11 @@ def run_training(req: RunRequest) -> Manifest:
     validate(req.cfg, workers=req.workers)
     store = RunStore(open_storage(req.storage_uri, req.cfg.storage), req.name)
     check_writable(req.storage_uri)
-    preflight(req.cfg)
+    checked = preflight(req.cfg, workers=req.workers, keep=req.explicit)
+    if checked.fit_notes:
+        log.info("schedule fitted to %d train images: %s", checked.train_images, "; ".join(checked.fit_notes))
+        req = dataclasses.replace(req, cfg=checked.cfg)
+        validate(req.cfg, workers=req.workers)
     existing = store.read_manifest()
     check_same_config(req, store, existing)
     check_branch_request(req, existing)

@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import difflib
 import logging
+import warnings
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
+import torch
 from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
@@ -49,8 +52,8 @@ from deim_ray.models.pretrained import PretrainedReport, load_pretrained
 from deim_ray.models.sizes import feature_strides, validate_input_size
 from deim_ray.models.upstream_init import init_as_upstream_deim
 
-__all__ = ["build_from_config", "build_model", "build_model_config", "build_model_with_report", "count_parameters",
-           "feature_strides", "validate_input_size"]
+__all__ = ["build_from_config", "build_model", "build_model_config", "build_model_with_report", "check_buildable",
+           "count_parameters", "feature_strides", "validate_input_size"]
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +157,24 @@ def build_model_with_report(cfg: ModelConfig, num_classes: int) -> tuple[PreTrai
     report = load_pretrained(model, cfg.pretrained)
     log.info("%s", report.summary())
     return model, report
+
+
+def check_buildable(cfg: ModelConfig, num_classes: int, image_size: tuple[int, int], files: bool = True) -> int:
+    """Everything `build_model` and the first training step would refuse, checked without allocating weights:
+    the model config, the input size for its queries and strides, and (`files`) the backbone file and a local
+    `pretrained` file or folder with their loading rules (read, matched by name and shape into a model on the meta
+    device; a hub id is left to the workers, which may download it). Returns the parameter count; raises the same
+    one-line ModelError a worker would."""
+    config = build_model_config(cfg, num_classes)
+    validate_input_size(*image_size, config.num_queries, feature_strides(config))
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*meta parameter.*")  # copying into meta tensors is a no-op
+        model = build_from_config(config)
+        if files and cfg.backbone_pretrained is not None:
+            _load_backbone(model, cfg)
+        if files and cfg.pretrained is not None and Path(cfg.pretrained).expanduser().exists():
+            load_pretrained(model, cfg.pretrained)
+    return count_parameters(model)
 
 
 def _load_backbone(model: PreTrainedModel, cfg: ModelConfig):

@@ -31,7 +31,7 @@ import yaml
 from PIL import Image
 
 from deim_ray.cli.main import main
-from deim_ray.config.loader import load_config
+from deim_ray.config.loader import config_sha256, load_config
 from deim_ray.config.schema import SyntheticConfig
 from deim_ray.data.coco import CocoDetection
 from deim_ray.data.errors import DataError
@@ -41,7 +41,7 @@ from deim_ray.driver.run import RunRequest, open_run
 from deim_ray.engine.state import CheckpointError, load_train_state, make_train_state, save_train_state
 from deim_ray.models.build import build_model
 from deim_ray.models.pretrained import load_pretrained
-from deim_ray.storage import RunStore, open_storage
+from deim_ray.storage import RunState, RunStore, open_storage
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "demo" / "tiny.yml"
@@ -113,7 +113,8 @@ def env(pristine, tmp_path) -> Env:
 
 
 def config_and_existing_run(tmp: Path, data: Path) -> tuple[Path, Path]:
-    """`tmp/config.yml` (the tiny config on the shapes in `data`) and `tmp/runs` holding run `existing` (NEW)."""
+    """`tmp/config.yml` (the tiny config on the shapes in `data`) and `tmp/runs` holding run `existing` in stage 1
+    with one committed epoch (its `last`): a run with work to lose."""
     tree = yaml.safe_load(TINY.read_text())
     tree["data"].update(train={"img_folder": str(data / "train"), "ann_file": str(data / "annotations/train.json")},
                         val={"img_folder": str(data / "val"), "ann_file": str(data / "annotations/val.json")},
@@ -121,8 +122,11 @@ def config_and_existing_run(tmp: Path, data: Path) -> tuple[Path, Path]:
     config = tmp / "config.yml"
     config.write_text(yaml.safe_dump(tree))
     storage = tmp / "runs"
-    open_run(RunRequest(cfg=load_config(config), storage_uri=str(storage), name="existing"),
-             RunStore(open_storage(str(storage)), "existing"))
+    store = RunStore(open_storage(str(storage)), "existing")
+    open_run(RunRequest(cfg=load_config(config), storage_uri=str(storage), name="existing"), store)
+    (tmp / "state.pt").write_bytes(b"a committed epoch")
+    store.put_artifact("last", tmp / "state.pt", epoch=0, stage=1, ap=0.1)
+    (tmp / "state.pt").unlink()
     return config, storage
 
 
@@ -231,6 +235,22 @@ def _show_augment_under_a_file(e: Env) -> list[str]:
     return _show_augment("--epoch", "0", "-o", str(e.tmp / "file" / "grid.png"))(e)
 
 
+def _backbone_file(variant: str, other: str) -> Callable[[Env], list[str]]:
+    """A backbone file in upstream's layout written from another model's backbone (`other`)."""
+    def make(e: Env) -> list[str]:
+        from deim_ray.config.schema import ModelConfig
+
+        model = build_model(ModelConfig(variant=other), 3)
+        prefix = "model.conv_encoder.model."
+        state = {k[len(prefix):].replace("embedder.", "stem.").replace("encoder.stages.", "stages.")
+                 .replace(".convolution.", ".conv.").replace(".normalization.", ".bn."): v
+                 for k, v in model.state_dict().items() if k.startswith(prefix)}
+        torch.save(state, e.tmp / "backbone.pth")
+        return e.train("-u", f"model.variant={variant}", "model.num_queries=100",
+                       f"model.backbone_pretrained={e.tmp}/backbone.pth")
+    return make
+
+
 def _set(section: str, key: str, value):
     return lambda tree: tree[section].__setitem__(key, value)
 
@@ -317,7 +337,29 @@ CLI_CASES = [
     ("show-augment-under-a-file", _show_augment_under_a_file, ["is a file"]),
     ("show-augment-negative-epoch", _show_augment("--epoch", "-5"), ["--epoch", "at least 0"]),
     ("show-augment-epoch-beyond-schedule", _show_augment("--epoch", "99"), ["--epoch 99", "beyond"]),
+    # what a worker refused after Ray had started, now refused by preflight (issue 21)
+    ("backbone-file-missing", lambda e: e.train("-u", "model.variant=atto",
+                                                f"model.backbone_pretrained={e.tmp}/weight/PPHGNetV2_B0_stage1.pth"),
+     ["model.backbone_pretrained", "does not exist", "PPHGNetV2_B0_stage1.pth", "null"]),
+    ("backbone-file-of-another-model", _backbone_file("n", "hgnetv2_m"), ["does not fit", "PPHGNetV2_B0"]),
+    ("image-size-too-small-for-the-queries", lambda e: e.train("-u", "model.num_queries=300",
+                                                               "data.image_size=[64,64]"),
+     ["64x64", "encoder tokens", "num_queries=300", "at least"]),
+    ("model-extra-unknown-key", lambda e: e.train("-u", "model.extra={decoder_layerz: 2}"),
+     ["decoder_layerz", "did you mean"]),
+    ("batch-larger-than-the-training-set", lambda e: e.train("-u", "data.total_batch_size=8"),
+     ["6 images", "fewer than one batch", "total_batch_size"]),
+    ("model-name-unknown", lambda e: ["train", "--data", str(e.data), "--model", "deimv2-nano"], ["--model",
+                                                                                                  "deimv2-n"]),
+    ("model-without-data", lambda e: ["train", "--model", "deimv2-atto"], ["needs --data"]),
+    ("config-and-model", lambda e: ["train", "-c", str(e.config), "--model", "deimv2-atto", "--data", str(e.data)],
+     ["not both"]),
 ]
+
+INFO_CASES = ["backbone-file-missing", "backbone-file-of-another-model", "image-size-too-small-for-the-queries",
+              "model-extra-unknown-key", "batch-larger-than-the-training-set", "missing-image-folder",
+              "train-val-categories-differ", "pretrained-missing", "model-name-unknown"]
+"""Cases `info` must refuse exactly as `train` does (the same preflight)."""
 
 
 @pytest.mark.parametrize("make_argv, words", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
@@ -342,7 +384,46 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(make_argv, words, env,
 
 
 def test_the_matrix_is_large_enough():
-    assert len(CLI_CASES) >= 55
+    assert len(CLI_CASES) >= 63
+
+
+def _as_info(argv: list[str]) -> list[str]:
+    """`train ... ARGS` as `info ARGS` (no storage or run arguments, no loader measurement)."""
+    out, skip = ["info", "--no-loader"], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+        elif arg in ("--storage", "--name"):
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+@pytest.mark.parametrize("case", INFO_CASES)
+def test_info_refuses_what_train_refuses(case, env, capsys):
+    make_argv, words = next(c[1:] for c in CLI_CASES if c[0] == case)
+    argv = make_argv(env)
+    capsys.readouterr()
+    assert main(argv) == 2
+    train_error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(_as_info(argv)) == 2
+    info_err = capsys.readouterr().err
+    assert info_err.strip().splitlines() == [train_error], info_err
+
+
+def test_a_changed_config_starts_over_when_no_epoch_was_committed(env):
+    """A stage that failed before its first committed epoch: the same command with the config fixed starts the
+    run over (it had nothing to lose) instead of refusing the new config."""
+    storage = env.tmp / "fresh-runs"
+    store = RunStore(open_storage(str(storage)), "r")
+    first = open_run(RunRequest(cfg=load_config(env.config), storage_uri=str(storage), name="r"), store)
+    store.transition(RunState.STAGE1_RUNNING, note="stage 1 started")
+    store.transition(RunState.FAILED, note="stage 1: a worker refused the input")
+    fixed = load_config(env.config, ["optimizer.lr=0.001"])
+    again = open_run(RunRequest(cfg=fixed, storage_uri=str(storage), name="r"), store)
+    assert again.state is RunState.NEW and again.attempt == first.attempt + 1
+    assert again.config_sha256 == config_sha256(fixed) != first.config_sha256
 
 
 # ---- handled, not refused ------------------------------------------------------------------------------------------
@@ -439,7 +520,7 @@ def test_preflight_generates_a_synthetic_dataset_once_on_the_driver(tmp_path, mo
     cfg = load_config(TINY, ["data.train.img_folder=d/shapes/train", "data.train.ann_file=d/shapes/annotations/"
                              "train.json", "data.val.img_folder=d/shapes/val",
                              "data.val.ann_file=d/shapes/annotations/val.json"])
-    summaries = preflight(cfg)
+    summaries = preflight(cfg).summaries
     assert (tmp_path / "d" / "shapes" / ".complete").is_file() and [s.split for s in summaries] == ["train", "val"]
     worker_cfg = absolute_paths(cfg)
     assert worker_cfg.data.train.img_folder == str(tmp_path / "d" / "shapes" / "train")
