@@ -52,12 +52,20 @@ class ModelConfig:
     `query_pos_method` (default, as_reg)."""
 
 
+DATA_FORMATS = ("coco", "yolo", "voc")
+"""Annotation formats a split can be read in (`SplitConfig.format`)."""
+
+
 @dataclass(frozen=True)
 class SplitConfig:
     img_folder: str = ""
-    """Folder of images; a relative path resolves against the working directory (as upstream)."""
+    """Folder of images; a relative path resolves against the working directory (as upstream). yolo: the
+    `images/<split>` folder (labels are found in `labels/<split>`); voc: `JPEGImages`."""
     ann_file: str = ""
-    """COCO-format annotation JSON."""
+    """coco: the COCO-format annotation JSON; yolo: the dataset's `data.yaml` (its `names`); voc: the split's
+    `ImageSets/Main/<split>.txt` (image ids, one per line; the XMLs are in the sibling `Annotations/`)."""
+    format: str = "coco"
+    """How the split is annotated: coco, yolo or voc (`deim_ray.data.layouts` detects it from a folder)."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable
 
 from deim_ray.config.errors import ConfigError
-from deim_ray.config.schema import Config
+from deim_ray.config.schema import DATA_FORMATS, Config
 
 FAMILY_VARIANTS = {
     "deimv2": ("tiny", "atto", "femto", "pico", "n", "s", "m", "l", "x"),
@@ -201,6 +201,9 @@ def _check_data(cfg: Config) -> Iterable[str]:
         if not paths.img_folder or not paths.ann_file:
             # With data.synthetic these are where the generated set is written.
             yield f"`data.{split}.img_folder` and `data.{split}.ann_file` must both be set"
+        if paths.format not in DATA_FORMATS:
+            yield (f"`data.{split}.format` must be one of {', '.join(DATA_FORMATS)}, got {paths.format!r}"
+                   f"{_suggest(paths.format, DATA_FORMATS)}")
     syn = d.synthetic
     if syn is not None and min(syn.num_train, syn.num_val, syn.num_classes, syn.max_objects, syn.image_size) < 1:
         yield "`data.synthetic` counts and image_size must all be >= 1"

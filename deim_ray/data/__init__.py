@@ -1,8 +1,12 @@
-"""data layer: COCO datasets, the stage-aware augmentation pipeline, loaders and the synthetic shapes set.
+"""data layer: detection datasets (COCO, YOLO, VOC), the stage-aware augmentation pipeline, loaders and the
+synthetic shapes set.
 
 Entry points (what the engine and the CLI call):
 - `synthetic.ensure_dataset(cfg.data)` / `synthetic.generate_shapes(root, cfg)`: write the seeded shapes set.
-- `coco.CocoDetection(img_folder, ann_file, transforms)`: the dataset; `.categories` maps COCO category ids
+- `layouts.detect_layout(root)`: the format and train/val splits of a YOLO, Pascal VOC or COCO folder;
+  `layout_writer.write_layout(train, val, layout, root)` writes one (tests, the shapes in every layout).
+- `annotations.read_split(split)`: any split's annotations (COCO JSON, YOLO labels, VOC XMLs) as one COCO dict.
+- `coco.CocoDetection.from_split(split, transforms)`: the dataset; `.categories` maps COCO category ids
   to contiguous class indices, `.coco_gt` is the faster-coco-eval ground truth for evaluation.
 - `transforms.build_train_transforms(cfg, scale)` / `build_val_transforms(cfg, scale)`: per-sample pipelines
   (`scale=False`, what the loaders use, leaves uint8 tensors that the collator scales once per batch); their

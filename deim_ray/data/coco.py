@@ -1,4 +1,7 @@
-"""data layer: the COCO-format detection dataset and the category id <-> class index map.
+"""data layer: the detection dataset (COCO, YOLO or VOC annotations) and the category id <-> class index map.
+
+Annotations are read by `annotations.read_split` into one COCO-format dict whatever the split's format, so every
+rule below holds for COCO, YOLO and VOC alike.
 
 Label semantics. Annotation `category_id`s may be any integers (1..N, sparse, COCO's 1..90). `CategoryMap`
 maps them to contiguous class indices 0..C-1 in ascending id order, so a model has exactly C =
@@ -10,7 +13,7 @@ Loading happens once, when the dataset object is built:
   evaluation expects;
 - xywh boxes become xyxy clamped to the image; boxes left without width or height are dropped and counted,
   and so are boxes with a NaN or infinite number (left out of `coco_gt` as well);
-- images without annotations are kept;
+- images without annotations are kept (background images, counted in the summary line);
 - pixels are read the way a viewer shows them: EXIF orientation is applied (annotation tools draw boxes on
   the upright image, so `width`/`height` and boxes refer to it), and 16-bit greyscale is scaled to 8 bits
   (PIL's own conversion would clip it to white);
@@ -28,32 +31,28 @@ transforms, which receive the epoch that travels with the index (see `deim_ray.d
 
 from __future__ import annotations
 
-import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision import tv_tensors
 
+from deim_ray.config.schema import SplitConfig
+from deim_ray.data.annotations import read_split, split_source
 from deim_ray.data.errors import DataError
+from deim_ray.data.images import check_image
 
 log = logging.getLogger("deim_ray.data")
 
 PER_BOX_FIELDS = ("labels", "area", "iscrowd", "ann_id")
 """Target fields with one entry per box; every op keeps them aligned with `boxes`."""
 
-_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
-MAX_IMAGE_PIXELS = 40_000_000
-"""Largest image (width x height) a dataset uses, e.g. 8000 x 5000; larger ones are refused at preflight and
-skipped by the dataset: ZoomOut alone makes a canvas up to 16 times the image."""
-_ORIENTATION = 0x0112
-"""EXIF tag: values 5..8 mean the stored pixels are transposed relative to the upright image."""
 _HIGH_DEPTH_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 """PIL modes of 16-bit (and 32-bit integer) greyscale images."""
 
@@ -133,71 +132,15 @@ class LoadReport:
     """Boxes (or areas) with a NaN or infinite number, dropped from training and evaluation."""
     size_mismatch: int = 0
     """Images whose file size differs from the annotation's width/height (the file's size is used)."""
+    background: int = 0
+    """Usable images without any annotation (kept: they show the model what is not an object)."""
 
     @property
     def num_skipped(self) -> int:
         return sum(len(v) for v in self.skipped_images.values())
 
 
-def _read_annotations(ann_file: Path) -> dict:
-    if not ann_file.is_file():
-        raise DataError(f"annotation file {ann_file} does not exist; check data.train/val.ann_file")
-    try:
-        raw = json.loads(ann_file.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"annotation file {ann_file} is not valid JSON ({e}); repair or re-export it") from None
-    except RecursionError:
-        raise DataError(f"annotation file {ann_file} nests JSON too deeply to be COCO; re-export it") from None
-    if not isinstance(raw, dict) or not all(isinstance(raw.get(k), list)
-                                            for k in ("images", "annotations", "categories")):
-        raise DataError(f"annotation file {ann_file} is not COCO detection format (needs `images`, `annotations` "
-                        f"and `categories` lists); re-export it")
-    return raw
-
-
-def _has_end_marker(path: Path, fmt: str | None) -> bool:
-    marker = _END_MARKERS.get(fmt or "")
-    if marker is None:
-        return True
-    with open(path, "rb") as f:
-        f.seek(0, 2)
-        f.seek(max(0, f.tell() - len(marker)))
-        return f.read() == marker
-
-
-def too_large(width: int, height: int) -> bool:
-    return width * height > MAX_IMAGE_PIXELS
-
-
-def upright_size(im: Image.Image) -> tuple[int, int]:
-    """(width, height) of the image as shown, i.e. after its EXIF orientation."""
-    w, h = im.size
-    return (h, w) if im.getexif().get(_ORIENTATION) in (5, 6, 7, 8) else (w, h)
-
-
-def check_image(path: Path) -> tuple[str | None, tuple[int, int]]:
-    """(None, (width, height)) for a usable image file (upright size), else (reason, (0, 0)); a "too large"
-    image keeps its size, for the message."""
-    try:
-        with Image.open(path) as im:
-            size, fmt = upright_size(im), im.format
-    except FileNotFoundError:
-        return "missing", (0, 0)
-    except Exception:  # PIL raises many types for garbage files; all mean the same here
-        return "unreadable", (0, 0)
-    if too_large(*size):
-        return "too large", size
-    if _has_end_marker(path, fmt):
-        return None, size
-    try:  # no end marker: trailing bytes after it, or a truncated file; decoding decides
-        with Image.open(path) as im:
-            im.load()
-    except Exception:
-        return "truncated", (0, 0)
-    return None, size
-
-
-def _image_entries(raw: dict, source: Path) -> list[dict]:
+def image_entries(raw: dict, source: Path) -> list[dict]:
     images = raw["images"]
     if not images:
         raise DataError(f"annotation file {source} lists no images; it must describe at least one image")
@@ -227,7 +170,7 @@ def _check_images(folder: Path, images: list[dict], report: LoadReport) -> dict[
     return usable
 
 
-def _annotation_table(raw: dict, source: Path, image_ids: set[int], cats: CategoryMap) -> dict[str, np.ndarray]:
+def annotation_table(raw: dict, source: Path, image_ids: set[int], cats: CategoryMap) -> dict[str, np.ndarray]:
     """All annotations (crowd included) as arrays; raises DataError on a malformed entry."""
     anns = raw["annotations"]
     ints = np.zeros((len(anns), 4), dtype=np.int64)  # id, image_id, category_id, iscrowd
@@ -251,7 +194,7 @@ def _annotation_table(raw: dict, source: Path, image_ids: set[int], cats: Catego
     return {"ints": ints, "floats": floats}
 
 
-def _training_boxes(table: dict[str, np.ndarray], sizes: dict[int, tuple[str, int, int]], cats: CategoryMap,
+def training_boxes(table: dict[str, np.ndarray], sizes: dict[int, tuple[str, int, int]], cats: CategoryMap,
                     report: LoadReport) -> dict[int, np.ndarray]:
     """image_id -> row indices of its non-crowd, non-degenerate annotations on usable images.
 
@@ -278,6 +221,11 @@ def _training_boxes(table: dict[str, np.ndarray], sizes: dict[int, tuple[str, in
     return {k: np.asarray(v, dtype=np.int64) for k, v in by_image.items()}
 
 
+def count_unlabelled(image_ids: Iterable[int], table: dict[str, np.ndarray]) -> int:
+    """How many of `image_ids` have no annotation at all in `table` (background images)."""
+    return len(set(image_ids) - set(table["ints"][:, 1].tolist()))
+
+
 def _log_report(report: LoadReport, ann_file: Path, n_images: int) -> None:
     if report.num_skipped:
         detail = ", ".join(f"{len(v)} {k} (e.g. {v[0]})" for k, v in sorted(report.skipped_images.items()))
@@ -289,8 +237,8 @@ def _log_report(report: LoadReport, ann_file: Path, n_images: int) -> None:
     if report.non_finite:
         log.warning("%s: %d box(es) with NaN or infinite numbers left out of training and evaluation; fix them in "
                     "the annotation file", ann_file, report.non_finite)
-    log.info("%s: %d images, %d crowd and %d degenerate boxes left out of training targets", ann_file, n_images,
-             report.crowd, report.degenerate)
+    log.info("%s: %d images (%d without labels), %d crowd and %d degenerate boxes left out of training targets",
+             ann_file, n_images, report.background, report.crowd, report.degenerate)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -306,29 +254,39 @@ class CocoDetection(torch.utils.data.Dataset):
 
     Args:
         img_folder: folder the annotation's `file_name`s are relative to.
-        ann_file: COCO JSON with `images`, `annotations` and `categories`.
+        ann_file: COCO JSON with `images`, `annotations` and `categories` (yolo: `data.yaml`; voc: the
+            `ImageSets/Main/<split>.txt`; see `SplitConfig`).
         transforms: called as `transforms(image, target, epoch=epoch, dataset=self)` and returning
             `(image, target)`; None returns the raw item.
+        fmt: the annotation format, one of `config.schema.DATA_FORMATS` (read by `annotations.read_split`).
     """
 
-    def __init__(self, img_folder: str | Path, ann_file: str | Path, transforms: Callable | None = None):
-        self.img_folder, self.ann_file = Path(img_folder), Path(ann_file)
+    def __init__(self, img_folder: str | Path, ann_file: str | Path, transforms: Callable | None = None,
+                 fmt: str = "coco"):
+        split = SplitConfig(str(img_folder), str(ann_file), fmt)
+        self.img_folder, self.ann_file = Path(img_folder), split_source(split)
         if not self.img_folder.is_dir():
             raise DataError(f"image folder {self.img_folder} does not exist; check data.train/val.img_folder")
-        raw = _read_annotations(self.ann_file)
+        raw = read_split(split)
         self.categories = CategoryMap.from_coco(raw["categories"], str(self.ann_file))
         self._categories_raw = [dict(c) for c in raw["categories"]]
         self.report = LoadReport()
-        images = _image_entries(raw, self.ann_file)
+        images = image_entries(raw, self.ann_file)
         sizes = _check_images(self.img_folder, images, self.report)
-        self._gt_table = _annotation_table(raw, self.ann_file, {int(im["id"]) for im in images}, self.categories)
-        rows = _training_boxes(self._gt_table, sizes, self.categories, self.report)
+        self._gt_table = annotation_table(raw, self.ann_file, {int(im["id"]) for im in images}, self.categories)
+        rows = training_boxes(self._gt_table, sizes, self.categories, self.report)
+        self.report.background = count_unlabelled(sizes, self._gt_table)
         self.records = [self._record(image_id, sizes[image_id], rows.get(image_id)) for image_id in sizes]
         if not self.records:
             raise DataError(f"no usable image in {self.ann_file} (all {len(images)} files in {self.img_folder} are "
                             f"missing or corrupt); check data.train/val.img_folder")
         _log_report(self.report, self.ann_file, len(self.records))
         self.transforms = transforms
+
+    @classmethod
+    def from_split(cls, split: SplitConfig, transforms: Callable | None = None) -> CocoDetection:
+        """The dataset of a config split (`data.train` / `data.val`), in the split's format."""
+        return cls(split.img_folder, split.ann_file, transforms, split.format)
 
     def _record(self, image_id: int, size: tuple[str, int, int], rows: np.ndarray | None) -> ImageRecord:
         rows = np.zeros(0, dtype=np.int64) if rows is None else rows

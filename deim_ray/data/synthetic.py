@@ -5,6 +5,9 @@ last; it records the settings the files were made with). Each image has a noisy 
 filled shapes; the class decides both the shape (rectangle, ellipse, triangle, ...) and its colour.
 Category ids are deliberately sparse and not 0-based (1, 3, 5, ...) so the id <-> class-index map is exercised.
 
+`python -m deim_ray.data.synthetic --layout yolo|voc|coco-export|coco --out DIR [--num-train N ...]` writes the set
+in any layout `data.layouts` reads (`data.layout_writer`).
+
 Same settings -> byte-identical annotation JSON and images (per-image seeds), so every node of a cluster can
 generate its own copy. Generation runs under an exclusive file lock on `root/.lock`; concurrent callers on one
 machine wait and then find the dataset complete.
@@ -12,11 +15,13 @@ machine wait and then find the dataset complete.
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import logging
 import shutil
-from dataclasses import asdict
+import tempfile
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +214,24 @@ def ensure_dataset(data: DataConfig) -> DataConfig:
                         f"{expected[1].ann_file}")
     generate_shapes(root, data.synthetic)
     return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the shapes set in a chosen layout (tests and end-to-end tries of `--data DIR`)."""
+    from deim_ray.data.layout_writer import LAYOUTS, write_layout  # the writer reads splits; this module need not
+
+    parser = argparse.ArgumentParser(prog="python -m deim_ray.data.synthetic", description=main.__doc__)
+    parser.add_argument("--layout", choices=LAYOUTS, required=True)
+    parser.add_argument("--out", required=True, help="a new or empty folder")
+    for f in fields(SyntheticConfig):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=int, default=f.default)
+    args = parser.parse_args(argv)
+    cfg = SyntheticConfig(**{f.name: getattr(args, f.name) for f in fields(SyntheticConfig)})
+    with tempfile.TemporaryDirectory() as tmp:
+        train, val = generate_shapes(tmp, cfg)
+        print(write_layout(train, val, args.layout, args.out).describe())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -41,7 +41,7 @@ def _rate(dataset: CocoDetection, collate: BatchCollator, epoch: int, images: in
 def phase_rates(cfg: Config, images: int = 32) -> list[PhaseRate]:
     """Loader-process throughput at the first epoch of every phase of the schedule (`gates.phase_table`)."""
     transforms = build_train_transforms(cfg, scale=False)
-    dataset = CocoDetection(cfg.data.train.img_folder, cfg.data.train.ann_file, transforms)
+    dataset = CocoDetection.from_split(cfg.data.train, transforms)
     collate = BatchCollator(cfg, train=True)
     batch = max(1, min(8, cfg.data.total_batch_size, len(dataset)))
     threads = torch.get_num_threads()

@@ -59,7 +59,7 @@ def _tile(image: Image.Image, target: dict, names: tuple[str, ...], size: int) -
 def render_augment_grid(cfg: Config, epoch: int, out_png: str | Path, n: int = 8) -> Path:
     """Write a grid of `n` augmented training images (one batch, as the loader makes it) for `epoch`."""
     data = ensure_dataset(cfg.data)
-    dataset = CocoDetection(data.train.img_folder, data.train.ann_file, build_train_transforms(cfg))
+    dataset = CocoDetection.from_split(data.train, build_train_transforms(cfg))
     images, targets = _augmented_batch(cfg, dataset, epoch, n)
     cols = min(4, len(targets))
     rows = math.ceil(len(targets) / cols)

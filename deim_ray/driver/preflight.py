@@ -6,12 +6,14 @@ Ray's failure report. `preflight` reads what is cheap to read on the driver and 
 errors at once:
 
 - the request: at least one worker, positive CPUs per worker, non-negative --max-failures;
-- each split, with the data layer's own annotation rules and messages: the image folder is a folder; the
-  annotation file exists, is JSON and is COCO detection format; categories are usable; at least one image is
+- each split, read by the data layer's `read_split` (COCO JSON, YOLO labels or VOC XMLs, with their own
+  one-line errors naming file and line) and checked with its annotation rules and messages: the image folder
+  is a folder; the annotation file exists and is its format; categories are usable; at least one image is
   listed; every annotation names a listed image and a known category; besides, the training set has usable
   boxes (finite, with width and height inside the image, not crowd) and the val set has ground truth (COCO AP
-  needs it); train and val list the same categories; a sample of the listed files exists in the image folder
-  (a wrong folder); no listed or sampled image is above the data layer's MAX_IMAGE_PIXELS;
+  needs it); train and val list the same categories, and val has no boxes of a class train has none of; a
+  sample of the listed files exists in the image folder (a wrong folder); no listed or sampled image is above
+  the data layer's MAX_IMAGE_PIXELS;
 - `model.pretrained` when it is a local file or folder: it loads with `weights_only=True` and holds a state
   dict;
 - the model itself (`models.build.check_buildable`, on the meta device: no weights allocated): its config for the
@@ -42,11 +44,10 @@ from urllib.parse import urlsplit
 from deim_ray.config.fit import fit_to_data
 from deim_ray.config.schema import Config, SplitConfig
 # the data layer's own annotation checks (same rules and messages as when the workers load the dataset)
-from deim_ray.data.coco import MAX_IMAGE_PIXELS, CategoryMap, LoadReport, check_image, too_large
-from deim_ray.data.coco import _annotation_table as annotation_table
-from deim_ray.data.coco import _image_entries as image_entries
-from deim_ray.data.coco import _read_annotations as read_annotations
-from deim_ray.data.coco import _training_boxes as training_boxes
+from deim_ray.data.annotations import read_split, split_source
+from deim_ray.data.coco import (CategoryMap, LoadReport, annotation_table, count_unlabelled, image_entries,
+                                training_boxes)
+from deim_ray.data.images import MAX_IMAGE_PIXELS, check_image, too_large
 from deim_ray.data.errors import DataError
 from deim_ray.data.synthetic import ensure_dataset
 from deim_ray.models.build import check_buildable
@@ -73,6 +74,12 @@ class SplitSummary:
     images: int
     annotations: int
     categories: tuple[int, ...]
+    names: tuple[str, ...] = ()
+    """Class names, in the order of `categories`."""
+    boxed: frozenset[int] = frozenset()
+    """Category ids with at least one annotation in this split."""
+    background: int = 0
+    """Listed images without any annotation (kept as background images)."""
 
 
 @dataclass(frozen=True)
@@ -200,7 +207,8 @@ def check_split(split: str, paths: SplitConfig, on_cluster: bool = False) -> Spl
     if missing:
         what, key = missing[0]
         raise DataError(f"{what} does not exist; check data.{split}.{key}")
-    raw = read_annotations(ann_file)
+    raw = read_split(paths)
+    ann_file = split_source(paths)
     cats = CategoryMap.from_coco(raw["categories"], str(ann_file))
     images = image_entries(raw, ann_file)
     table = annotation_table(raw, ann_file, {int(im["id"]) for im in images}, cats)
@@ -212,7 +220,8 @@ def check_split(split: str, paths: SplitConfig, on_cluster: bool = False) -> Spl
         _check_usable_boxes(table, images, cats, ann_file)
     _check_listed_sizes(images, ann_file)
     _check_files_exist(images, folder, ann_file, split)
-    return SplitSummary(split, len(images), len(raw["annotations"]), cats.ids)
+    return SplitSummary(split, len(images), len(raw["annotations"]), cats.ids, cats.names,
+                        frozenset(table["ints"][:, 2].tolist()), count_unlabelled((im["id"] for im in images), table))
 
 
 def _check_usable_boxes(table: dict, images: list[dict], cats: CategoryMap, ann_file: Path) -> None:
@@ -255,10 +264,20 @@ def _check_files_exist(images: list[dict], folder: Path, ann_file: Path, split: 
 
 
 def _check_same_categories(summaries: list[SplitSummary], cfg: Config) -> None:
-    if len(summaries) == 2 and summaries[0].categories != summaries[1].categories:
+    """One category list for both splits, and no class that only val has boxes of (it could never be learned,
+    and its AP would pull the mean down for a reason no training fixes)."""
+    if len(summaries) != 2:
+        return
+    train, val = summaries
+    if train.categories != val.categories:
         raise DataError(f"train and val annotation files list different categories ({cfg.data.train.ann_file}: "
-                        f"{list(summaries[0].categories)} vs {cfg.data.val.ann_file}: "
-                        f"{list(summaries[1].categories)}); use one category list")
+                        f"{list(train.categories)} vs {cfg.data.val.ann_file}: "
+                        f"{list(val.categories)}); use one category list")
+    val_only = sorted(val.boxed - train.boxed)
+    if val_only:
+        named = ", ".join(f"{dict(zip(val.categories, val.names)).get(c, c)!r} (id {c})" for c in val_only)
+        raise DataError(f"class {named} has boxes in val ({split_source(cfg.data.val)}) but none in train "
+                        f"({split_source(cfg.data.train)}); add training boxes of it or remove it from val")
 
 
 def _check_pretrained(source: str | None) -> None:

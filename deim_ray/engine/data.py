@@ -34,8 +34,8 @@ class DataBundle:
 
 def build_data(cfg: Config, rank: int, world_size: int) -> DataBundle:
     data = ensure_dataset(cfg.data)
-    train_set = CocoDetection(data.train.img_folder, data.train.ann_file, build_train_transforms(cfg, scale=False))
-    val_set = CocoDetection(data.val.img_folder, data.val.ann_file, build_val_transforms(cfg, scale=False))
+    train_set = CocoDetection.from_split(data.train, build_train_transforms(cfg, scale=False))
+    val_set = CocoDetection.from_split(data.val, build_val_transforms(cfg, scale=False))
     if train_set.categories.ids != val_set.categories.ids:
         raise DataError(f"train and val annotation files list different categories "
                         f"({data.train.ann_file} vs {data.val.ann_file}); use one category list")

@@ -507,9 +507,9 @@ def test_exif_orientation_is_applied_and_boxes_refer_to_the_upright_image(env):
 
 
 def test_huge_images_are_skipped_by_the_dataset(env, monkeypatch):
-    import deim_ray.data.coco as coco
+    import deim_ray.data.images as images
 
-    monkeypatch.setattr(coco, "MAX_IMAGE_PIXELS", 63 * 63)  # the 64x64 shapes stand for 8000x8000 photos
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 63 * 63)  # the 64x64 shapes stand for 8000x8000 photos
     with pytest.raises(DataError, match="no usable image"):
         _dataset(env)
 

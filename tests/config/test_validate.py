@@ -228,3 +228,10 @@ def test_data_paths_required():
 def test_all_problems_reported_in_one_line():
     message = bad("invalid config", model__variant="nano", optimizer__type="Adam", data__image_size=[65, 64])
     assert "`model.variant`" in message and "`optimizer.type`" in message and "`data.image_size`" in message
+
+
+def test_split_format_is_coco_yolo_or_voc():
+    for fmt in ("coco", "yolo", "voc"):
+        ok(data__train={"img_folder": "t", "ann_file": "t.yaml", "format": fmt})
+    bad("`data.val.format` must be one of coco, yolo, voc, got 'yolov8' — did you mean 'yolo'",
+        data__val={"img_folder": "v", "ann_file": "v.yaml", "format": "yolov8"})
