@@ -1,12 +1,13 @@
 """models layer: the model families deim_ray trains, and what each one brings.
 
 `model.family` in the config picks one; everything above `models/` stays family-agnostic. A family names the
-transformers config and model classes, its sizes (`model.variant`), and the loss it trains with under the DEIM
-recipe (None: `loss.DeimLoss`, upstream's DEIMv2 criterion, which `forward_loss` installs).
+transformers config and model classes, its sizes (`model.variant`: the names `config.variants.FAMILY_VARIANTS` lists,
+each built by the family module's function of that name), and the loss it trains with under the DEIM recipe (None:
+`loss.DeimLoss`, upstream's DEIMv2 criterion, which `forward_loss` installs).
 
 | family | upstream | sizes |
 |---|---|---|
-| deimv2   | Intellindust-AI-Lab/DEIMv2, `configs/deimv2/`         | atto, femto, pico, n (HGNetv2); s, m, l, x (DINOv3) |
+| deimv2   | Intellindust-AI-Lab/DEIMv2, `configs/deimv2/`         | atto, femto, pico, n (HGNetv2); s, m, l, x (DINOv3); hgnetv2_s..x |
 | dfine    | ShihuaHuang95/DEIM, `configs/deim_dfine/`             | n, s, m, l, x (HGNetv2 B0/B0/B2/B4/B5) |
 | rtdetrv2 | ShihuaHuang95/DEIM, `configs/deim_rtdetrv2/`          | r18, r34, r50, r50m, r101 (ResNet-vd) |
 
