@@ -25,8 +25,8 @@ class ModelConfig:
     family: str = "deimv2"
     """Detector family: deimv2, dfine (D-FINE) or rtdetrv2 (RT-DETRv2), each trained with the DEIM recipe."""
     variant: str = "atto"
-    """Size within the family. deimv2: atto, femto, pico, n (HGNetV2); s, m, l, x (DINOv3). dfine: n, s, m, l, x
-    (HGNetv2). rtdetrv2: r18, r34, r50, r50m, r101 (ResNet-vd). Every family also has tiny (tests)."""
+    """Size within the family: one of `config.variants.FAMILY_VARIANTS[family]` (e.g. deimv2: atto ... x and
+    hgnetv2_s ... hgnetv2_x; dfine: n ... x; rtdetrv2: r18 ... r101)."""
     num_queries: int | None = None
     """Override the variant's number of decoder queries (None keeps the variant's)."""
     decoder_layers: int | None = None

@@ -17,13 +17,8 @@ from collections.abc import Iterable
 
 from deim_ray.config.errors import ConfigError
 from deim_ray.config.schema import DATA_FORMATS, Config
+from deim_ray.config.variants import FAMILY_VARIANTS
 
-FAMILY_VARIANTS = {
-    "deimv2": ("tiny", "atto", "femto", "pico", "n", "s", "m", "l", "x"),
-    "dfine": ("tiny", "n", "s", "m", "l", "x"),
-    "rtdetrv2": ("tiny", "r18", "r34", "r50", "r50m", "r101"),
-}
-"""Model families and their sizes (the models layer builds them; this is the config-level name check)."""
 OPTIMIZERS = ("AdamW", "SGD")
 AMP_DTYPES = ("bfloat16", "float16")
 LR_SCHEDULERS = ("flatcosine", "constant")

@@ -30,8 +30,6 @@ Settings that come from `ModelConfig` (class prior, focal gamma, overrides) are 
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
 from typing import Any
 
 # Stage layouts of the HGNetV2 backbones (stem 3->16->16; per-stage in/mid/out channels, blocks, kernel).
@@ -278,23 +276,10 @@ def x() -> dict[str, Any]:
     return kwargs
 
 
-VARIANTS: dict[str, Callable[[], dict[str, Any]]] = {
-    "tiny": tiny, "atto": atto, "femto": femto, "pico": pico, "n": n, "s": s, "m": m, "l": l, "x": x,
-    "hgnetv2_s": hgnetv2_s, "hgnetv2_m": hgnetv2_m, "hgnetv2_l": hgnetv2_l, "hgnetv2_x": hgnetv2_x,
-}
-"""Variant name -> function returning fresh `Deimv2Config` keyword arguments (without `num_labels`)."""
-
 PAPER_PARAMS_M: dict[str, float] = {
     "atto": 0.49, "femto": 0.96, "pico": 1.5, "n": 3.6, "s": 9.7, "m": 18.1, "l": 32.2, "x": 50.3,
 }
 """Parameter counts (millions, 80 COCO classes) reported by the DEIMv2 paper."""
 
-HGNETV2_VARIANTS = frozenset({"tiny", "atto", "femto", "pico", "n", "hgnetv2_s", "hgnetv2_m", "hgnetv2_l",
-                              "hgnetv2_x"})
 DINOV3_VARIANTS = frozenset({"s", "m", "l", "x"})
 """DINOv3 variants expect ImageNet mean/std normalised input (upstream adds `Normalize` for them)."""
-
-
-def variant_kwargs(name: str) -> dict[str, Any]:
-    """A fresh (deep-copied) kwargs dict for `name`; raises KeyError for an unknown name."""
-    return copy.deepcopy(VARIANTS[name]())

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from deim_ray.config.schema import ModelConfig
-from deim_ray.models import PAPER_PARAMS_M, VARIANTS, build_model, count_parameters
+from deim_ray.config.variants import FAMILY_VARIANTS
+from deim_ray.models import FAMILIES, PAPER_PARAMS_M, build_model, count_parameters
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,8 @@ def test_sizes_grow_monotonically(param_counts):
 
 
 def test_every_variant_is_listed_and_tiny_is_small():
-    assert set(VARIANTS) == {"tiny", *PAPER_PARAMS_M, "hgnetv2_s", "hgnetv2_m", "hgnetv2_l", "hgnetv2_x"}
+    assert set(FAMILY_VARIANTS["deimv2"]) == {"tiny", *PAPER_PARAMS_M, "hgnetv2_s", "hgnetv2_m", "hgnetv2_l",
+                                              "hgnetv2_x"}
     assert count_parameters(build_model(ModelConfig(variant="tiny"), num_classes=80)) < 400_000
 
 
@@ -58,3 +60,11 @@ def test_dinov3_variant_forward_small_image():
     with torch.no_grad():
         out = model(pixel_values=torch.rand(1, 3, 64, 64))
     assert out.logits.shape == (1, 20, 2) and out.pred_boxes.shape == (1, 20, 4)
+
+
+def test_the_registry_builds_exactly_the_sizes_the_config_layer_accepts():
+    """One list: `model.family` / `model.variant` validate against `config.variants`, and the models layer builds
+    its families from that same table, so what `validate` accepts is what `build_model` can build."""
+    assert set(FAMILIES) == set(FAMILY_VARIANTS)
+    for name, family in FAMILIES.items():
+        assert tuple(family.variants) == FAMILY_VARIANTS[name]

@@ -21,8 +21,6 @@ are the same networks with ReLU in the decoder and its heads, and frozen backbon
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
 from typing import Any
 
 # Upstream HGNetv2 stage layouts: stem channels; per stage in/mid/out channels, blocks, light block, kernel, layers.
@@ -138,11 +136,3 @@ def x() -> dict[str, Any]:
     kwargs = _three_levels(hgnetv2("B5", [1, 2, 3], use_lab=False), [512, 1024, 2048], hidden=384)
     kwargs.update(encoder_ffn_dim=2048, reg_scale=8.0)
     return kwargs
-
-
-VARIANTS: dict[str, Callable[[], dict[str, Any]]] = {"tiny": tiny, "n": n, "s": s, "m": m, "l": l, "x": x}
-"""Variant name -> function returning fresh `DFineConfig` keyword arguments (without `num_labels`)."""
-
-
-def variant_kwargs(name: str) -> dict[str, Any]:
-    return copy.deepcopy(VARIANTS[name]())

@@ -20,8 +20,6 @@ attributes and `heads.apply_head_options` applies them after the model is built.
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
 from typing import Any
 
 _RESNETS = {  # depth -> (layer type, blocks per stage, stage widths)
@@ -94,13 +92,3 @@ def r50m() -> dict[str, Any]:
 
 def r101() -> dict[str, Any]:
     return _rtdetrv2(101, hidden=384, ffn=2048)
-
-
-VARIANTS: dict[str, Callable[[], dict[str, Any]]] = {
-    "tiny": tiny, "r18": r18, "r34": r34, "r50": r50, "r50m": r50m, "r101": r101,
-}
-"""Variant name -> function returning fresh `RTDetrV2Config` keyword arguments (without `num_labels`)."""
-
-
-def variant_kwargs(name: str) -> dict[str, Any]:
-    return copy.deepcopy(VARIANTS[name]())
