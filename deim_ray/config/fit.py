@@ -69,6 +69,12 @@ class Fitted:
     config: Config
     notes: list[str]
     """One line per value the rule lowered (or kept because it was given), with why."""
+    changes: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    """Dotted key -> (configured, fitted) for each value the rule lowered."""
+
+    def summary(self) -> str:
+        """The changes in one line, e.g. `data.total_batch_size 128 -> 8, lr_scheduler.warmup_iter 4000 -> 20`."""
+        return ", ".join(f"{key} {old:g} -> {new:g}" for key, (old, new) in self.changes.items())
 
 
 def fit_to_data(cfg: Config, train_images: int, workers: int, keep: Collection[str] = ()) -> Fitted:
@@ -78,6 +84,7 @@ def fit_to_data(cfg: Config, train_images: int, workers: int, keep: Collection[s
         return Fitted(cfg, [])
     notes: list[str] = []
     values: dict[str, float] = {}
+    changes: dict[str, tuple[float, float]] = {}
 
     def lower(key: str, configured, cap, why: str) -> None:
         if cap >= configured:
@@ -86,6 +93,7 @@ def fit_to_data(cfg: Config, train_images: int, workers: int, keep: Collection[s
             notes.append(f"{key} = {configured:g} (given explicitly; fitted to the data it would be {cap:g}: {why})")
         else:
             values[key] = cap
+            changes[key] = (configured, cap)
             notes.append(f"{key} = {cap:g} (fitted to the data, configured {configured:g}: {why})")
 
     batch = cfg.data.total_batch_size
@@ -103,7 +111,7 @@ def fit_to_data(cfg: Config, train_images: int, workers: int, keep: Collection[s
     lower(EMA_DECAY, cfg.ema.decay, max_decay, why)
     lower(RESTART_DECAY, cfg.schedule.ema_restart_decay, max_decay, why)
     lower(EMA_WARMUPS, cfg.ema.warmups, cap, why)
-    return Fitted(_replace(cfg, values), notes)
+    return Fitted(_replace(cfg, values), notes, changes)
 
 
 def _replace(cfg: Config, values: dict[str, float]) -> Config:

@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from deim_ray.config.errors import ConfigError
-from deim_ray.config.schedule import mark_stale
+from deim_ray.config.schedule import DRIVERS, mark_stale
 
 KeyPath = tuple[str, ...]
 Origins = dict[KeyPath, str]
@@ -230,8 +230,9 @@ def apply_overrides(tree: dict[str, Any], origins: Origins, overrides: Sequence[
     layer: dict[str, Any] = {}
     for _text, path, value in parsed:
         deep_merge(layer, _nest(path, value))
-    if parsed:
-        _mark_stale(tree, origins, layer, " ".join(f"-u {text}" for text, _, _ in parsed))
+    if parsed:  # name the overrides that move the schedule, not every override
+        movers = [text for text, path, _ in parsed if path in DRIVERS] or [text for text, _, _ in parsed]
+        _mark_stale(tree, origins, layer, " ".join(f"-u {text}" for text in movers))
     for text, path, value in parsed:
         deep_merge(tree, _nest(path, value))
         label = f"-u {text}"

@@ -13,6 +13,8 @@ batches of `val_batch_size / world_size`, so a distributed evaluation sees each 
 
 from __future__ import annotations
 
+import os
+
 from typing import Iterator
 
 import torch
@@ -65,7 +67,10 @@ def per_rank_batch(total: int, world_size: int, what: str) -> int:
 
 
 def _worker_kwargs(cfg: Config) -> dict:
-    workers = cfg.data.num_workers
+    """`data.num_workers` loader processes, at most one per core this process may use: more only queue for the
+    same cores (and torch warns about them on every loader it builds)."""
+    workers = min(cfg.data.num_workers, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                  else os.cpu_count() or 1)
     return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available()}
 
 

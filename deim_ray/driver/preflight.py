@@ -90,6 +90,8 @@ class Checked:
     cfg: Config
     summaries: list[SplitSummary]
     fit_notes: list[str]
+    fit_summary: str = ""
+    """The values fitted to the data in one line (empty when none changed)."""
 
     @property
     def train_images(self) -> int | None:
@@ -115,7 +117,7 @@ def preflight(cfg: Config, on_cluster: bool | None = None, workers: int = 1, kee
     cfg = fitted.config
     check_model(cfg, num_classes(cfg, summaries), files=not on_cluster or _local_files(cfg))
     _check_batch(cfg, summaries)
-    return Checked(cfg, summaries, fitted.notes)
+    return Checked(cfg, summaries, fitted.notes, fitted.summary())
 
 
 def num_classes(cfg: Config, summaries: list[SplitSummary]) -> int:

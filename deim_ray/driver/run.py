@@ -180,8 +180,10 @@ def run_training(req: RunRequest) -> Manifest:
     store = RunStore(open_storage(req.storage_uri, req.cfg.storage), req.name)
     check_writable(req.storage_uri)
     checked = preflight(req.cfg, workers=req.workers, keep=req.explicit)
-    if checked.fit_notes:
-        log.info("schedule fitted to %d train images: %s", checked.train_images, "; ".join(checked.fit_notes))
+    if checked.fit_summary:
+        log.info("fitted to the %d train images: %s (deim-ray info says why)", checked.train_images,
+                 checked.fit_summary)
+    if checked.cfg is not req.cfg:
         req = dataclasses.replace(req, cfg=checked.cfg)
         validate(req.cfg, workers=req.workers)
     existing = store.read_manifest()

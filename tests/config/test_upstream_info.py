@@ -53,7 +53,7 @@ def test_upstream_config_passes_train_validation_and_info(rel, capsys):
     path = CONFIGS[rel]
     validate(load_config(path, NO_WEIGHTS), workers=2)  # what `train` checks before Ray starts
     capsys.readouterr()
-    assert main(["info", "-c", str(path), "--no-loader", "-u", *NO_WEIGHTS]) == 0, capsys.readouterr().err
+    assert main(["info", "-c", str(path), "--no-loader", "--no-data", "-u", *NO_WEIGHTS]) == 0, capsys.readouterr().err
     found = re.search(r"^parameters: (\d+)$", capsys.readouterr().out, re.MULTILINE)
     assert found, "info printed no parameter count"
     assert int(found.group(1)) == COUNTS[rel] + EXTRA_PARAMS.get(rel, 0)

@@ -188,7 +188,7 @@ def test_every_upstream_tensor_maps_onto_the_model_built_from_its_config(name):
 
 
 def test_info_reports_upstream_parameter_count(capsys):
-    assert main(["info", "-c", str(_config("hgnetv2_atto"))]) == 0
+    assert main(["info", "-c", str(_config("hgnetv2_atto")), "--no-data", "--no-loader"]) == 0
     assert f"parameters: {MODELS['hgnetv2_atto']['parameters']}" in capsys.readouterr().out
 
 
