@@ -79,6 +79,9 @@ class SyntheticConfig:
     num_classes: int = 3
     max_objects: int = 4
     seed: int = 0
+    first_class: int = 0
+    """Classes first_class .. first_class + num_classes - 1: another first class gives other shapes and colours
+    (a second dataset to fine-tune on)."""
 
 
 @dataclass(frozen=True)

@@ -126,7 +126,7 @@ def _make_image(cfg: SyntheticConfig, split: str, i: int) -> tuple[Image.Image, 
     for _ in range(int(rng.integers(1, cfg.max_objects + 1))):
         box = _place(rng, side, [o[1] for o in objects])
         if box is not None:
-            k = int(rng.integers(0, cfg.num_classes))
+            k = cfg.first_class + int(rng.integers(0, cfg.num_classes))
             objects.append((k, box, _draw(draw, k, box)))
     return image, objects
 
@@ -144,7 +144,7 @@ def _write_split(root: Path, cfg: SyntheticConfig, split: str, count: int) -> No
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": category_id(k),
                                 "bbox": [x, y, w, h], "area": area, "iscrowd": 0})
     categories = [{"id": category_id(k), "name": f"{SHAPES[k % len(SHAPES)]}-{k}", "supercategory": "shape"}
-                  for k in range(cfg.num_classes)]
+                  for k in range(cfg.first_class, cfg.first_class + cfg.num_classes)]
     doc = {"info": {"description": "deim_ray synthetic shapes", "version": FORMAT_VERSION},
            "images": images, "annotations": annotations, "categories": categories}
     _atomic_write(root / "annotations" / f"{split}.json", json.dumps(doc, sort_keys=True).encode())
@@ -158,13 +158,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def _fingerprint(cfg: SyntheticConfig) -> str:
-    return json.dumps({"format": FORMAT_VERSION, **asdict(cfg)}, sort_keys=True)
+    settings = {k: v for k, v in asdict(cfg).items() if not (k == "first_class" and v == 0)}  # as before it existed
+    return json.dumps({"format": FORMAT_VERSION, **settings}, sort_keys=True)
 
 
 def _validate(cfg: SyntheticConfig) -> None:
     for name in ("num_train", "num_val", "num_classes", "max_objects"):
         if getattr(cfg, name) < 1:
             raise DataError(f"data.synthetic.{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.first_class < 0:
+        raise DataError(f"data.synthetic.first_class must be >= 0, got {cfg.first_class}")
     if cfg.image_size < 32:
         raise DataError(f"data.synthetic.image_size must be >= 32 pixels, got {cfg.image_size}")
 

@@ -115,3 +115,15 @@ def test_ensure_dataset_rejects_paths_off_the_layout(tmp_path):
     with pytest.raises(DataError, match="generated layout"):
         ensure_dataset(data)
     assert not (tmp_path / MARKER).exists()
+
+
+def test_another_first_class_draws_other_shapes_and_keeps_old_datasets_valid(tmp_path):
+    """A second set to fine-tune on: other classes (other shapes and colours); a set generated before the setting
+    existed (first_class 0) keeps its fingerprint, so it is not refused as "made with other settings"."""
+    second = dataclasses.replace(SHAPES, first_class=3)
+    generate_shapes(tmp_path / "b", second)
+    names = [c["name"] for c in json.loads((tmp_path / "b" / "annotations" / "train.json").read_text())["categories"]]
+    assert names == ["diamond-3", "cross-4", "hexagon-5"]
+    generate_shapes(tmp_path / "a", SHAPES)
+    assert "first_class" not in (tmp_path / "a" / MARKER).read_text()
+    assert '"first_class": 3' in (tmp_path / "b" / MARKER).read_text()
