@@ -38,8 +38,9 @@ def read_names(yaml_file: Path) -> list[str]:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise DataError(f"{yaml_file} is not valid YAML ({str(e).splitlines()[0]}); repair it") from None
     names = doc.get("names") if isinstance(doc, dict) else None
-    if isinstance(names, dict) and all(isinstance(k, int) for k in names) and sorted(names) == list(range(len(names))):
-        names = [names[k] for k in range(len(names))]
+    if isinstance(names, dict):  # {0: person, 1: car}; keys may have been written as strings
+        by_id = {int(k): v for k, v in names.items() if str(k).isdigit()}
+        names = [by_id[k] for k in range(len(names))] if sorted(by_id) == list(range(len(names))) else None
     if not isinstance(names, list) or not names:
         raise DataError(f"{yaml_file} needs `names`: a list of class names, or a mapping from the class ids "
                         f"0..N-1 to names")
@@ -77,6 +78,8 @@ def _parse_line(text: str, where: str, num_classes: int) -> tuple[int, list[floa
         cx, cy, w, h = values[1:]
         return int(cls), [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
     xs, ys = values[1::2], values[2::2]
+    if not all(map(math.isfinite, values)):  # min/max would skip a NaN; the COCO rules must see it
+        return int(cls), [math.nan] * 4
     return int(cls), [min(xs), min(ys), max(xs), max(ys)]
 
 

@@ -123,6 +123,8 @@ def test_unknown_or_incomplete_folders_are_one_line_errors(written, tmp_path):
     yolo = _copy(written, "yolo", tmp_path)
     shutil.rmtree(yolo / "images" / "val")
     _one_line_error(lambda: detect_layout(str(yolo)), "data.yaml .YOLO. but not both image folders")
+    (yolo / "data.yaml").write_text("nc: 3\n")
+    _one_line_error(lambda: detect_layout(str(yolo)), "data.yaml needs `names`: a list of class names")
     voc = _copy(written, "voc", tmp_path)
     (voc / "ImageSets" / "Main" / "val.txt").unlink()
     _one_line_error(lambda: detect_layout(str(voc)), r"found: train.txt")
@@ -160,7 +162,8 @@ def test_yolo_edge_cases_follow_the_coco_rules(written, tmp_path, caplog):
     root, train, val = _yolo(written, tmp_path)
     labels = root / "labels" / "train"
     (labels / "000000.txt").write_text("2 0.1 0.2 0.3 0.1 0.25 0.6\n\n")  # a triangle, and a blank line
-    (labels / "000001.txt").write_text("0 nan 0.5 0.2 0.2\n1 0.5 0.5 0.0 0.3\n0 0.95 0.5 0.2 0.2\n")
+    (labels / "000001.txt").write_text("0 nan 0.5 0.2 0.2\n1 0.5 0.5 0.0 0.3\n0 0.95 0.5 0.2 0.2\n"
+                                       "2 0.1 0.2 nan 0.1 0.25 0.6\n")
     (labels / "000002.txt").unlink()
     (labels / "000004.txt").write_text("")
     raw = read_split(train)
@@ -169,10 +172,10 @@ def test_yolo_edge_cases_follow_the_coco_rules(written, tmp_path, caplog):
     np.testing.assert_allclose(polygon[0]["bbox"], [0.1 * 96, 0.1 * 96, 0.2 * 96, 0.5 * 96])
     with caplog.at_level(logging.INFO, logger="deim_ray.data"):
         ds = CocoDetection.from_split(train)
-    assert (ds.report.non_finite, ds.report.degenerate, ds.report.background) == (1, 1, 2)
+    assert (ds.report.non_finite, ds.report.degenerate, ds.report.background) == (2, 1, 2)
     clipped = ds.records[1].boxes  # image 000001: the off-image box is clamped to the image edge
     np.testing.assert_allclose(clipped, [[0.85 * 96, 0.4 * 96, 96, 0.6 * 96]], rtol=1e-6)
-    assert "(2 without labels)" in caplog.text and "1 box(es) with NaN" in caplog.text
+    assert "(2 without labels)" in caplog.text and "2 box(es) with NaN" in caplog.text
     assert check_split("train", train).background == 2
 
 
