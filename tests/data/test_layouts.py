@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -214,6 +215,8 @@ def test_bad_voc_files_are_refused_by_preflight(written, tmp_path):
     _one_line_error(lambda: preflight(_cfg(train, val), on_cluster=False), f"{xml} line 2 does not parse as XML")
     xml.write_text(good.replace("<xmax>", "<xmax>wide"))
     _one_line_error(lambda: check_split("train", train), r"<xmax> is 'wide\d+'; it must be a number")
+    xml.write_text(re.sub("<name>[^<]*</name>", "<name> </name>", good, count=1))
+    _one_line_error(lambda: check_split("train", train), f"{xml} has an <object> without a <name>")
     xml.write_text(good)
     (root / "labels.txt").write_text("rectangle-0\nellipse-1\n")
     _one_line_error(lambda: check_split("train", train), r"object 'triangle-2' is not in the class list "
