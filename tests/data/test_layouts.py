@@ -305,3 +305,14 @@ def test_read_split_dispatches_on_the_format(written, shapes):
     layout = detect_layout(str(written["yolo"]))
     with pytest.raises(DataError, match="is not valid JSON"):
         read_split(dataclasses.replace(layout.train, format="coco"))
+
+
+def test_a_roboflow_project_category_without_boxes_leaves_the_ap_as_it_is(shapes):
+    """Roboflow's COCO export lists the project as category 0 with no boxes; detections of it cost no AP."""
+    gt = CocoDetection.from_split(shapes[1]).coco_gt.dataset
+    with_project = {**gt, "categories": [{"id": 0, "name": "shapes-project"}, *gt["categories"]]}
+    dets = _detections(gt, lambda c: c)
+    stray = [{**d, "category_id": 0, "score": 0.99} for d in dets[::2]]
+    expected = coco_stats(COCO(gt), dets)
+    np.testing.assert_allclose(coco_stats(COCO(with_project), dets + stray), expected, atol=1e-12)
+    assert 0.2 < expected[0] < 0.9
