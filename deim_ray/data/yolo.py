@@ -10,7 +10,8 @@ box of its polygon, as Ultralytics does when it trains a detector on segment lab
 Category ids are the class indices 0..len(names)-1 and names come from `names`. An image without a label file,
 or with an empty one, is a background image (kept, no boxes). Boxes outside the image or without size and NaNs
 are left to the dataset's COCO rules (clamped, dropped and counted). A line that is not 5 numbers (or a polygon),
-holds a non-number, or names a class outside `names` is a DataError naming the file and the line.
+holds a non-number, names a class outside `names`, or has a coordinate above 1 (pixels, not fractions: it would
+otherwise become a box far outside the image, silently dropped) is a DataError naming the file and the line.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from deim_ray.data.errors import DataError
 from deim_ray.data.images import IMAGE_SUFFIXES, check_image, image_files
 
 YAML_NAMES = ("data.yaml", "data.yml")
+_ROUNDING = 1e-3
+"""How far above 1 a coordinate may be written by an exporter's rounding; beyond it the line holds pixels."""
 
 
 def read_names(yaml_file: Path) -> list[str]:
@@ -74,6 +77,10 @@ def _parse_line(text: str, where: str, num_classes: int) -> tuple[int, list[floa
     if not 0 <= cls < num_classes:
         raise DataError(f"{where}: class {int(cls)} is outside `names` (0..{num_classes - 1}); add the class to "
                         f"data.yaml or fix the label")
+    too_big = [v for v in values[1:] if math.isfinite(v) and v > 1 + _ROUNDING]
+    if too_big:
+        raise DataError(f"{where}: {too_big[0]:g} is above 1; YOLO coordinates are fractions of the image's width "
+                        f"and height (pixels divided by the size)")
     if len(values) == 5:
         cx, cy, w, h = values[1:]
         return int(cls), [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]

@@ -147,6 +147,7 @@ def _cfg(train: SplitConfig, val: SplitConfig):
     ("1 0.5 0.5 0.2 0.2 0.9", r"line 2: 6 numbers"),
     ("1 0.5 abc 0.2 0.2", r"line 2: '1 0.5 abc 0.2 0.2' holds a non-number"),
     ("1.5 0.5 0.5 0.2 0.2", r"line 2: class '1.5' is not a whole number"),
+    ("1 48 40 20 12", r"line 2: 48 is above 1; YOLO coordinates are fractions of the image's width and height"),
 ])
 def test_bad_yolo_lines_are_refused_by_preflight_naming_file_and_line(line, match, written, tmp_path):
     root, train, val = _yolo(written, tmp_path)
