@@ -137,8 +137,8 @@ def _yolo(written, tmp_path) -> tuple[Path, SplitConfig, SplitConfig]:
     return root, layout.train, layout.val
 
 
-def _cfg(train: SplitConfig, val: SplitConfig):
-    return make_cfg((train, val))
+def _preflight(train: SplitConfig, val: SplitConfig) -> None:
+    preflight(make_cfg((train, val)), on_cluster=False)
 
 
 @pytest.mark.parametrize("line, match", [
@@ -154,7 +154,7 @@ def test_bad_yolo_lines_are_refused_by_preflight_naming_file_and_line(line, matc
     label = root / "labels" / "train" / "000003.txt"
     first = label.read_text().splitlines()[0]
     label.write_text(f"{first}\n{line}\n")
-    message = _one_line_error(lambda: preflight(_cfg(train, val), on_cluster=False), match)
+    message = _one_line_error(lambda: _preflight(train, val), match)
     assert str(label) in message
 
 
@@ -211,9 +211,9 @@ def test_bad_voc_files_are_refused_by_preflight(written, tmp_path):
     xml = root / "Annotations" / "train_000005.xml"
     good = xml.read_text()
     xml.write_text(good.replace("<size><width>96</width><height>96</height><depth>3</depth></size>", ""))
-    _one_line_error(lambda: preflight(_cfg(train, val), on_cluster=False), f"{xml} has no <size>")
+    _one_line_error(lambda: _preflight(train, val), f"{xml} has no <size>")
     xml.write_text(good.replace("</annotation>", "<object><name>x</name>\n</annotation>"))
-    _one_line_error(lambda: preflight(_cfg(train, val), on_cluster=False), f"{xml} line 2 does not parse as XML")
+    _one_line_error(lambda: _preflight(train, val), f"{xml} line 2 does not parse as XML")
     xml.write_text(good.replace("<xmax>", "<xmax>wide"))
     _one_line_error(lambda: check_split("train", train), r"<xmax> is 'wide\d+'; it must be a number")
     xml.write_text(re.sub("<name>[^<]*</name>", "<name> </name>", good, count=1))
@@ -245,25 +245,25 @@ def test_a_val_class_without_train_boxes_is_an_error_in_every_layout(written, tm
     root, train, val = _yolo(written, tmp_path)
     for label in (root / "labels" / "train").glob("*.txt"):
         label.write_text("".join(line + "\n" for line in label.read_text().splitlines() if line[0] != "1"))
-    _one_line_error(lambda: preflight(_cfg(train, val), on_cluster=False),
+    _one_line_error(lambda: _preflight(train, val),
                     r"class 'ellipse-1' \(id 1\) has boxes in val \(.*images/val\) but none in train")
     coco = _copy(written, "coco-export", tmp_path)
     ann = coco / "train" / "_annotations.coco.json"
     ann.write_text(json.dumps(_drop_class(json.loads(ann.read_text()), 5)))
     layout = detect_layout(str(coco))
-    _one_line_error(lambda: preflight(_cfg(layout.train, layout.val), on_cluster=False),
+    _one_line_error(lambda: _preflight(layout.train, layout.val),
                     r"class 'triangle-2' \(id 5\) has boxes in val")
     root, train, val = _voc(written, tmp_path)
     for xml in (root / "Annotations").glob("train_*.xml"):
         xml.write_text(xml.read_text().replace("<name>rectangle-0</name>", "<name>ellipse-1</name>"))
-    _one_line_error(lambda: preflight(_cfg(train, val), on_cluster=False), r"class 'rectangle-0' \(id 1\)")
+    _one_line_error(lambda: _preflight(train, val), r"class 'rectangle-0' \(id 1\)")
 
 
 @pytest.mark.parametrize("layout", ["yolo", "voc"])
 def test_the_dataset_and_its_batches_load_from_each_layout(layout, written):
     found = detect_layout(str(written[layout]))
     cfg = make_cfg((found.train, found.val))
-    summaries = preflight(cfg, on_cluster=False)
+    summaries = [check_split("train", found.train), check_split("val", found.val)]
     assert [(s.images, s.background) for s in summaries] == [(40, 0), (11, 0)]
     bundle = build_data(cfg, rank=0, world_size=1)
     assert bundle.category_ids == [0, 1, 2]
