@@ -47,8 +47,11 @@ def _number(node: ET.Element, path: str, xml_file: Path) -> float:
                         f"it must be a number") from None
 
 
-def _object_names(root: ET.Element) -> list[str]:
-    return [(obj.findtext("name") or "").strip() for obj in root.iter("object")]
+def _object_names(root: ET.Element, xml_file: Path) -> list[str]:
+    names = [(obj.findtext("name") or "").strip() for obj in root.iter("object")]
+    if "" in names:
+        raise DataError(f"VOC annotation {xml_file} has an <object> without a <name>; name it or remove it")
+    return names
 
 
 def class_names(root: Path) -> list[str]:
@@ -58,7 +61,7 @@ def class_names(root: Path) -> list[str]:
         names = [line.strip() for line in listed.read_text().splitlines() if line.strip()]
     else:
         xmls = sorted((root / "Annotations").glob("*.xml"))
-        names = sorted({n for xml in xmls for n in _object_names(_parse(xml))})
+        names = sorted({n for xml in xmls for n in _object_names(_parse(xml), xml)})
     if not names:
         raise DataError(f"VOC dataset {root} names no class (no <object><name> in Annotations/ and no {LABELS_FILE})")
     return names
@@ -85,7 +88,7 @@ def _read_image(xml_file: Path, image_id: int, folder: Path, classes: dict[str, 
     if w > 0 and h > 0:  # some tools write 0x0; the dataset then measures the file
         entry.update(width=int(w), height=int(h))
     anns = []
-    for obj, name in zip(root.iter("object"), _object_names(root)):
+    for obj, name in zip(root.iter("object"), _object_names(root, xml_file)):
         if name not in classes:
             raise DataError(f"VOC annotation {xml_file}: object {name!r} is not in the class list "
                             f"{sorted(classes, key=classes.get)} ({LABELS_FILE}); add it there or fix the name")

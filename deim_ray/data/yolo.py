@@ -10,7 +10,8 @@ box of its polygon, as Ultralytics does when it trains a detector on segment lab
 Category ids are the class indices 0..len(names)-1 and names come from `names`. An image without a label file,
 or with an empty one, is a background image (kept, no boxes). Boxes outside the image or without size and NaNs
 are left to the dataset's COCO rules (clamped, dropped and counted). A line that is not 5 numbers (or a polygon),
-holds a non-number, or names a class outside `names` is a DataError naming the file and the line.
+holds a non-number, names a class outside `names`, or has a coordinate above 1 (pixels, not fractions: it would
+otherwise become a box far outside the image, silently dropped) is a DataError naming the file and the line.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from deim_ray.data.errors import DataError
 from deim_ray.data.images import IMAGE_SUFFIXES, check_image, image_files
 
 YAML_NAMES = ("data.yaml", "data.yml")
+_ROUNDING = 1e-3
+"""How far above 1 a coordinate may be written by an exporter's rounding; beyond it the line holds pixels."""
 
 
 def read_names(yaml_file: Path) -> list[str]:
@@ -38,8 +41,9 @@ def read_names(yaml_file: Path) -> list[str]:
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise DataError(f"{yaml_file} is not valid YAML ({str(e).splitlines()[0]}); repair it") from None
     names = doc.get("names") if isinstance(doc, dict) else None
-    if isinstance(names, dict) and all(isinstance(k, int) for k in names) and sorted(names) == list(range(len(names))):
-        names = [names[k] for k in range(len(names))]
+    if isinstance(names, dict):  # {0: person, 1: car}; keys may have been written as strings
+        by_id = {int(k): v for k, v in names.items() if str(k).isdigit()}
+        names = [by_id[k] for k in range(len(names))] if sorted(by_id) == list(range(len(names))) else None
     if not isinstance(names, list) or not names:
         raise DataError(f"{yaml_file} needs `names`: a list of class names, or a mapping from the class ids "
                         f"0..N-1 to names")
@@ -73,10 +77,16 @@ def _parse_line(text: str, where: str, num_classes: int) -> tuple[int, list[floa
     if not 0 <= cls < num_classes:
         raise DataError(f"{where}: class {int(cls)} is outside `names` (0..{num_classes - 1}); add the class to "
                         f"data.yaml or fix the label")
+    too_big = [v for v in values[1:] if math.isfinite(v) and v > 1 + _ROUNDING]
+    if too_big:
+        raise DataError(f"{where}: {too_big[0]:g} is above 1; YOLO coordinates are fractions of the image's width "
+                        f"and height (pixels divided by the size)")
     if len(values) == 5:
         cx, cy, w, h = values[1:]
         return int(cls), [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
     xs, ys = values[1::2], values[2::2]
+    if not all(map(math.isfinite, values)):  # min/max would skip a NaN; the COCO rules must see it
+        return int(cls), [math.nan] * 4
     return int(cls), [min(xs), min(ys), max(xs), max(ys)]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -123,6 +124,8 @@ def test_unknown_or_incomplete_folders_are_one_line_errors(written, tmp_path):
     yolo = _copy(written, "yolo", tmp_path)
     shutil.rmtree(yolo / "images" / "val")
     _one_line_error(lambda: detect_layout(str(yolo)), "data.yaml .YOLO. but not both image folders")
+    (yolo / "data.yaml").write_text("nc: 3\n")
+    _one_line_error(lambda: detect_layout(str(yolo)), "data.yaml needs `names`: a list of class names")
     voc = _copy(written, "voc", tmp_path)
     (voc / "ImageSets" / "Main" / "val.txt").unlink()
     _one_line_error(lambda: detect_layout(str(voc)), r"found: train.txt")
@@ -134,8 +137,8 @@ def _yolo(written, tmp_path) -> tuple[Path, SplitConfig, SplitConfig]:
     return root, layout.train, layout.val
 
 
-def _cfg(train: SplitConfig, val: SplitConfig):
-    return make_cfg((train, val))
+def _preflight(train: SplitConfig, val: SplitConfig) -> None:
+    preflight(make_cfg((train, val)), on_cluster=False)
 
 
 @pytest.mark.parametrize("line, match", [
@@ -144,13 +147,14 @@ def _cfg(train: SplitConfig, val: SplitConfig):
     ("1 0.5 0.5 0.2 0.2 0.9", r"line 2: 6 numbers"),
     ("1 0.5 abc 0.2 0.2", r"line 2: '1 0.5 abc 0.2 0.2' holds a non-number"),
     ("1.5 0.5 0.5 0.2 0.2", r"line 2: class '1.5' is not a whole number"),
+    ("1 48 40 20 12", r"line 2: 48 is above 1; YOLO coordinates are fractions of the image's width and height"),
 ])
 def test_bad_yolo_lines_are_refused_by_preflight_naming_file_and_line(line, match, written, tmp_path):
     root, train, val = _yolo(written, tmp_path)
     label = root / "labels" / "train" / "000003.txt"
     first = label.read_text().splitlines()[0]
     label.write_text(f"{first}\n{line}\n")
-    message = _one_line_error(lambda: preflight(_cfg(train, val), on_cluster=False), match)
+    message = _one_line_error(lambda: _preflight(train, val), match)
     assert str(label) in message
 
 
@@ -160,7 +164,8 @@ def test_yolo_edge_cases_follow_the_coco_rules(written, tmp_path, caplog):
     root, train, val = _yolo(written, tmp_path)
     labels = root / "labels" / "train"
     (labels / "000000.txt").write_text("2 0.1 0.2 0.3 0.1 0.25 0.6\n\n")  # a triangle, and a blank line
-    (labels / "000001.txt").write_text("0 nan 0.5 0.2 0.2\n1 0.5 0.5 0.0 0.3\n0 0.95 0.5 0.2 0.2\n")
+    (labels / "000001.txt").write_text("0 nan 0.5 0.2 0.2\n1 0.5 0.5 0.0 0.3\n0 0.95 0.5 0.2 0.2\n"
+                                       "2 0.1 0.2 nan 0.1 0.25 0.6\n")
     (labels / "000002.txt").unlink()
     (labels / "000004.txt").write_text("")
     raw = read_split(train)
@@ -169,10 +174,10 @@ def test_yolo_edge_cases_follow_the_coco_rules(written, tmp_path, caplog):
     np.testing.assert_allclose(polygon[0]["bbox"], [0.1 * 96, 0.1 * 96, 0.2 * 96, 0.5 * 96])
     with caplog.at_level(logging.INFO, logger="deim_ray.data"):
         ds = CocoDetection.from_split(train)
-    assert (ds.report.non_finite, ds.report.degenerate, ds.report.background) == (1, 1, 2)
+    assert (ds.report.non_finite, ds.report.degenerate, ds.report.background) == (2, 1, 2)
     clipped = ds.records[1].boxes  # image 000001: the off-image box is clamped to the image edge
     np.testing.assert_allclose(clipped, [[0.85 * 96, 0.4 * 96, 96, 0.6 * 96]], rtol=1e-6)
-    assert "(2 without labels)" in caplog.text and "1 box(es) with NaN" in caplog.text
+    assert "(2 without labels)" in caplog.text and "2 box(es) with NaN" in caplog.text
     assert check_split("train", train).background == 2
 
 
@@ -206,11 +211,13 @@ def test_bad_voc_files_are_refused_by_preflight(written, tmp_path):
     xml = root / "Annotations" / "train_000005.xml"
     good = xml.read_text()
     xml.write_text(good.replace("<size><width>96</width><height>96</height><depth>3</depth></size>", ""))
-    _one_line_error(lambda: preflight(_cfg(train, val), on_cluster=False), f"{xml} has no <size>")
+    _one_line_error(lambda: _preflight(train, val), f"{xml} has no <size>")
     xml.write_text(good.replace("</annotation>", "<object><name>x</name>\n</annotation>"))
-    _one_line_error(lambda: preflight(_cfg(train, val), on_cluster=False), f"{xml} line 2 does not parse as XML")
+    _one_line_error(lambda: _preflight(train, val), f"{xml} line 2 does not parse as XML")
     xml.write_text(good.replace("<xmax>", "<xmax>wide"))
     _one_line_error(lambda: check_split("train", train), r"<xmax> is 'wide\d+'; it must be a number")
+    xml.write_text(re.sub("<name>[^<]*</name>", "<name> </name>", good, count=1))
+    _one_line_error(lambda: check_split("train", train), f"{xml} has an <object> without a <name>")
     xml.write_text(good)
     (root / "labels.txt").write_text("rectangle-0\nellipse-1\n")
     _one_line_error(lambda: check_split("train", train), r"object 'triangle-2' is not in the class list "
@@ -238,25 +245,25 @@ def test_a_val_class_without_train_boxes_is_an_error_in_every_layout(written, tm
     root, train, val = _yolo(written, tmp_path)
     for label in (root / "labels" / "train").glob("*.txt"):
         label.write_text("".join(line + "\n" for line in label.read_text().splitlines() if line[0] != "1"))
-    _one_line_error(lambda: preflight(_cfg(train, val), on_cluster=False),
+    _one_line_error(lambda: _preflight(train, val),
                     r"class 'ellipse-1' \(id 1\) has boxes in val \(.*images/val\) but none in train")
     coco = _copy(written, "coco-export", tmp_path)
     ann = coco / "train" / "_annotations.coco.json"
     ann.write_text(json.dumps(_drop_class(json.loads(ann.read_text()), 5)))
     layout = detect_layout(str(coco))
-    _one_line_error(lambda: preflight(_cfg(layout.train, layout.val), on_cluster=False),
+    _one_line_error(lambda: _preflight(layout.train, layout.val),
                     r"class 'triangle-2' \(id 5\) has boxes in val")
     root, train, val = _voc(written, tmp_path)
     for xml in (root / "Annotations").glob("train_*.xml"):
         xml.write_text(xml.read_text().replace("<name>rectangle-0</name>", "<name>ellipse-1</name>"))
-    _one_line_error(lambda: preflight(_cfg(train, val), on_cluster=False), r"class 'rectangle-0' \(id 1\)")
+    _one_line_error(lambda: _preflight(train, val), r"class 'rectangle-0' \(id 1\)")
 
 
 @pytest.mark.parametrize("layout", ["yolo", "voc"])
 def test_the_dataset_and_its_batches_load_from_each_layout(layout, written):
     found = detect_layout(str(written[layout]))
     cfg = make_cfg((found.train, found.val))
-    summaries = preflight(cfg, on_cluster=False)
+    summaries = [check_split("train", found.train), check_split("val", found.val)]
     assert [(s.images, s.background) for s in summaries] == [(40, 0), (11, 0)]
     bundle = build_data(cfg, rank=0, world_size=1)
     assert bundle.category_ids == [0, 1, 2]
@@ -299,3 +306,14 @@ def test_read_split_dispatches_on_the_format(written, shapes):
     layout = detect_layout(str(written["yolo"]))
     with pytest.raises(DataError, match="is not valid JSON"):
         read_split(dataclasses.replace(layout.train, format="coco"))
+
+
+def test_a_roboflow_project_category_without_boxes_leaves_the_ap_as_it_is(shapes):
+    """Roboflow's COCO export lists the project as category 0 with no boxes; detections of it cost no AP."""
+    gt = CocoDetection.from_split(shapes[1]).coco_gt.dataset
+    with_project = {**gt, "categories": [{"id": 0, "name": "shapes-project"}, *gt["categories"]]}
+    dets = _detections(gt, lambda c: c)
+    stray = [{**d, "category_id": 0, "score": 0.99} for d in dets[::2]]
+    expected = coco_stats(COCO(gt), dets)
+    np.testing.assert_allclose(coco_stats(COCO(with_project), dets + stray), expected, atol=1e-12)
+    assert 0.2 < expected[0] < 0.9
