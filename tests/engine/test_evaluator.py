@@ -1,4 +1,5 @@
-"""Distributed COCO evaluation: an uneven val split over 2 gloo ranks gives exactly the single-process stats."""
+"""Distributed COCO evaluation: an uneven val split over 2 gloo ranks gives exactly the single-process stats;
+per-class AP is faster-coco-eval's own per-category evaluation."""
 
 import os
 import random
@@ -8,9 +9,10 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
-from faster_coco_eval import COCO
+from faster_coco_eval import COCO, COCOeval_faster
 
-from deim_ray.engine.evaluator import DetectionCollector, coco_stats, evaluate_distributed, merge_detections
+from deim_ray.engine.evaluator import (DetectionCollector, coco_evaluation, coco_stats, evaluate_distributed,
+                                      merge_detections)
 
 
 def _gt(n_images=7, seed=0):
@@ -50,7 +52,7 @@ def _worker(rank, world, port, q):
     ids = sorted(res)[rank::world]  # uneven shards: 4 and 3 images, no padding
     col = DetectionCollector([3, 7])
     col.add(ids, [res[i] for i in ids])
-    q.put((rank, evaluate_distributed(col, COCO(gt))))
+    q.put((rank, evaluate_distributed(col, COCO(gt)).stats))
     tdist.destroy_process_group()
 
 
@@ -93,3 +95,42 @@ def test_duplicate_images_across_ranks_count_once():
 
 def test_no_detections_gives_zero_ap():
     assert coco_stats(COCO(_gt()), [])[0] == 0.0
+
+
+def _one_category_ap(gt: dict, detections: list[dict], cat_id: int) -> tuple[float, float]:
+    """AP and AP50 of faster-coco-eval evaluating one category alone (params.catIds=[cat_id])."""
+    coco_gt = COCO(gt)
+    ev = COCOeval_faster(coco_gt, coco_gt.loadRes(detections), "bbox", print_function=lambda *a, **k: None)
+    ev.params.imgIds = sorted(coco_gt.getImgIds())
+    ev.params.catIds = [cat_id]
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    return float(ev.stats[0]), float(ev.stats[1])
+
+
+def test_per_class_ap_is_the_per_category_evaluation_and_averages_to_coco_ap():
+    gt = _gt(n_images=12, seed=3)
+    gt["categories"].append({"id": 9, "name": "never seen"})  # a class without ground truth
+    res = _results(gt, seed=4)
+    col = DetectionCollector([3, 7, 9])
+    col.add(sorted(res), [res[i] for i in sorted(res)])
+    dets = merge_detections([col.by_image])
+    result = coco_evaluation(COCO(gt), dets)
+    rows = {r["category_id"]: r for r in result.per_class}
+    assert [r["name"] for r in result.per_class] == ["a", "b", "never seen"]
+    for cat_id in (3, 7):
+        ap, ap50 = _one_category_ap(gt, dets, cat_id)
+        assert rows[cat_id]["ap"] == pytest.approx(ap, abs=1e-12)
+        assert rows[cat_id]["ap50"] == pytest.approx(ap50, abs=1e-12)
+        anns = [a for a in gt["annotations"] if a["category_id"] == cat_id]
+        assert rows[cat_id]["instances"] == len(anns) and rows[cat_id]["images"] == len({a["image_id"] for a in anns})
+    assert rows[3]["ap"] != rows[7]["ap"]
+    assert rows[9] == {"name": "never seen", "category_id": 9, "ap": -1.0, "ap50": -1.0, "instances": 0, "images": 0}
+    assert (rows[3]["ap"] + rows[7]["ap"]) / 2 == pytest.approx(result.stats[0], abs=1e-12)
+    assert result.stats == coco_stats(COCO(gt), dets)
+
+
+def test_no_detections_gives_zero_per_class_ap():
+    result = coco_evaluation(COCO(_gt()), [])
+    assert [(r["ap"], r["ap50"]) for r in result.per_class] == [(0.0, 0.0), (0.0, 0.0)]
