@@ -97,9 +97,8 @@ def test_no_detections_gives_zero_ap():
     assert coco_stats(COCO(_gt()), [])[0] == 0.0
 
 
-def _one_category_ap(gt: dict, detections: list[dict], cat_id: int) -> tuple[float, float]:
+def one_category_ap(coco_gt: COCO, detections: list[dict], cat_id: int) -> tuple[float, float]:
     """AP and AP50 of faster-coco-eval evaluating one category alone (params.catIds=[cat_id])."""
-    coco_gt = COCO(gt)
     ev = COCOeval_faster(coco_gt, coco_gt.loadRes(detections), "bbox", print_function=lambda *a, **k: None)
     ev.params.imgIds = sorted(coco_gt.getImgIds())
     ev.params.catIds = [cat_id]
@@ -120,7 +119,7 @@ def test_per_class_ap_is_the_per_category_evaluation_and_averages_to_coco_ap():
     rows = {r["category_id"]: r for r in result.per_class}
     assert [r["name"] for r in result.per_class] == ["a", "b", "never seen"]
     for cat_id in (3, 7):
-        ap, ap50 = _one_category_ap(gt, dets, cat_id)
+        ap, ap50 = one_category_ap(COCO(gt), dets, cat_id)
         assert rows[cat_id]["ap"] == pytest.approx(ap, abs=1e-12)
         assert rows[cat_id]["ap50"] == pytest.approx(ap50, abs=1e-12)
         anns = [a for a in gt["annotations"] if a["category_id"] == cat_id]
