@@ -154,7 +154,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.output:
         print(f"wrote {write_json(report, args.output)}")
     if args.plots:
-        print(f"wrote {write_plots(report, args.plots)}")
+        print(f"wrote {', '.join(str(p) for p in write_plots(report, args.plots))}")
     return 0
 
 

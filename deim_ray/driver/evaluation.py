@@ -20,7 +20,9 @@ from deim_ray.data.errors import DataError
 from deim_ray.engine.evaluator import STAT_NAMES, CocoResult
 
 ONNX_SUFFIX = ".onnx"
-PR_PLOT = "pr_curves.png"
+PR_PLOT, CONFUSION_PLOT = "pr_curves.png", "confusion_matrix.png"
+CONFUSION_IOU, CONFUSION_SCORE = 0.5, 0.25
+"""The confusion matrix counts detections scoring at least 0.25 that overlap a true box with IoU >= 0.5."""
 
 
 def val_split_of(data_dir: str | os.PathLike) -> SplitConfig:
@@ -54,11 +56,19 @@ class EvalReport:
     images: int
     preprocess: dict
     result: CocoResult
+    confusion: list[list[int]]
+    """[C+1, C+1] counts, true class x predicted class, the last of each "background" (`confusion_matrix`)."""
+
+    def confusion_labels(self) -> list[str]:
+        return [r["name"] for r in self.result.per_class] + ["background"]
 
     def to_json(self) -> dict:
         return {"model": self.model, "data": {"img_folder": self.split.img_folder, "ann_file": self.split.ann_file},
                 "images": self.images, "preprocess": self.preprocess,
-                "stats": dict(zip(STAT_NAMES, self.result.stats)), "per_class": self.result.per_class}
+                "stats": dict(zip(STAT_NAMES, self.result.stats)), "per_class": self.result.per_class,
+                "confusion_matrix": {"iou": CONFUSION_IOU, "score": CONFUSION_SCORE, "rows": "true class",
+                                     "columns": "predicted class", "labels": self.confusion_labels(),
+                                     "counts": self.confusion}}
 
 
 def open_detector(model: str, *, device: str | None = None,
@@ -91,11 +101,12 @@ def evaluate_model(model: str, split: SplitConfig, *, batch_size: int = 8, devic
     dataset = CocoDetection(split.img_folder, split.ann_file)
     detector = open_detector(model, device=device, image_size=image_size, storage_cfg=storage_cfg)
     _check_classes(dataset.categories.ids, detector.category_ids, split.ann_file)
-    from deim_ray.engine.evaluator import coco_evaluation
+    from deim_ray.engine.evaluator import coco_evaluation, confusion_matrix
 
-    result = coco_evaluation(dataset.coco_gt, detect_all(detector, dataset, batch_size))
+    detections = detect_all(detector, dataset, batch_size)
+    confusion = confusion_matrix(dataset.coco_gt, detections, CONFUSION_IOU, CONFUSION_SCORE)
     return EvalReport(model=model, split=split, images=len(dataset), preprocess=detector.preprocess.describe(),
-                      result=result)
+                      result=coco_evaluation(dataset.coco_gt, detections), confusion=confusion.tolist())
 
 
 def _check_classes(data_ids: list[int], model_ids: list[int], ann_file: str) -> None:
@@ -148,15 +159,18 @@ def write_json(report: EvalReport, path: str | os.PathLike) -> Path:
     return path
 
 
-def write_plots(report: EvalReport, folder: str | os.PathLike) -> Path:
-    """`--plots DIR`: the per-class precision-recall curves at IoU 0.5 as DIR/pr_curves.png."""
-    from deim_ray.driver.plots import render_pr_curves
+def write_plots(report: EvalReport, folder: str | os.PathLike) -> list[Path]:
+    """`--plots DIR`: DIR/pr_curves.png (per-class precision-recall at IoU 0.5) and DIR/confusion_matrix.png."""
+    from deim_ray.driver.plots import render_confusion_matrix, render_pr_curves
 
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    (out / PR_PLOT).write_bytes(render_pr_curves(report.result.per_class, report.result.pr50,
-                                                 title=f"{report.model} on {report.split.img_folder}"))
-    return out / PR_PLOT
+    title = f"{report.model} on {report.split.img_folder}"
+    (out / PR_PLOT).write_bytes(render_pr_curves(report.result.per_class, report.result.pr50, title=title))
+    (out / CONFUSION_PLOT).write_bytes(render_confusion_matrix(
+        report.confusion, report.confusion_labels(),
+        f"{title}\nscore >= {CONFUSION_SCORE}, IoU >= {CONFUSION_IOU}"))
+    return [out / PR_PLOT, out / CONFUSION_PLOT]
 
 
 def resolved_per_class(store, manifest) -> list[dict]:

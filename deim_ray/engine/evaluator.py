@@ -7,7 +7,7 @@ per-image arrays without de-duplicating them, which corrupted AP whenever the va
 
 The same evaluation gives the per-class numbers (`per_class`): faster-coco-eval's own per-category precision
 (`eval["precision"][:, :, k, area all, 100 detections]`), so the mean AP over the classes with ground truth
-is the COCO AP.
+is the COCO AP. `confusion_matrix` counts which class each confident detection was given for which true box.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
+import torch
 from faster_coco_eval import COCO, COCOeval_faster
 
 from deim_ray.engine import dist
@@ -111,6 +112,42 @@ def _mean_valid(values: np.ndarray) -> float:
 def coco_stats(coco_gt: COCO, detections: list[dict]) -> list[float]:
     """The 12 COCO bbox stats over every image of `coco_gt` (-1 where there is no ground truth)."""
     return coco_evaluation(coco_gt, detections).stats
+
+
+def confusion_matrix(coco_gt: COCO, detections: list[dict], iou_threshold: float = 0.5,
+                     score_threshold: float = 0.25) -> np.ndarray:
+    """Counts [C+1, C+1]: row = true class, column = predicted class (category ids ascending), the last row and
+    column "background". Per image, detections scoring at least `score_threshold` claim, best first, the
+    unclaimed non-crowd true box they overlap most with IoU >= `iou_threshold`, whatever its class; a detection
+    that claims none counts in the background row, a true box nobody claims in the background column."""
+    from torchvision.ops import box_iou
+
+    index = {c: i for i, c in enumerate(sorted(coco_gt.getCatIds()))}
+    counts = np.zeros((len(index) + 1, len(index) + 1), dtype=np.int64)
+    by_image: dict[int, list[dict]] = {}
+    for d in detections:
+        if d["score"] >= score_threshold and d["category_id"] in index:
+            by_image.setdefault(d["image_id"], []).append(d)
+    for image_id in coco_gt.getImgIds():
+        truth = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[image_id], iscrowd=False))
+        dets = sorted(by_image.get(image_id, []), key=lambda d: -d["score"])
+        iou = box_iou(_xyxy([d["bbox"] for d in dets]), _xyxy([a["bbox"] for a in truth]))
+        claimed = np.zeros(len(truth), dtype=bool)
+        for i, d in enumerate(dets):
+            overlap = torch.where(torch.from_numpy(claimed), -1.0, iou[i]) if len(truth) else iou[i]
+            j = int(overlap.argmax()) if len(truth) else -1
+            true_class = len(index)
+            if j >= 0 and overlap[j] >= iou_threshold:
+                claimed[j], true_class = True, index[truth[j]["category_id"]]
+            counts[true_class, index[d["category_id"]]] += 1
+        for a in (a for a, c in zip(truth, claimed) if not c):
+            counts[index[a["category_id"]], len(index)] += 1
+    return counts
+
+
+def _xyxy(xywh: list[list[float]]) -> torch.Tensor:
+    boxes = torch.tensor(xywh, dtype=torch.float64).reshape(-1, 4)
+    return torch.cat([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], dim=1)
 
 
 def evaluate_distributed(collector: DetectionCollector, coco_gt: COCO) -> CocoResult:

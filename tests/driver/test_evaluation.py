@@ -1,5 +1,5 @@
 """`deim-ray eval` on this machine: the JSON and console report of a final.pth on a val split, its per-class
-rows against the annotation file, the PR-curve plot, and one-line errors for what a user can fix. (That it
+rows against the annotation file, the confusion matrix, the plots, and one-line errors for what a user can fix. (That it
 reproduces a trained run's AP, in PyTorch and in ONNX, is checked on a finished run in test_two_stage.py.)"""
 
 import json
@@ -49,7 +49,12 @@ def test_eval_reports_stats_and_per_class_rows_of_the_val_split(shapes, final_pa
         line = next(line for line in console.splitlines() if line.startswith(cat["name"] + " "))
         assert line.split()[-2:] == [str(len(boxes)), str(len({a["image_id"] for a in boxes}))]
     assert len(doc["per_class"]) == 3 and "class" in console and "AR100" in console
-    assert (tmp_path / "plots" / "pr_curves.png").read_bytes()[:4] == b"\x89PNG"
+    confusion = doc["confusion_matrix"]
+    assert confusion["labels"] == [*NAMES, "background"] and (confusion["iou"], confusion["score"]) == (0.5, 0.25)
+    for row, cls in zip(confusion["counts"], doc["per_class"]):  # each true box: claimed once or missed
+        assert sum(row) == cls["instances"]
+    for name in ("pr_curves.png", "confusion_matrix.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
 
 
 def _with_extra_category(shapes, tmp_path):

@@ -11,8 +11,8 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from faster_coco_eval import COCO, COCOeval_faster
 
-from deim_ray.engine.evaluator import (DetectionCollector, coco_evaluation, coco_stats, evaluate_distributed,
-                                      merge_detections)
+from deim_ray.engine.evaluator import (DetectionCollector, coco_evaluation, coco_stats, confusion_matrix,
+                                      evaluate_distributed, merge_detections)
 
 
 def _gt(n_images=7, seed=0):
@@ -133,3 +133,24 @@ def test_per_class_ap_is_the_per_category_evaluation_and_averages_to_coco_ap():
 def test_no_detections_gives_zero_per_class_ap():
     result = coco_evaluation(COCO(_gt()), [])
     assert [(r["ap"], r["ap50"]) for r in result.per_class] == [(0.0, 0.0), (0.0, 0.0)]
+
+
+def test_confusion_matrix_counts_right_wrong_missed_and_spurious_boxes():
+    gt = {"images": [{"id": 1, "width": 100, "height": 100}, {"id": 2, "width": 100, "height": 100}],
+          "categories": [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 20, 20], "area": 400, "iscrowd": 0},
+                          {"id": 2, "image_id": 1, "category_id": 7, "bbox": [50, 50, 20, 20], "area": 400, "iscrowd": 0},
+                          {"id": 3, "image_id": 2, "category_id": 7, "bbox": [10, 10, 30, 30], "area": 900, "iscrowd": 0},
+                          {"id": 4, "image_id": 2, "category_id": 3, "bbox": [60, 60, 9, 9], "area": 81, "iscrowd": 1}]}
+    det = lambda image, cat, box, score: {"image_id": image, "category_id": cat, "bbox": box, "score": score}
+    detections = [det(1, 3, [1, 1, 20, 20], 0.9),      # a as a: right
+                  det(1, 3, [0, 0, 20, 20], 0.8),      # the same box again: it is claimed, so spurious
+                  det(1, 3, [51, 50, 20, 20], 0.7),    # b called a
+                  det(2, 7, [80, 0, 10, 10], 0.6),     # nothing there: spurious b
+                  det(2, 7, [10, 10, 30, 30], 0.1),    # right, but under the score threshold: b is missed
+                  det(2, 3, [60, 60, 9, 9], 0.9)]      # on a crowd box, which is no true box here
+    counts = confusion_matrix(COCO(gt), detections, iou_threshold=0.5, score_threshold=0.25)
+    #                     pred a  pred b  missed
+    assert counts.tolist() == [[1, 0, 0],     # true a
+                               [1, 0, 1],     # true b
+                               [2, 1, 0]]     # background
