@@ -33,6 +33,9 @@ def _run(args: argparse.Namespace, cfg, explicit: frozenset[str] = frozenset()) 
     if console is None or not console.epochs_shown:  # the epochs were not streamed by this command
         print(epoch_table(args.storage, args.name, cfg.storage, cfg.schedule.epochs))
     print(format_resolution(manifest))
+    table = final_class_table(args.storage, args.name, cfg.storage, manifest)
+    if table:
+        print(table)
     print(_next_steps(args.storage, args.name))
     return 0
 
@@ -67,13 +70,26 @@ def epoch_table(storage_uri: str, name: str, storage_cfg=None, epochs: int | Non
     """The run's epochs, one line each as the console prints them (from its metrics.jsonl, read with the
     run's own storage settings)."""
     from deim_ray.driver.console import epoch_line
-    from deim_ray.storage import RunStore, open_storage
 
-    store = RunStore(open_storage(storage_uri, storage_cfg), name)
+    store = _run_store(storage_uri, name, storage_cfg)
     if not store.exists("metrics.jsonl"):
         return "(no metrics recorded)"
     rows = [json.loads(line) for line in store.read_text("metrics.jsonl").splitlines() if line.strip()]
     return "\n".join(epoch_line(r, epochs) for r in rows)
+
+
+def final_class_table(storage_uri: str, name: str, storage_cfg, manifest) -> str:
+    """The per-class table of the run's resolved artifact, from its epoch's metrics line ('' when unknown)."""
+    from deim_ray.driver.evaluation import per_class_table, resolved_per_class
+
+    rows = resolved_per_class(_run_store(storage_uri, name, storage_cfg), manifest) if manifest.final else []
+    return f"per class, final artifact (epoch {manifest.final['epoch']}):\n{per_class_table(rows)}" if rows else ""
+
+
+def _run_store(storage_uri: str, name: str, storage_cfg):
+    from deim_ray.storage import RunStore, open_storage
+
+    return RunStore(open_storage(storage_uri, storage_cfg), name)
 
 
 def tune(args: argparse.Namespace) -> int:
@@ -125,10 +141,34 @@ def predict(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or not 0.0 <= args.score <= 1.0:
         raise UseError("--batch-size must be >= 1 and --score within [0, 1]")
+    if not args.images and not args.data:
+        raise UseError("name the images to predict (files or folders), or a dataset with --data DIR")
     path = run_predict(args.model, args.images, args.output, score=args.score, batch_size=args.batch_size,
-                       device=args.device, storage_cfg=_storage_cfg(args), force=args.force)
+                       device=args.device, storage_cfg=_storage_cfg(args), force=args.force, data_dir=args.data)
     count = len(json.loads(path.read_text()))
     print(f"wrote {path} ({count} detections with score >= {args.score}) and the drawn images in {path.parent}")
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from deim_ray.driver.evaluation import (evaluate_model, format_report, val_split_of, val_split_of_config,
+                                            write_json, write_plots)
+
+    if args.update and not args.config:
+        from deim_ray.config.errors import ConfigError
+
+        raise ConfigError("-u overrides a config's keys; pass -c CONFIG with it (or leave -u out with --data)")
+    if args.output:
+        _refuse_existing(args.output, force=None)
+    split = val_split_of(args.data) if args.data else val_split_of_config(args.config, args.update)
+    size = (args.image_size, args.image_size) if args.image_size else None
+    report = evaluate_model(args.model, split, batch_size=args.batch_size, device=args.device, image_size=size,
+                            storage_cfg=_storage_cfg(args))
+    print(format_report(report))
+    if args.output:
+        print(f"wrote {write_json(report, args.output)}")
+    if args.plots:
+        print(f"wrote {', '.join(str(p) for p in write_plots(report, args.plots))}")
     return 0
 
 

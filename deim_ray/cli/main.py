@@ -11,6 +11,7 @@ import math
 import sys
 import traceback
 
+from deim_ray import __version__
 from deim_ray.cli import commands
 from deim_ray.logs import setup_logging
 from deim_ray.redact import redact
@@ -107,7 +108,7 @@ def _add_endpoint_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _add_use_commands(sub) -> None:
-    """Commands that look at a finished run or use its model: plot, predict, export."""
+    """Commands that look at a finished run or use its model: plot, predict, eval, export."""
     p = sub.add_parser("plot", help="redraw a run's plots/metrics.png (AP, loss, LR per epoch) from its metrics")
     p.add_argument("run", help="run directory or s3://bucket/prefix/NAME")
     _add_endpoint_arg(p)
@@ -115,7 +116,9 @@ def _add_use_commands(sub) -> None:
 
     p = sub.add_parser("predict", help="detect objects in images with a run's final model")
     p.add_argument("model", metavar="RUN|final.pth", help="run directory, s3://bucket/prefix/NAME or a final.pth")
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    p.add_argument("images", nargs="*", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    p.add_argument("--data", metavar="DIR", help="instead of images: a dataset's val split (COCO layout), "
+                   "written with the dataset's image ids")
     p.add_argument("-o", "--output", default="predictions", help="output folder (default predictions)")
     p.add_argument("--score", type=float, default=0.3, help="keep detections scoring at least this (default 0.3)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
@@ -123,6 +126,23 @@ def _add_use_commands(sub) -> None:
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     _add_endpoint_arg(p)
     p.set_defaults(func=commands.predict)
+
+    p = sub.add_parser("eval", help="COCO AP and per-class AP of a model on a dataset's val split (this machine)")
+    p.add_argument("model", metavar="RUN|final.pth|MODEL.onnx",
+                   help="run directory, s3://bucket/prefix/NAME, a final.pth or an exported .onnx (ONNX Runtime, CPU)")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", metavar="DIR", help="dataset folder: its val split (COCO layout: val/, "
+                                                   "annotations/val.json)")
+    data.add_argument("-c", "--config", help="a config: its data.val")
+    p.add_argument("-u", "--update", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys (with -c)")
+    p.add_argument("--image-size", type=POSITIVE_INT, metavar="S", help="evaluate at S x S instead of the "
+                   "training size (PyTorch models)")
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (PyTorch models; default: cuda when available)")
+    p.add_argument("-o", "--output", metavar="results.json", help="also write the stats and per-class AP as JSON")
+    p.add_argument("--plots", metavar="DIR", help="draw the per-class precision-recall curves into DIR/pr_curves.png")
+    _add_endpoint_arg(p)
+    p.set_defaults(func=commands.evaluate)
 
     p = sub.add_parser("export", help="export a run's final model (postprocessing included) for deployment")
     p.add_argument("model", metavar="RUN|final.pth", help="run directory, s3://bucket/prefix/NAME or a final.pth")
@@ -228,8 +248,14 @@ def _add_config_commands(sub) -> None:
     p.set_defaults(func=commands.import_config)
 
 
+DESCRIPTION = ("Train DEIM-family real-time object detectors (DEIMv2, D-FINE, RT-DETRv2) with the two-stage DEIM "
+               "recipe on a Ray cluster or a laptop, and use the one final model it hands back: resolve, fetch, "
+               "evaluate, predict, export. Start with `deim-ray demo`.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="deim-ray", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="deim-ray", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"deim-ray {__version__}")
     noise = parser.add_mutually_exclusive_group()
     noise.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
     noise.add_argument("-v", "--verbose", action="store_true",

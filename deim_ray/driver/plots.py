@@ -2,7 +2,8 @@
 
 Three panels over epochs: AP and AP50 with the stage switch marked and each stage's best highlighted, the
 training loss, and the LR. The image is drawn from `metrics.jsonl` lines alone, so a run anywhere (local or S3)
-can be redrawn from its directory. Matplotlib's object API (no pyplot state) lets rank 0 draw on its uploader
+can be redrawn from its directory. `render_pr_curves` draws a model's per-class precision-recall curves at
+IoU 0.5 and `render_confusion_matrix` its confusion matrix (`deim-ray eval --plots`). Matplotlib's object API (no pyplot state) lets rank 0 draw on its uploader
 thread while training goes on. A drawing holds the GIL for 0.1-0.5 s (the first one of a process also imports
 matplotlib), time the next training steps wait for, so rank 0 redraws at most once per `PLOT_INTERVAL_S` of a
 stage and after the stage's last epoch.
@@ -57,6 +58,59 @@ def render_metrics(records: list[dict], stop_epoch: int | None, title: str = "")
     ap_ax.legend(loc="upper left", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def render_pr_curves(per_class: list[dict], pr50: list[list[float]], title: str = "") -> bytes:
+    """PNG bytes: precision over recall at IoU 0.5 (area all, 100 detections), one curve per class with ground
+    truth, labelled with its AP50 (`evaluator.CocoResult`'s `per_class` and `pr50`)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 5.2), dpi=100)
+    ax = fig.subplots()
+    recall = np.linspace(0.0, 1.0, 101)  # COCOeval's recall thresholds
+    for row, precision in zip(per_class, pr50):
+        if row["ap50"] >= 0:
+            ax.plot(recall, np.where(np.asarray(precision) < 0, np.nan, precision), lw=1.5,
+                    label=f"{row['name']} (AP50 {row['ap50']:.3f})")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
+           title=f"{title}\nprecision-recall at IoU 0.5" if title else "precision-recall at IoU 0.5")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(loc="lower left", fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def render_confusion_matrix(counts: list[list[int]], labels: list[str], title: str = "") -> bytes:
+    """PNG bytes: the counts (row = true class, column = predicted class, the last of each "background"), each
+    row shaded by its share of the row's total, the counts written in the cells."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    matrix = np.asarray(counts, dtype=float)
+    share = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    side = 3.2 + 0.45 * len(labels)
+    fig = Figure(figsize=(side + 1.0, side), dpi=100)
+    ax = fig.subplots()
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(labels))
+    ax.set_xticks(ticks, labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(ticks, labels, fontsize=8)
+    ax.set(xlabel="predicted", ylabel="true")
+    if len(labels) <= 30:  # beyond that the numbers no longer fit their cells
+        for (i, j), n in np.ndenumerate(matrix):
+            if n:
+                ax.text(j, i, f"{int(n)}", ha="center", va="center", fontsize=7,
+                        color="white" if share[i, j] > 0.6 else "black")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()

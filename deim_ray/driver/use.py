@@ -2,8 +2,10 @@
 
 Both take a run (directory or s3:// URI: its verified `final` artifact is fetched) or a `final.pth` file.
 `predict` writes `detections.json` (COCO results: image_id, file_name, category_id with the dataset's own ids,
-bbox [x, y, w, h] in pixels, score) and each image with its boxes, class names and scores drawn. Nothing is
-overwritten unless `force` is given.
+bbox [x, y, w, h] in pixels, score) and each image with its boxes, class names and scores drawn, under its own
+name (`<name>.jpg`; a name met twice, from two folders, gets `_1`, `_2`, ...). Images of an annotated set
+(`data_dir`: its val split) keep the set's image ids, so the file can be scored against it; loose images are
+numbered 1, 2, ... in the order given. Nothing is overwritten unless `force` is given.
 """
 
 from __future__ import annotations
@@ -75,16 +77,47 @@ def _refuse_overwrite(paths: list[Path], force: bool) -> None:
                               "choose another -o or pass --force")
 
 
+def drawn_names(files: list[Path]) -> list[str]:
+    """The output name of each input: `<name>.jpg`, with `_1`, `_2`, ... for a name already taken."""
+    taken: set[str] = set()
+    names = []
+    for f in files:
+        name, n = f"{f.stem}.jpg", 0
+        while name.lower() in taken:  # case-blind: one folder on macOS or Windows
+            n += 1
+            name = f"{f.stem}_{n}.jpg"
+        taken.add(name.lower())
+        names.append(name)
+    return names
+
+
+def _images_and_ids(inputs: list[str], data_dir: str | None) -> tuple[list[Path], list[int]]:
+    """The images to predict and the image id of each: the val split's own ids with `data_dir`, else 1..N."""
+    if data_dir is None:
+        files = image_files(inputs)
+        return files, list(range(1, len(files) + 1))
+    if inputs:
+        raise UseError("pass images or --data DIR, not both (--data predicts its val split's images)")
+    from deim_ray.data.coco import CocoDetection
+    from deim_ray.driver.evaluation import val_split_of
+
+    split = val_split_of(data_dir)
+    records = CocoDetection(split.img_folder, split.ann_file).records
+    return [Path(r.path) for r in records], [r.image_id for r in records]
+
+
 def predict(source: str, inputs: list[str], out_dir: str, *, score: float = 0.3, batch_size: int = 8,
-            device: str | None = None, storage_cfg: StorageConfig | None = None, force: bool = False) -> Path:
-    """Detect objects in every input image; returns the path of detections.json."""
+            device: str | None = None, storage_cfg: StorageConfig | None = None, force: bool = False,
+            data_dir: str | None = None) -> Path:
+    """Detect objects in every input image (or the val split of `data_dir`); returns the path of
+    detections.json."""
     import torch
 
     from deim_ray.models.inference import Detector
 
-    files = image_files(inputs)
+    files, image_ids = _images_and_ids(inputs, data_dir)
     out = Path(out_dir)
-    drawn = [out / f"{i:04d}_{f.stem}.jpg" for i, f in enumerate(files)]
+    drawn = [out / name for name in drawn_names(files)]
     _refuse_overwrite([out / DETECTIONS_FILE, *drawn], force)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with final_artifact(source, storage_cfg) as final:
@@ -95,7 +128,7 @@ def predict(source: str, inputs: list[str], out_dir: str, *, score: float = 0.3,
         batch = files[start:start + batch_size]
         images = [_read(f) for f in batch]
         for k, (f, image, dets) in enumerate(zip(batch, images, detector.detect(images, score))):
-            results += _coco_results(start + k + 1, f, dets, detector.category_ids)
+            results += _coco_results(image_ids[start + k], f, dets, detector.category_ids)
             _draw(image, dets, detector.class_names).save(drawn[start + k], quality=92)
     _atomic_json(out / DETECTIONS_FILE, results)
     return out / DETECTIONS_FILE

@@ -38,6 +38,8 @@ class EpochRecord:
     data_wait: float = 0.0
     """Fraction of the train part's wall time spent waiting for the loader (mean over ranks); near 1 = starved."""
     restarted_from_stg1: bool = False
+    per_class: list[dict] = field(default_factory=list)
+    """{name, category_id, ap, ap50, instances, images} per class (`evaluator.CocoResult.per_class`)."""
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -47,7 +49,7 @@ class EpochRecord:
                 "lr": self.lr, "epoch_time_s": round(self.epoch_time_s, 3),
                 "eval_time_s": round(self.eval_time_s, 3), "images_per_s": round(self.images_per_s, 2),
                 "data_wait": round(self.data_wait, 4),
-                "restarted_from_stg1": self.restarted_from_stg1, **self.extra}
+                "restarted_from_stg1": self.restarted_from_stg1, "per_class": self.per_class, **self.extra}
 
 
 class Hook:

@@ -25,7 +25,7 @@ from torch import nn
 
 from deim_ray.engine import dist
 from deim_ray.engine.ema import ModelEMA
-from deim_ray.engine.evaluator import DetectionCollector, evaluate_distributed
+from deim_ray.engine.evaluator import CocoResult, DetectionCollector, evaluate_distributed
 from deim_ray.engine.lr import LRSchedule
 from deim_ray.engine.throughput import LoaderTimer
 from deim_ray.models.loss import forward_loss
@@ -142,8 +142,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, coco_gt, category_ids: list[int], device: torch.device,
-             num_top_queries: int, on_batch: Callable[[int], None] | None = None) -> list[float]:
-    """Collective: COCO bbox stats of `model` over the whole val set (each rank runs its own shard).
+             num_top_queries: int, on_batch: Callable[[int], None] | None = None) -> CocoResult:
+    """Collective: COCO bbox stats and per-class AP of `model` over the whole val set (each rank runs its own
+    shard).
     Always in float32, whatever the training AMP setting, as upstream evaluates."""
     model.eval()
     collector = DetectionCollector(category_ids)

@@ -291,14 +291,16 @@ class Trainer:
         t0 = time.monotonic()
         losses, events = self._train_epoch(epoch)
         t1 = time.monotonic()
-        stats = evaluate(self.ema.module if self.ema else self.model, self.data.val_loader,
+        result = evaluate(self.ema.module if self.ema else self.model, self.data.val_loader,
                          coco_gt=self.data.coco_gt, category_ids=self.data.category_ids, device=self.device,
                          num_top_queries=self.cfg.eval.num_top_queries,
                          on_batch=lambda i: [h.on_eval_batch(self, epoch, i) for h in self.hooks])
         self.epoch = epoch
+        stats = result.stats
         decision = self.tracker.update(epoch, stats[0], self.stage, self.cfg.schedule.stage2_restart)
         events["nonfinite_steps"] = int(losses.pop("nonfinite_steps"))
         record = EpochRecord(epoch=epoch, stage=int(self.stage), ap=stats[0], coco_stats=stats,
+                             per_class=result.per_class,
                              loss=losses.pop("loss"), lr=losses.pop("lr"), images_per_s=losses.pop("images_per_s"),
                              data_wait=losses.pop("data_wait"), losses=losses,
                              epoch_time_s=t1 - t0, eval_time_s=time.monotonic() - t1,

@@ -1,8 +1,9 @@
 """models layer: using a final artifact on images — preprocessing, batched detection, and the deployable module.
 
-The preprocessing is the evaluation pipeline's: the image as the user sees it (EXIF orientation applied; grayscale,
-palette and RGBA made RGB), resized to the artifact's input size, scaled to [0, 1], ImageNet-normalised when the
-model was trained that way. Boxes come back in the original image's pixels.
+The preprocessing is the evaluation pipeline's, step for step: the image as the user sees it (EXIF orientation
+applied; grayscale, palette and RGBA made RGB), resized as 8-bit RGB with PIL's bilinear filter (the val loader's
+`Resize`) to the artifact's input size, scaled to [0, 1], ImageNet-normalised when the model was trained that way.
+So a model scores here exactly what it scored in training. Boxes come back in the original image's pixels.
 
     detector = Detector.from_final("final.pth", device="cpu")
     for name, dets in zip(names, detector.detect([Image.open(n) for n in names])):
@@ -22,7 +23,8 @@ from PIL import Image, ImageOps
 from torch import nn
 from torchvision.transforms.v2 import functional as F
 
-from deim_ray.models.build import feature_strides
+from deim_ray.data.resize import resize_bilinear
+from deim_ray.models.build import feature_strides, validate_input_size
 from deim_ray.models.export import load_final
 from deim_ray.models.postprocess import topk_detections
 
@@ -48,13 +50,20 @@ class Preprocess:
     normalize: bool
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        pixels = F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True)
-        pixels = F.resize(pixels, [self.height, self.width], antialias=True)
+        resized = resize_bilinear(image.convert("RGB"), self.width, self.height)
+        pixels = F.to_dtype(F.pil_to_tensor(resized), torch.float32, scale=True)
         return F.normalize(pixels, IMAGENET_MEAN, IMAGENET_STD) if self.normalize else pixels
+
+    @classmethod
+    def from_description(cls, described: dict) -> "Preprocess":
+        """The preprocessing `describe()` wrote (an exported model's `preprocess` metadata)."""
+        h, w = described["size_hw"]
+        return cls(int(h), int(w), described.get("mean") is not None)
 
     def describe(self) -> dict:
         return {"input": "RGB, float32, NCHW", "size_hw": [self.height, self.width], "scale": "1/255",
-                "resize": "bilinear, antialias, aspect ratio not kept",
+                "resize": "PIL bilinear on the 8-bit RGB image (Image.resize((w, h), Image.BILINEAR)), "
+                          "aspect ratio not kept",
                 "mean": list(IMAGENET_MEAN) if self.normalize else None,
                 "std": list(IMAGENET_STD) if self.normalize else None,
                 "orig_target_sizes": "int64 [N, 2] = (width, height) of each original image"}
@@ -88,10 +97,12 @@ def _fix_anchors(model: nn.Module, image_size: tuple[int, int]) -> None:
 class Detector:
     """A final artifact ready for images: preprocessing, batching, device and the class table."""
 
-    def __init__(self, model: nn.Module, meta: dict, device: str | torch.device = "cpu"):
+    def __init__(self, model: nn.Module, meta: dict, device: str | torch.device = "cpu",
+                 image_size: tuple[int, int] | None = None):
         self.meta = meta
         self.device = torch.device(device)
-        h, w = meta["image_size"]
+        h, w = image_size or meta["image_size"]  # another size than the training one, when asked for
+        validate_input_size(h, w, model.config.num_queries, feature_strides(model.config))
         self.preprocess = Preprocess(h, w, bool(meta.get("meta", {}).get("normalize", False)))
         self.num_top_queries = int(meta.get("meta", {}).get("num_top_queries") or 300)
         self.deployable = Deployable(model, self.num_top_queries, (h, w)).to(self.device)
@@ -99,9 +110,10 @@ class Detector:
         self.class_names: list[str] = list(meta["class_names"])
 
     @classmethod
-    def from_final(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Detector":
+    def from_final(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                   image_size: tuple[int, int] | None = None) -> "Detector":
         model, meta = load_final(path)
-        return cls(model, meta, device)
+        return cls(model, meta, device, image_size)
 
     @torch.no_grad()
     def detect(self, images: list[Image.Image], score_threshold: float = 0.0) -> list[dict[str, torch.Tensor]]:

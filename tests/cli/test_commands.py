@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import deim_ray
 from deim_ray.cli.main import main
 
 TINY = "configs/demo/tiny.yml"
@@ -98,5 +99,9 @@ def test_help_lists_every_command():
     proc = subprocess.run([sys.executable, "-m", "deim_ray", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     for cmd in ("train", "demo", "resolve", "fetch", "ls", "info", "show-augment", "import-config", "plot", "predict",
-                "export"):
+                "eval", "export"):
         assert cmd in proc.stdout
+    assert "object detectors" in proc.stdout and "layer" not in proc.stdout  # what the tool does, not the code
+    version = subprocess.run([sys.executable, "-m", "deim_ray", "--version"], capture_output=True, text=True,
+                             timeout=60)
+    assert version.returncode == 0 and version.stdout.split() == ["deim-ray", deim_ray.__version__]

@@ -199,13 +199,18 @@ def test_finished_run_prints_its_result_and_starts_no_ray(tiny_cfg, tiny_data_ro
     store.write_manifest(manifest)
     for state in (RunState.STAGE1_DONE, RunState.STAGE2_RUNNING, RunState.DONE):
         store.transition(state)
-    store.write_text("metrics.jsonl", "".join(json.dumps(r | {"loss": 1.0, "lr": 1e-3, "coco_stats": [r["ap"]] * 12})
+    per_class = {e: [{"name": "disc", "category_id": 1, "ap": ap, "ap50": 2 * ap, "instances": 7}]
+                 for e, ap in ((0, .125), (1, .375))}  # the final is epoch 1: its classes are printed
+    store.write_text("metrics.jsonl", "".join(json.dumps(r | {"loss": 1.0, "lr": 1e-3, "coco_stats": [r["ap"]] * 12,
+                                                              "per_class": per_class[r["epoch"]]})
                                            + "\n" for r in history))
     before = (root / "done" / "manifest.json").read_bytes()
     was_running = ray.is_initialized()
     rc = main(["train", "-c", TINY, "--storage", str(root), "--name", "done", "-u", *data_overrides(tiny_data_root)])
     out = capsys.readouterr().out
     assert rc == 0 and "DONE" in out and "best_stg1" in out and "0.2000" in out
+    assert "per class, final artifact (epoch 1)" in out
+    assert out.splitlines()[-2].split() == ["disc", "0.375", "0.750", "7"]  # the last line: what to do next
     assert (root / "done" / "manifest.json").read_bytes() == before
     assert ray.is_initialized() == was_running
 

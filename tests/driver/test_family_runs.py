@@ -44,6 +44,6 @@ def test_final_rebuilds_the_family_and_reproduces_its_ap(family_run):
     model, meta = load_final(run_dir / "artifacts" / "final.pth")
     assert type(model).__name__ == MODEL_CLASSES[family] and meta["family"] == family
     data = build_data(cfg, 0, 1)
-    stats = evaluate(model, data.val_loader, coco_gt=data.coco_gt, category_ids=data.category_ids,
-                     device=torch.device("cpu"), num_top_queries=cfg.eval.num_top_queries)
-    assert stats[0] == pytest.approx(manifest.final["ap"], abs=1e-6)
+    result = evaluate(model, data.val_loader, coco_gt=data.coco_gt, category_ids=data.category_ids,
+                      device=torch.device("cpu"), num_top_queries=cfg.eval.num_top_queries)
+    assert result.ap == pytest.approx(manifest.final["ap"], abs=1e-6)

@@ -1,6 +1,7 @@
 """End to end on real Ray (2 CPU workers, gloo), the real tiny DEIMv2 and real COCO evaluation:
 a two-stage run ends DONE with verified artifacts, an identical stage-2 start on both workers, the
-EMA restart decay in effect, and a final artifact that reproduces its recorded AP."""
+EMA restart decay in effect, and a final artifact that reproduces its recorded AP (and per-class AP) through
+`deim-ray eval`, in PyTorch and exported to ONNX."""
 
 import hashlib
 import io
@@ -13,9 +14,12 @@ import torch
 
 from deim_ray.cli.main import main
 from deim_ray.config.loader import load_config
+from deim_ray.data.coco import CocoDetection
 from deim_ray.driver.console import Console
+from deim_ray.driver.evaluation import detect_all, open_detector, val_split_of
 from deim_ray.driver.run import RunError, RunRequest, run_training
 from deim_ray.engine.data import build_data
+from deim_ray.engine.evaluator import STAT_NAMES, coco_evaluation
 from deim_ray.engine.loop import evaluate
 from deim_ray.engine.state import load_train_state
 from deim_ray.engine.trainer import state_digest
@@ -23,6 +27,7 @@ from deim_ray.models.build import build_model
 from deim_ray.models.export import load_final
 
 from tests.driver.conftest import TINY, data_overrides
+from tests.engine.test_evaluator import one_category_ap
 
 pytestmark = pytest.mark.slow
 
@@ -87,6 +92,9 @@ def test_metrics_are_contiguous_one_line_per_epoch(run):
         assert len(r["coco_stats"]) == 12 and r["ap"] == r["coco_stats"][0]
         assert r["loss"] > 0 and r["lr"] > 0
         assert r["images_per_s"] > 0 and 0 <= r["data_wait"] <= 1
+        assert [c["category_id"] for c in r["per_class"]] == [1, 3, 5]
+        scored = [c["ap"] for c in r["per_class"] if c["instances"]]  # COCO AP averages the classes with boxes
+        assert sum(scored) / len(scored) == pytest.approx(r["ap"], abs=1e-9)
 
 
 def test_both_workers_started_stage2_from_best_stg1_bit_identical(run):
@@ -119,9 +127,9 @@ def test_final_rebuilds_and_reproduces_recorded_ap(run):
     assert "optimizer" not in raw
     model, meta = load_final(path)
     data = build_data(cfg, 0, 1)
-    stats = evaluate(model, data.val_loader, coco_gt=data.coco_gt, category_ids=data.category_ids,
-                     device=torch.device("cpu"), num_top_queries=cfg.eval.num_top_queries)
-    assert stats[0] == pytest.approx(manifest.final["ap"], abs=1e-6)
+    result = evaluate(model, data.val_loader, coco_gt=data.coco_gt, category_ids=data.category_ids,
+                      device=torch.device("cpu"), num_top_queries=cfg.eval.num_top_queries)
+    assert result.ap == pytest.approx(manifest.final["ap"], abs=1e-6)
 
 
 def test_rerun_of_a_done_run_trains_nothing(run):
@@ -170,3 +178,44 @@ def test_predict_uses_the_runs_final_model(run, tmp_path, tiny_data_root):
     assert main(["predict", str(run_dir), str(image), "-o", str(tmp_path / "p"), "--score", "0"]) == 0
     results = json.loads((tmp_path / "p" / "detections.json").read_text())
     assert results and {r["category_id"] for r in results} <= {1, 3, 5}
+
+
+def _final_row(run_dir: Path, manifest) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return next(r for r in rows if r["epoch"] == manifest.final["epoch"])
+
+
+def test_eval_reproduces_the_final_ap_in_pytorch_and_onnx(run, tiny_data_root, tmp_path, capsys):
+    _, run_dir, manifest = run
+    torch_json, onnx_json, onnx = tmp_path / "torch.json", tmp_path / "onnx.json", tmp_path / "model.onnx"
+    assert main(["eval", str(run_dir), "--data", str(tiny_data_root), "--device", "cpu", "-o", str(torch_json),
+                 "--plots", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    doc = json.loads(torch_json.read_text())
+    assert list(doc["stats"]) == list(STAT_NAMES) and doc["images"] == 12
+    assert doc["stats"]["AP"] == pytest.approx(manifest.final["ap"], abs=1e-3)
+    trained = _final_row(run_dir, manifest)["per_class"]
+    assert [(c["name"], c["category_id"], c["instances"]) for c in doc["per_class"]] == \
+        [(c["name"], c["category_id"], c["instances"]) for c in trained]
+    for got, want in zip(doc["per_class"], trained):
+        assert got["ap"] == pytest.approx(want["ap"], abs=1e-3) and got["ap50"] == pytest.approx(want["ap50"], abs=1e-3)
+        assert f"{got['ap']:6.3f}" in next(line for line in out.splitlines() if line.startswith(got["name"] + " "))
+    assert (tmp_path / "plots" / "pr_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["export", str(run_dir), "-o", str(onnx)]) == 0
+    assert main(["eval", str(onnx), "--data", str(tiny_data_root), "-o", str(onnx_json)]) == 0
+    onnx_doc = json.loads(onnx_json.read_text())
+    assert abs(onnx_doc["stats"]["AP"] - doc["stats"]["AP"]) <= 0.002
+    print(f"final AP {manifest.final['ap']:.5f}  eval (PyTorch) {doc['stats']['AP']:.5f}  "
+          f"eval (ONNX Runtime) {onnx_doc['stats']['AP']:.5f}")
+
+
+def test_per_class_ap_of_the_final_model_is_the_per_category_evaluation(run, tiny_data_root):
+    _, run_dir, _ = run
+    split = val_split_of(tiny_data_root)
+    dataset = CocoDetection(split.img_folder, split.ann_file)
+    detections = detect_all(open_detector(str(run_dir), device="cpu"), dataset)
+    result = coco_evaluation(dataset.coco_gt, detections)
+    for row in result.per_class:
+        assert (row["ap"], row["ap50"]) == pytest.approx(one_category_ap(dataset.coco_gt, detections,
+                                                                          row["category_id"]), abs=1e-12)
+    assert sum(r["ap"] for r in result.per_class) / 3 == pytest.approx(result.ap, abs=1e-12)

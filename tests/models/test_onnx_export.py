@@ -1,18 +1,23 @@
 """`deim-ray export --format onnx`: the exported graph (postprocessing inside) computes what the PyTorch model
-computes, run with onnxruntime on the same images at another batch size than it was traced with."""
+computes, run with onnxruntime on the same images at another batch size than it was traced with; so do
+`OnnxDetector` (what `deim-ray eval MODEL.onnx` runs) and the README's ONNX Runtime example."""
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from PIL import Image
 
 from deim_ray.cli.main import main
 from deim_ray.models import make_final_checkpoint
-from deim_ray.models.inference import Detector
+from deim_ray.models.inference import Detector, load_rgb
 from deim_ray.models.onnx_export import INPUTS, OUTPUTS
+from deim_ray.models.onnx_runtime import OnnxDetector
 
 from .conftest import matched_box_error
 
@@ -63,3 +68,49 @@ def test_export_refuses_to_overwrite_without_force(tmp_path, final_path, capsys)
     out.write_bytes(b"keep me")
     assert main(["export", str(final_path), "-o", str(out)]) == 2
     assert "--force" in capsys.readouterr().err and out.read_bytes() == b"keep me"
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def _readme_onnx_example() -> str:
+    """The README's ONNX Runtime example: the python block of "Using the model" that opens an InferenceSession."""
+    section = README.read_text().split("## Using the model", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    return next(b for b in blocks if "InferenceSession" in b)
+
+
+@pytest.fixture
+def photo(tmp_path):
+    """An RGB photo of another size and shape than the model's input, so the resize matters."""
+    rng = np.random.default_rng(3)
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(rng.integers(0, 255, (211, 317, 3), dtype=np.uint8)).save(path, quality=95)
+    return path
+
+
+def test_readme_onnx_example_computes_what_the_detector_computes(tmp_path, final_path, photo, monkeypatch, capsys):
+    assert main(["export", str(final_path), "-o", str(tmp_path / "demo.onnx")]) == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    namespace: dict = {}
+    exec(compile(_readme_onnx_example(), "README.md", "exec"), namespace)
+    expected = Detector.from_final(final_path).detect([load_rgb(photo)])[0]
+    got = (namespace["labels"][0], namespace["boxes"][0], namespace["scores"][0])
+    np.testing.assert_allclose(np.sort(got[2]), np.sort(expected["scores"].numpy()), atol=1e-4)
+    assert matched_box_error(got, tuple(expected[k].numpy() for k in ("labels", "boxes", "scores"))) <= 1e-2
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == int((got[2] >= 0.5).sum())
+
+
+def test_onnx_detector_runs_the_export_as_the_pytorch_detector(tmp_path, final_path, photo):
+    assert main(["export", str(final_path), "-o", str(tmp_path / "m.onnx")]) == 0
+    onnx_detector = OnnxDetector(tmp_path / "m.onnx")
+    assert onnx_detector.category_ids == IDS and onnx_detector.class_names == NAMES
+    assert onnx_detector.fixed_batch == 1
+    images = [load_rgb(photo), Image.new("RGB", (90, 60), (200, 30, 30))]
+    for got, want in zip(onnx_detector.detect(images, 0.0), Detector.from_final(final_path).detect(images)):
+        torch.testing.assert_close(torch.sort(got["scores"]).values, torch.sort(want["scores"]).values, atol=1e-5,
+                                   rtol=0)
+        as_numpy = [tuple(d[k].numpy() for k in ("labels", "boxes", "scores")) for d in (got, want)]
+        assert matched_box_error(*as_numpy) <= 1e-3

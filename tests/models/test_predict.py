@@ -1,7 +1,9 @@
 """`deim-ray predict` on a final artifact: any size, EXIF-rotated, grayscale and RGBA images; COCO results with
-the dataset's own category ids; drawn images; no silent overwrite."""
+the dataset's own category ids (and image ids with --data); drawn images under their own names; no silent
+overwrite."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +11,8 @@ import torch
 from PIL import Image
 
 from deim_ray.cli.main import main
+from deim_ray.config.schema import SyntheticConfig
+from deim_ray.data.synthetic import generate_shapes
 from deim_ray.models import make_final_checkpoint
 from deim_ray.models.inference import Detector, load_rgb
 
@@ -67,8 +71,25 @@ def test_predict_writes_coco_results_and_drawn_images(tmp_path, final_path, imag
         xs = [r["bbox"][0] + r["bbox"][2] for r in rows]
         assert max(xs) <= 1.5 * w and max(r["bbox"][1] + r["bbox"][3] for r in rows) <= 1.5 * h
     drawn = sorted(p.name for p in out.glob("*.jpg"))
-    assert drawn == ["0000_a_rotated.jpg", "0001_b_gray.jpg", "0002_c_rgba.jpg", "0003_big.jpg"]
-    assert Image.open(out / "0000_a_rotated.jpg").size == (120, 200)
+    assert drawn == ["a_rotated.jpg", "b_gray.jpg", "big.jpg", "c_rgba.jpg"]  # the inputs' own names
+    assert Image.open(out / "a_rotated.jpg").size == (120, 200)
+
+
+def test_predict_keeps_names_apart_and_writes_the_datasets_image_ids(tmp_path, final_path, images):
+    twin = tmp_path / "other" / "A_rotated.png"  # the same name from another folder (and another case)
+    twin.parent.mkdir()
+    Image.new("RGB", (50, 40)).save(twin)
+    assert main(["predict", str(final_path), str(images), str(twin), "-o", str(tmp_path / "p1")]) == 0
+    assert sorted(p.name for p in (tmp_path / "p1").glob("*.jpg")) == \
+        ["A_rotated_1.jpg", "a_rotated.jpg", "b_gray.jpg", "c_rgba.jpg"]
+    root = tmp_path / "shapes"
+    generate_shapes(root, SyntheticConfig(num_train=1, num_val=3, image_size=64, num_classes=3, seed=0))
+    assert main(["predict", str(final_path), "--data", str(root), "-o", str(tmp_path / "p2"), "--score", "0"]) == 0
+    ann = json.loads((root / "annotations" / "val.json").read_text())
+    ids = {im["file_name"]: im["id"] for im in ann["images"]}
+    results = json.loads((tmp_path / "p2" / "detections.json").read_text())
+    assert {(Path(r["file_name"]).name, r["image_id"]) for r in results} == set(ids.items())
+    assert sorted(p.name for p in (tmp_path / "p2").glob("*.jpg")) == sorted(ids)
 
 
 def test_batches_give_the_same_detections_as_single_images(final_path, images):
