@@ -117,8 +117,8 @@ def _add_use_commands(sub) -> None:
     p = sub.add_parser("predict", help="detect objects in images with a run's final model")
     p.add_argument("model", metavar="RUN|final.pth", help="run directory, s3://bucket/prefix/NAME or a final.pth")
     p.add_argument("images", nargs="*", metavar="IMAGE_OR_DIR", help="image files or folders of images")
-    p.add_argument("--data", metavar="DIR", help="instead of images: a dataset's val split (COCO layout), "
-                   "written with the dataset's image ids")
+    p.add_argument("--data", metavar="DIR", help="instead of images: a dataset folder's val split (COCO, YOLO "
+                   "or VOC, as train --data reads it), written with the dataset's image ids")
     p.add_argument("-o", "--output", default="predictions", help="output folder (default predictions)")
     p.add_argument("--score", type=float, default=0.3, help="keep detections scoring at least this (default 0.3)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
@@ -131,8 +131,8 @@ def _add_use_commands(sub) -> None:
     p.add_argument("model", metavar="RUN|final.pth|MODEL.onnx",
                    help="run directory, s3://bucket/prefix/NAME, a final.pth or an exported .onnx (ONNX Runtime, CPU)")
     data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data", metavar="DIR", help="dataset folder: its val split (COCO layout: val/, "
-                                                   "annotations/val.json)")
+    data.add_argument("--data", metavar="DIR", help="dataset folder: its val split (COCO, YOLO or VOC, as "
+                                                   "train --data reads it)")
     data.add_argument("-c", "--config", help="a config: its data.val")
     p.add_argument("-u", "--update", nargs="+", default=[], metavar="KEY=VALUE", help="override config keys (with -c)")
     p.add_argument("--image-size", type=POSITIVE_INT, metavar="S", help="evaluate at S x S instead of the "

@@ -26,17 +26,11 @@ CONFUSION_IOU, CONFUSION_SCORE = 0.5, 0.25
 
 
 def val_split_of(data_dir: str | os.PathLike) -> SplitConfig:
-    """The val split of the dataset folder `--data DIR` names. The one place that knows dataset layouts here:
-    today the COCO layout `deim-ray demo` writes (`val/`, `annotations/val.json`; `synthetic_splits`)."""
-    from deim_ray.data.synthetic import synthetic_splits
+    """The val split of the dataset folder `--data DIR` names, in any layout `train --data` reads (COCO, YOLO,
+    Pascal VOC: `data.layouts.detect_layout`)."""
+    from deim_ray.data.layouts import detect_layout
 
-    split = synthetic_splits(data_dir)[1]
-    if not Path(data_dir).is_dir():
-        raise DataError(f"--data {data_dir} is not a folder; name a dataset folder (val/, annotations/val.json)")
-    if not Path(split.ann_file).is_file() or not Path(split.img_folder).is_dir():
-        raise DataError(f"--data {data_dir} has no val split: expected {split.img_folder}/ and {split.ann_file} "
-                        "(COCO layout); or pass -c CONFIG with data.val")
-    return split
+    return detect_layout(os.fspath(data_dir)).val
 
 
 def val_split_of_config(config: str, updates: list[str]) -> SplitConfig:
@@ -98,7 +92,7 @@ def evaluate_model(model: str, split: SplitConfig, *, batch_size: int = 8, devic
     """COCO stats and per-class AP of `model` on the val split `split` (see the module docstring)."""
     from deim_ray.data.coco import CocoDetection
 
-    dataset = CocoDetection(split.img_folder, split.ann_file)
+    dataset = CocoDetection.from_split(split)
     detector = open_detector(model, device=device, image_size=image_size, storage_cfg=storage_cfg)
     _check_classes(dataset.categories.ids, detector.category_ids, split.ann_file)
     from deim_ray.engine.evaluator import coco_evaluation, confusion_matrix

@@ -102,7 +102,7 @@ def _images_and_ids(inputs: list[str], data_dir: str | None) -> tuple[list[Path]
     from deim_ray.driver.evaluation import val_split_of
 
     split = val_split_of(data_dir)
-    records = CocoDetection(split.img_folder, split.ann_file).records
+    records = CocoDetection.from_split(split).records
     return [Path(r.path) for r in records], [r.image_id for r in records]
 
 

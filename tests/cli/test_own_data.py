@@ -145,3 +145,32 @@ def test_a_run_without_name_is_named_after_its_model_and_never_trains_over_a_fin
     manifest["state"] = RunState.DONE.value
     (tmp_path / "runs" / "deimv2-atto" / "manifest.json").write_text(json.dumps(manifest))
     assert fresh_name(storage, cfg, "deimv2-atto") == "deimv2-atto-2"
+
+
+@pytest.mark.parametrize("layout", ["yolo", "voc"])
+def test_eval_and_predict_read_the_val_split_of_any_layout(layout, shapes, tmp_path, capsys):
+    """`eval --data` and `predict --data` find the val split of the folders `train --data` reads (a model with
+    fresh weights: the numbers are near zero, the path through the layout is what is checked)."""
+    import torch
+
+    from deim_ray.data.annotations import read_split
+    from deim_ray.data.layouts import detect_layout
+    from deim_ray.models.build import build_model
+    from deim_ray.models.export import make_final_checkpoint
+
+    data = _layout(shapes, tmp_path, layout)
+    raw = read_split(detect_layout(str(data)).val)
+    ids = [c["id"] for c in raw["categories"]]
+    cfg = load_config(ROOT / "configs" / "demo" / "tiny.yml")
+    final = make_final_checkpoint(build_model(cfg.model, len(ids)).state_dict(), cfg.model, len(ids), ids,
+                                  [c["name"] for c in raw["categories"]], (96, 96), {"normalize": False})
+    torch.save(final, tmp_path / "final.pth")
+    out_json = tmp_path / "results.json"
+    assert main(["eval", str(tmp_path / "final.pth"), "--data", str(data), "-o", str(out_json)]) == 0, \
+        capsys.readouterr().err
+    report = json.loads(out_json.read_text())
+    assert [row["name"] for row in report["per_class"]] == [c["name"] for c in raw["categories"]]
+    assert sum(row["instances"] for row in report["per_class"]) == len(raw["annotations"])
+    assert main(["predict", str(tmp_path / "final.pth"), "--data", str(data), "-o", str(tmp_path / "p")]) == 0
+    detections = json.loads((tmp_path / "p" / "detections.json").read_text())
+    assert {d["image_id"] for d in detections} <= {im["id"] for im in raw["images"]}
