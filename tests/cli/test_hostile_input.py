@@ -155,6 +155,10 @@ CASES: dict[str, Case] = {
     "fetch-into-a-file": Case(_into_a_file(lambda w, d: ["fetch", str(w.storage / "done"), "-o", str(d / "file")]),
                               ("is a file, not a directory",)),
     # damaged manifests, replaced artifacts
+    # no half-written outputs: a refused command leaves no output folder behind
+    "fetch-replaced-final-into-a-new-folder": Case(
+        lambda w, d: ["fetch", _copy_run(w, d, replace_final=True), "-o", str(d / "new" / "out")],
+        ("sha256",)),
     "manifest-artifacts-a-list-resolve": Case(
         lambda w, d: ["resolve", _copy_run(w, d, lambda m: m.update(artifacts=[]))], ("`artifacts`", "damaged")),
     "manifest-final-a-string-resolve": Case(
@@ -204,8 +208,9 @@ def world(tmp_path_factory):
     dead.close()
 
 
-def _snapshot(*roots: Path) -> dict[str, bytes]:
-    return {str(p): p.read_bytes() for root in roots for p in root.rglob("*") if p.is_file()}
+def _snapshot(*roots: Path) -> dict[str, bytes | None]:
+    """Every file's bytes and every folder (None), so an output folder left behind counts as a change."""
+    return {str(p): p.read_bytes() if p.is_file() else None for root in roots for p in root.rglob("*")}
 
 
 def _environment(case: Case, values: dict[str, str]) -> dict[str, str]:
@@ -252,7 +257,7 @@ def test_hostile_input(outcomes, name):
         assert proc.stdout == "" and len(lines) == 1 and lines[0].startswith("deim-ray: error: "), output
     for word in case.words:
         assert word in (proc.stderr if case.rc else proc.stdout), (word, output)
-    changed = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+    changed = before.keys() ^ after.keys() | {p for p in before.keys() & after.keys() if before[p] != after[p]}
     assert not changed, changed
 
 
