@@ -34,7 +34,7 @@ def _run(args: argparse.Namespace, cfg) -> int:
     manifest = run_training(RunRequest(cfg=cfg, storage_uri=args.storage, name=args.name, workers=args.workers,
                                        gpu=args.gpu, max_failures=args.max_failures, restart=args.restart,
                                        cpus_per_worker=args.cpus_per_worker, console=console,
-                                       stage2_branches=args.stage2_branches))
+                                       stage2_branches=args.stage2_branches, take_over=args.take_over))
     if console is None or not console.epochs_shown:  # the epochs were not streamed by this command
         print(epoch_table(args.storage, args.name, cfg.storage, cfg.schedule.epochs))
     print(format_resolution(manifest))

@@ -38,6 +38,8 @@ class RunRequest:
     """Prints one line per epoch (and a progress bar on a terminal); None under Tune or `-q`."""
     stage2_branches: int = 1
     """Stage-2 branches run in parallel from best_stg1 (`branch_run.py`); 1 is a plain stage 2."""
+    take_over: bool = False
+    """Claim the run even while another live driver holds it (that driver is fenced out)."""
 
 
 def _stage_args(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | None, ray_run: str,
