@@ -20,7 +20,17 @@ def _shortcuts(args: argparse.Namespace):
                      backbone_weights=args.backbone_weights, updates=tuple(args.update))
 
 
+def _check_run_args(args: argparse.Namespace, cfg) -> None:
+    """The argument checks that need no cluster, storage or model library: seconds, before the heavy imports."""
+    from deim_ray.driver.stage2_branches import check_branch_count
+    from deim_ray.storage.run_store import check_run_name
+
+    check_run_name(args.name)
+    check_branch_count(cfg, args.stage2_branches)
+
+
 def _run(args: argparse.Namespace, cfg, explicit: frozenset[str] = frozenset()) -> int:
+    _check_run_args(args, cfg)
     from deim_ray.driver.console import Console
     from deim_ray.driver.run import RunRequest, run_training
     from deim_ray.storage import format_resolution
@@ -29,7 +39,8 @@ def _run(args: argparse.Namespace, cfg, explicit: frozenset[str] = frozenset()) 
     manifest = run_training(RunRequest(cfg=cfg, storage_uri=args.storage, name=args.name, workers=args.workers,
                                        gpu=args.gpu, max_failures=args.max_failures, restart=args.restart,
                                        cpus_per_worker=args.cpus_per_worker, console=console,
-                                       stage2_branches=args.stage2_branches, explicit=explicit))
+                                       stage2_branches=args.stage2_branches, explicit=explicit,
+                                       take_over=args.take_over))
     if console is None or not console.epochs_shown:  # the epochs were not streamed by this command
         print(epoch_table(args.storage, args.name, cfg.storage, cfg.schedule.epochs))
     print(format_resolution(manifest))
@@ -93,10 +104,15 @@ def _run_store(storage_uri: str, name: str, storage_cfg):
 
 
 def tune(args: argparse.Namespace) -> int:
-    from deim_ray.driver.tune import format_summary, run_tune
-    from deim_ray.driver.tune_space import load_space
+    from deim_ray.driver.tune_space import check_trial_count, load_space
+    from deim_ray.storage.run_store import check_run_name
 
-    summary = run_tune(args.config, args.update, load_space(args.space), args.samples, scheduler=args.scheduler,
+    check_run_name(args.name)
+    space = load_space(args.space)  # a bad space file is one line in seconds, before Ray and torch load
+    check_trial_count(space, args.samples)
+    from deim_ray.driver.tune import format_summary, run_tune
+
+    summary = run_tune(args.config, args.update, space, args.samples, scheduler=args.scheduler,
                        max_concurrent=args.max_concurrent, storage_uri=args.storage, name=args.name,
                        workers_per_trial=args.workers_per_trial, gpu=args.gpu, metric=args.metric,
                        cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)

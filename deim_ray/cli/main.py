@@ -98,6 +98,8 @@ def _add_run_args(p: argparse.ArgumentParser, default_name: str | None) -> None:
     p.add_argument("--cpus-per-worker", type=POSITIVE, default=1.0, help="CPUs reserved per worker (default 1)")
     p.add_argument("--max-failures", type=COUNT, default=3, help="worker failures to survive per stage (default 3)")
     p.add_argument("--restart", action="store_true", help="start this run name over instead of resuming it")
+    p.add_argument("--take-over", action="store_true",
+                   help="continue the run even while another live driver holds it (that driver is fenced out)")
     p.add_argument("--stage2-branches", type=POSITIVE_INT, default=1, metavar="K",
                    help="run K stage-2 branches in parallel from best_stg1, varying the config's stage2_search "
                         "(default 1: one stage 2 with the config's settings)")

@@ -28,6 +28,7 @@ from deim_ray.config.families import FAMILY_DECODERS, convert_family, translate_
 from deim_ray.config.typed import UPSTREAM_HINTS, build_config
 from deim_ray.config.upstream_model import convert_model, translate_param_regex
 from deim_ray.config.yaml_tree import KeyPath, display_path, origin_of, resolve_file
+from deim_ray.outputs import output_file
 
 UPSTREAM_KEYS = frozenset({
     "train_dataloader", "val_dataloader", "epoches", "lrsheduler", "lr_warmup_scheduler", "HGNetv2", "DINOv3STAs",
@@ -127,7 +128,8 @@ def write_converted(path: str | os.PathLike[str], out_path: str | os.PathLike[st
     header = [f"# converted from upstream DEIM-family config {where}"]
     if conversion.unhonoured:
         header += ["# not honoured (review these):", *(f"#   {line}" for line in conversion.unhonoured)]
-    Path(out_path).write_text("\n".join(header) + "\n" + dump_yaml(config), encoding="utf-8")
+    with output_file(out_path) as partial:
+        partial.write_text("\n".join(header) + "\n" + dump_yaml(config), encoding="utf-8")
     return conversion.unhonoured
 
 

@@ -5,6 +5,7 @@ Implements the DEIM include/override semantics on plain dicts, before any typing
 - `__include__` is a list of paths (a single string is accepted too); `~` is expanded and a relative
   path resolves against the directory of the file that contains the include. Includes load depth-first
   in list order; later ones override earlier ones and the file's own keys override all its includes.
+  Only `.yml`/`.yaml` files are included (another file's lines would end up quoted in error messages).
 - Merging is recursive for dict over dict; anything else (lists, scalars, null) replaces the old value.
 - `-u a.b.c=value` splits on the first `=`, parses the value as YAML and deep-merges `{a: {b: {c: value}}}`
   over the resolved tree; all overrides together are one layer over the files.
@@ -38,6 +39,8 @@ KeyPath = tuple[str, ...]
 Origins = dict[KeyPath, str]
 
 INCLUDE_KEY = "__include__"
+CONFIG_SUFFIXES = (".yml", ".yaml")
+"""What an included file's name ends in: only config files are read as configs."""
 MAX_DEPTH = 64
 """Deepest nesting of mappings/lists a config may have (real configs stay under 10)."""
 MAX_NODES = 100_000
@@ -203,6 +206,10 @@ def _include_list(value: Any, path: Path) -> list[Path]:
         target = Path(os.path.expanduser(entry))
         if not target.is_absolute():
             target = path.parent / target
+        if target.suffix.lower() not in CONFIG_SUFFIXES:
+            # a file that is not a config (a key file, /etc/shadow) would be parsed and its lines quoted back
+            raise ConfigError(f"{INCLUDE_KEY} entry {entry!r} in {where} is not a YAML config (its name must end in "
+                              f"{' or '.join(CONFIG_SUFFIXES)}); include only config files")
         if not target.is_file():
             raise ConfigError(
                 f"{INCLUDE_KEY} entry {entry!r} in {where} not found (looked for {display_path(target)}); "

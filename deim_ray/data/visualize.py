@@ -20,6 +20,7 @@ from deim_ray.data.coco import CocoDetection
 from deim_ray.data.collate import BatchCollator
 from deim_ray.data.synthetic import PALETTE, ensure_dataset
 from deim_ray.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_train_transforms
+from deim_ray.outputs import output_file
 
 TILE = 256
 CAPTION = 28
@@ -70,7 +71,6 @@ def render_augment_grid(cfg: Config, epoch: int, out_png: str | Path, n: int = 8
     for k, (image, target) in enumerate(zip(images, targets)):
         tile = _tile(_to_pil(image, cfg.data.normalize), target, dataset.categories.names, image.shape[-1])
         grid.paste(tile, ((k % cols) * TILE, HEADER + (k // cols) * (TILE + CAPTION)))
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
-    return out
+    with output_file(out_png) as partial:
+        grid.save(partial)
+    return Path(out_png)

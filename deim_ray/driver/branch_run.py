@@ -23,7 +23,8 @@ from deim_ray.config.loader import config_sha256
 from deim_ray.config.schedule import LAST, Stage
 from deim_ray.config.validate import validate
 from deim_ray.driver.ray_stage import StageRunFailed
-from deim_ray.driver.stage2_branches import (BranchResources, branch_config, branch_names, plan_resources,
+from deim_ray.driver.stage2_branches import (BranchResources, branch_config, branch_names, check_branch_count,
+                                             plan_resources,
                                              sample_branches, stage2_space)
 from deim_ray.driver.stage_job import RunError, RunRequest, fit_stage
 from deim_ray.storage import Manifest, RunState, RunStore
@@ -39,6 +40,7 @@ def check_branch_request(req: RunRequest, manifest: Manifest | None) -> None:
     of branches its stage 2 started with."""
     if req.stage2_branches > 1 or req.cfg.stage2_search:
         stage2_space(req.cfg)
+    check_branch_count(req.cfg, req.stage2_branches)
     if manifest is None or req.restart:
         return
     recorded = len(manifest.stage2_branches) if manifest.stage2_branches is not None else None

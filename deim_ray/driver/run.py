@@ -30,6 +30,8 @@ from deim_ray.config.schema import Config
 from deim_ray.config.validate import validate
 from deim_ray.driver.branch_run import check_branch_request, run_branches
 from deim_ray.driver.checkpoint_hook import read_metrics
+from deim_ray.driver.holding import holding
+from deim_ray.driver.pickup import pickup_line
 from deim_ray.driver.plots import write_plot
 from deim_ray.driver.preflight import check_request, check_writable, preflight
 from deim_ray.driver.ray_stage import StageRunFailed, check_capacity, ensure_ray
@@ -38,6 +40,7 @@ from deim_ray.driver.worker_output import log_file
 from deim_ray.engine.state import load_train_state
 from deim_ray.models.export import make_final_checkpoint
 from deim_ray.storage import Manifest, RunState, RunStore, open_storage, resolve_final
+from deim_ray.storage.holder import this_driver
 from deim_ray.storage.run_store import METRICS_KEY
 
 __all__ = ["RunError", "RunRequest", "open_run", "run_training", "write_final"]
@@ -82,6 +85,8 @@ def open_run(req: RunRequest, store: RunStore) -> Manifest:
     under the same name)."""
     sha = config_sha256(req.cfg)
     manifest = store.read_manifest()
+    if not req.take_over:
+        store.check_not_held(manifest)  # before the sweep below writes anything
     if manifest is not None and not req.restart and manifest.config_sha256 != sha and nothing_committed(manifest):
         log.info("run %s: no epoch was committed under its earlier config; starting over with this one", req.name)
         req = dataclasses.replace(req, restart=True)
@@ -90,11 +95,14 @@ def open_run(req: RunRequest, store: RunStore) -> Manifest:
         _sweep(store)
         if manifest.state is RunState.DONE:
             return manifest  # nothing left to write: no claim, so a finished run is only read
-        return store.claim()
+        manifest = store.claim(holder=this_driver(), take_over=req.take_over)
+        log.info("%s", pickup_line(manifest, store.uri))
+        return manifest
     _sweep(store)
     attempt = (manifest.attempt + 1) if manifest is not None else 1
     manifest = store.claim(Manifest.new(name=req.name, config_sha256=sha, epochs=req.cfg.schedule.epochs,
-                                        stop_epoch=req.cfg.schedule.stop_epoch, attempt=attempt))
+                                        stop_epoch=req.cfg.schedule.stop_epoch, attempt=attempt),
+                           holder=this_driver(), take_over=req.take_over)
     store.write_text(CONFIG_FILE, dump_yaml(req.cfg))
     log.info("run %s: new (attempt %d) in %s", req.name, attempt, store.uri)
     return manifest
@@ -189,15 +197,23 @@ def run_training(req: RunRequest) -> Manifest:
     existing = store.read_manifest()
     check_same_config(req, store, existing)
     check_branch_request(req, existing)
+    if not req.take_over:
+        store.check_not_held(existing)  # before Ray starts; the claim checks again, atomically
     if not _is_finished(req, existing):  # a finished run only reports its result: no cluster needed
         ensure_ray()
         check_capacity(req.workers, req.gpu, req.cpus_per_worker)
     manifest = open_run(req, store)
-    state = manifest.state
-    interrupted = _interrupted_stage(manifest)
-    if state is RunState.DONE:
+    if manifest.state is RunState.DONE:
         log.info("run %s is already DONE; nothing to train (use --restart to train again)", req.name)
         return manifest
+    with holding(store):
+        return _continue_run(req, store, manifest)
+
+
+def _continue_run(req: RunRequest, store: RunStore, manifest: Manifest) -> Manifest:
+    """Train from wherever `manifest` says (a stage not finished is resumed by Ray from its last) to DONE."""
+    state = manifest.state
+    interrupted = _interrupted_stage(manifest)
     if state is RunState.FAILED:
         state = RunState.STAGE1_DONE if manifest.switch else RunState.NEW
     if state in (RunState.NEW, RunState.STAGE1_RUNNING):

@@ -7,7 +7,11 @@ length and the tail LR around the config's own values.
 
     b0        the config's own settings (so K = 1 is a plain stage 2)
     b1..bK-1  points drawn from the space, seeded by train.seed: `grid` values are taken in turn, the other
-              distributions are sampled; a point that repeats an earlier branch is drawn again
+              distributions are sampled; a point that repeats an earlier branch is drawn again (after
+              _DRAWS tries, the first unused point of the space is taken), so no two branches are the same
+
+K is bounded (`check_branch_count`, before anything starts): at most MAX_BRANCHES, and at most the number of
+distinct settings the space and the config's own give.
 
 `branch_config` applies a branch's settings with every stage-1 value pinned (a longer stage 2 only moves
 `schedule.epochs` and `lr_scheduler.no_aug_epoch`), and checks that nothing else changed. `plan_resources` shares
@@ -16,6 +20,7 @@ the cluster among the branches.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -45,7 +50,9 @@ _PINNED = ("schedule.epochs", "schedule.stop_epoch", "lr_scheduler.no_aug_epoch"
            "schedule.matcher_change_epoch")
 """Schedule values a branch keeps from the base config (an override of the schedule would re-derive them)."""
 _DRAWS = 50
-"""Draws per branch before a repeated point is accepted (a space smaller than K cannot give K distinct ones)."""
+"""Random draws per branch before the first unused point of the space is taken instead."""
+MAX_BRANCHES = 16
+"""More branches than this is a mistake on any cluster (each is a full stage 2 from best_stg1)."""
 
 
 def branch_names(k: int) -> list[str]:
@@ -153,21 +160,57 @@ def _settings(cfg: Config) -> tuple:
 
 def sample_branches(cfg: Config, k: int) -> list[dict[str, Any]]:
     """The settings of branches b0..b{k-1}: {} for b0, then draws from `stage2_space(cfg)` (module docstring),
-    each holding only the keys whose value differs from the config's own."""
+    each holding only the keys whose value differs from the config's own; no two alike."""
     space = stage2_space(cfg)
     rng = random.Random(cfg.train.seed)
     seen = {_settings(cfg)}
     points: list[dict[str, Any]] = [{}]
     for index in range(k - 1):
-        for _ in range(_DRAWS):
-            drawn = {dim.key: _draw(dim, rng, index) for dim in space.dimensions}
-            point = {key: value for key, value in drawn.items() if value != _effective(cfg, key)}
-            settings = _settings(branch_config(cfg, point))
-            if settings not in seen:
-                break
-        seen.add(settings)
+        drawn = (_point(cfg, {dim.key: _draw(dim, rng, index) for dim in space.dimensions}) for _ in range(_DRAWS))
+        point = next((p for p in drawn if _settings(branch_config(cfg, p)) not in seen), None)
+        if point is None:
+            point = _first_unused(cfg, space, seen)
+        seen.add(_settings(branch_config(cfg, point)))
         points.append(point)
     return points
+
+
+def _point(cfg: Config, drawn: Mapping[str, Any]) -> dict[str, Any]:
+    """A drawn point as a branch's settings: only the keys whose value differs from the config's own."""
+    return {key: value for key, value in drawn.items() if value != _effective(cfg, key)}
+
+
+def _first_unused(cfg: Config, space: SearchSpace, seen: set[tuple]) -> dict[str, Any]:
+    """The first point of the space (in file order) that no branch has; SpaceError when there is none."""
+    values = [dim.values() for dim in space.dimensions]
+    if all(v is not None for v in values):
+        for combo in itertools.product(*values):
+            point = _point(cfg, dict(zip(space.keys, combo)))
+            if _settings(branch_config(cfg, point)) not in seen:
+                return point
+    raise SpaceError(f"stage2_search: found no branch settings unlike the {len(seen)} already drawn; lower "
+                     "--stage2-branches or widen stage2_search")
+
+
+def branch_ceiling(cfg: Config) -> int:
+    """How many distinct branches the config allows: the space's points, plus the config's own settings when
+    they are not among them, and never more than MAX_BRANCHES."""
+    space = stage2_space(cfg)
+    own_inside = all(d.values() is None or json.dumps(_effective(cfg, d.key)) in map(json.dumps, d.values())
+                     for d in space.dimensions)
+    return int(min(MAX_BRANCHES, space.size + (0 if own_inside else 1)))
+
+
+def check_branch_count(cfg: Config, k: int) -> None:
+    """SpaceError (one line) when `--stage2-branches k` asks for more branches than `branch_ceiling`."""
+    if k > MAX_BRANCHES:
+        raise SpaceError(f"--stage2-branches {k} is more than {MAX_BRANCHES}; each branch is a full stage 2, so use "
+                         f"at most {MAX_BRANCHES}")
+    ceiling = branch_ceiling(cfg) if k > 1 else 1
+    if k > ceiling:
+        raise SpaceError(f"--stage2-branches {k}: stage2_search allows only {ceiling} distinct branches (the "
+                         f"config's own settings included), so branches would repeat; use at most {ceiling} or "
+                         "widen stage2_search")
 
 
 @dataclass(frozen=True)

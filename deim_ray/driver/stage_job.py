@@ -41,6 +41,8 @@ class RunRequest:
     explicit: frozenset[str] = frozenset()
     """Dotted config keys the user gave on the command line (`-u`, `--batch`): fitting the schedule to the data
     (`config.fit`) keeps them as given."""
+    take_over: bool = False
+    """Claim the run even while another live driver holds it (that driver is fenced out)."""
 
 
 def _stage_args(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | None, ray_run: str,

@@ -42,6 +42,10 @@ RANGE_DISTRIBUTIONS = ("uniform", "loguniform", "quniform", "randint")
 LIST_DISTRIBUTIONS = ("choice", "grid")
 DISTRIBUTIONS = RANGE_DISTRIBUTIONS + LIST_DISTRIBUTIONS
 _RANGE_ARITY = {"uniform": 2, "loguniform": 2, "quniform": 3, "randint": 2}
+ENUMERABLE = 10_000
+"""Dimensions with more values than this are treated like continuous ones (never listed)."""
+MAX_TRIALS = 256
+"""More trials than this in one search is a mistake on any cluster (each is a full two-stage run)."""
 _FLOAT_ONLY = ("uniform", "loguniform", "quniform")
 """These sample floats, so the key must hold a number (an int key would reject 0.37 at load time)."""
 
@@ -65,6 +69,28 @@ class Dimension:
     def describe(self) -> str:
         return f"{self.dist}({', '.join(json.dumps(a) for a in self.args)})"
 
+    def size(self) -> float:
+        """How many different values the dimension gives (math.inf for uniform and loguniform)."""
+        if self.dist in LIST_DISTRIBUTIONS:
+            return len({json.dumps(plain(a)) for a in self.args})
+        if self.dist == "randint":
+            return self.args[1] - self.args[0]
+        if self.dist == "quniform":
+            low, high, step = self.args
+            return round(high / step) - round(low / step) + 1
+        return math.inf
+
+    def values(self) -> list[Any] | None:
+        """Its different values in order, when there are at most ENUMERABLE of them (else None)."""
+        if self.size() > ENUMERABLE:
+            return None
+        if self.dist in LIST_DISTRIBUTIONS:
+            return list({json.dumps(plain(a)): plain(a) for a in self.args}.values())
+        if self.dist == "randint":
+            return list(range(self.args[0], self.args[1]))
+        low, high, step = self.args
+        return [round(k * step, 6) for k in range(round(low / step), round(high / step) + 1)]
+
 
 @dataclass(frozen=True)
 class SearchSpace:
@@ -73,6 +99,11 @@ class SearchSpace:
     @property
     def keys(self) -> tuple[str, ...]:
         return tuple(d.key for d in self.dimensions)
+
+    @property
+    def size(self) -> float:
+        """Distinct points of the space (math.inf when a dimension is continuous)."""
+        return math.prod(d.size() for d in self.dimensions)
 
     @property
     def grid_size(self) -> int:
@@ -112,7 +143,24 @@ def _dimension(key: str, spec: Any, where: str) -> Dimension:
         raise SpaceError(f"{where}: `{key}: {dist}` needs a non-empty list, got {args!r}")
     if dist in RANGE_DISTRIBUTIONS:
         _check_range(key, dist, args, leaf, where)
-    return Dimension(key=key, dist=str(dist), args=tuple(args))
+    dim = Dimension(key=key, dist=str(dist), args=tuple(args))
+    if dist == "grid" and dim.size() < len(args):
+        raise SpaceError(f"{where}: `{key}: grid` repeats a value ({args}); each grid value is one trial, so list "
+                         "each once")
+    return dim
+
+
+def check_trial_count(space: SearchSpace, samples: int) -> None:
+    """A search trains `samples` x grid points trials: at most MAX_TRIALS, and never the same point twice when
+    the space is finite (an all-grid space repeated per sample, more samples than points)."""
+    trials = samples * space.grid_size
+    if trials > MAX_TRIALS:
+        raise SpaceError(f"--samples {samples} x {space.grid_size} grid point(s) = {trials} trials, more than the "
+                         f"{MAX_TRIALS} one search may run; lower --samples or shorten the grids")
+    if trials > space.size:
+        raise SpaceError(f"--samples {samples} x {space.grid_size} grid point(s) = {trials} trials, but the space has "
+                         f"only {space.size:g} distinct point(s), so trials would repeat; use --samples "
+                         f"{max(1, int(space.size) // space.grid_size)} or widen the space")
 
 
 def _check_range(key: str, dist: str, args: list, leaf: Any, where: str) -> None:

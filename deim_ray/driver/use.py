@@ -5,12 +5,14 @@ Both take a run (directory or s3:// URI: its verified `final` artifact is fetche
 bbox [x, y, w, h] in pixels, score) and each image with its boxes, class names and scores drawn, under its own
 name (`<name>.jpg`; a name met twice, from two folders, gets `_1`, `_2`, ...). Images of an annotated set
 (`data_dir`: its val split) keep the set's image ids, so the file can be scored against it; loose images are
-numbered 1, 2, ... in the order given. Nothing is overwritten unless `force` is given.
+numbered 1, 2, ... in the order given. Nothing is overwritten unless `force` is given, and a failed or interrupted
+command leaves no output behind; images that cannot be read are skipped and counted.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -20,9 +22,12 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from deim_ray.config.schema import StorageConfig
+from deim_ray.outputs import output_dir, output_file
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DETECTIONS_FILE = "detections.json"
+log = logging.getLogger("deim_ray.driver")
+
 _COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
             (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128))
 
@@ -60,14 +65,14 @@ def image_files(inputs: list[str]) -> list[Path]:
     return files
 
 
-def _read(path: Path) -> Image.Image:
+def _read(path: Path) -> Image.Image | str:
+    """The image, or why it cannot be read (a truncated or broken file is skipped, not fatal)."""
     from deim_ray.models.inference import load_rgb
 
     try:
         return load_rgb(path)
-    except Exception as e:
-        raise UseError(f"{path} is not a readable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-                       ) from None
+    except Exception as e:  # PIL raises several types for broken and truncated files
+        return f"{path.name} ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
 
 
 def _refuse_overwrite(paths: list[Path], force: bool) -> None:
@@ -109,29 +114,49 @@ def _images_and_ids(inputs: list[str], data_dir: str | None) -> tuple[list[Path]
 def predict(source: str, inputs: list[str], out_dir: str, *, score: float = 0.3, batch_size: int = 8,
             device: str | None = None, storage_cfg: StorageConfig | None = None, force: bool = False,
             data_dir: str | None = None) -> Path:
-    """Detect objects in every input image (or the val split of `data_dir`); returns the path of
-    detections.json."""
+    """Detect objects in every readable input image, or the val split of `data_dir` (the others are skipped with a
+    warning that counts them); returns the path of detections.json. The output appears whole at the end or not at
+    all."""
     import torch
 
     from deim_ray.models.inference import Detector
 
     files, image_ids = _images_and_ids(inputs, data_dir)
     out = Path(out_dir)
-    drawn = [out / name for name in drawn_names(files)]
-    _refuse_overwrite([out / DETECTIONS_FILE, *drawn], force)
+    names = drawn_names(files)
+    _refuse_overwrite([out / DETECTIONS_FILE, *(out / name for name in names)], force)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     with final_artifact(source, storage_cfg) as final:
         detector = Detector.from_final(final, device=device)
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for start in range(0, len(files), batch_size):
-        batch = files[start:start + batch_size]
-        images = [_read(f) for f in batch]
-        for k, (f, image, dets) in enumerate(zip(batch, images, detector.detect(images, score))):
-            results += _coco_results(image_ids[start + k], f, dets, detector.category_ids)
-            _draw(image, dets, detector.class_names).save(drawn[start + k], quality=92)
-    _atomic_json(out / DETECTIONS_FILE, results)
+    with output_dir(out), tempfile.TemporaryDirectory(dir=out, prefix=".predict-") as staging:
+        results, drawn, skipped = _detect_all(detector, files, image_ids, names, score, batch_size, Path(staging))
+        if not drawn:
+            raise UseError(f"none of the {len(files)} image(s) could be read, e.g. {skipped[0]}; pass image files")
+        if skipped:
+            log.warning("skipped %d of %d image(s) that could not be read: %s", len(skipped), len(files),
+                        ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
+        for name in drawn:
+            os.replace(Path(staging) / name, out / name)
+        _atomic_json(out / DETECTIONS_FILE, results)
     return out / DETECTIONS_FILE
+
+
+def _detect_all(detector, files: list[Path], image_ids: list[int], names: list[str], score: float, batch_size: int,
+                staging: Path) -> tuple[list[dict], list[str], list[str]]:
+    """Detections of every readable file (COCO rows under `image_ids`), its drawn image saved in `staging` under
+    its name in `names`; returns (rows, drawn file names, why each unreadable file was skipped)."""
+    results, drawn, skipped = [], [], []
+    for start in range(0, len(files), batch_size):
+        read = [(i, _read(files[i])) for i in range(start, min(start + batch_size, len(files)))]
+        skipped += [image for _, image in read if isinstance(image, str)]
+        batch = [(i, image) for i, image in read if not isinstance(image, str)]
+        if not batch:
+            continue
+        for (i, image), dets in zip(batch, detector.detect([image for _, image in batch], score)):
+            results += _coco_results(image_ids[i], files[i], dets, detector.category_ids)
+            drawn.append(names[i])
+            _draw(image, dets, detector.class_names).save(staging / drawn[-1], quality=92)
+    return results, drawn, skipped
 
 
 def _coco_results(image_id: int, path: Path, dets: dict, category_ids: list[int]) -> list[dict]:
@@ -160,9 +185,8 @@ def _draw(image: Image.Image, dets: dict, class_names: list[str]) -> Image.Image
 
 
 def _atomic_json(path: Path, doc) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    with output_file(path) as partial:
+        partial.write_text(json.dumps(doc, indent=1))
 
 
 def export(source: str, output: str, *, fmt: str = "onnx", opset: int = 17, dynamic_batch: bool = False,

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from deim_ray.models.load_refusal import load_failure
+
 FORMAT = "deim_ray.train_state/1"
 
 
@@ -76,9 +78,8 @@ def load_train_state(source: str | os.PathLike | bytes, expected_config_sha256: 
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {name} does not exist; check the path") from None
     except Exception as e:  # torch raises several types for truncated zips and refused pickles
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"checkpoint {name} cannot be loaded safely ({first[:160]}); it is truncated, corrupt or not a "
+            f"checkpoint {name} cannot be loaded safely ({load_failure(e)}); it is truncated, corrupt or not a "
             "weights-only checkpoint — re-fetch it or point to another file") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{name} is not a deim_ray training checkpoint (no format {FORMAT!r})")

@@ -41,6 +41,7 @@ from torch import nn
 
 from deim_ray.models.convert.upstream import match_upstream_state
 from deim_ray.models.errors import ModelError
+from deim_ray.models.load_refusal import load_failure
 
 _HGNETV2_URL = "https://github.com/Peterande/storage/releases/download/dfinev1.0/PPHGNetV2_{}_stage1.pth"
 _VIT = "model.conv_encoder.backbone."
@@ -149,8 +150,7 @@ def read_backbone_file(path: str, fetch: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt files and refused pickles
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ModelError(f"cannot load {path} with weights_only=True ({reason})") from None
+        raise ModelError(f"cannot load {path} with weights_only=True ({load_failure(e)})") from None
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise ModelError(f"{path} is not a state dict of tensors (the layout of upstream's backbone files)")
     return state

@@ -30,6 +30,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from deim_ray.config.schema import ModelConfig
 from deim_ray.models.build import build_from_config, build_model_config, feature_strides, validate_input_size
 from deim_ray.models.errors import ModelError
+from deim_ray.models.load_refusal import load_failure
 from deim_ray.models.families import family_of_config, get_family
 
 FINAL_FORMAT = "deim_ray.final/1"
@@ -97,8 +98,7 @@ def load_final(source: str | os.PathLike | bytes) -> tuple[PreTrainedModel, dict
     except FileNotFoundError:
         raise ModelError(f"final checkpoint {name} does not exist; check the path") from None
     except Exception as e:  # torch raises several types for truncated zips and refused pickles
-        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        raise ModelError(f"final checkpoint {name} cannot be loaded safely ({first}); re-fetch it") from None
+        raise ModelError(f"final checkpoint {name} cannot be loaded safely ({load_failure(e)}); re-fetch it") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FINAL_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ModelError(f"{name} is not a deim_ray final checkpoint (format {found!r}, expected {FINAL_FORMAT!r}); "

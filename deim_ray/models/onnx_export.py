@@ -20,6 +20,7 @@ import torch
 from deim_ray.models.errors import ModelError
 from deim_ray.models.export import load_final
 from deim_ray.models.inference import Deployable, Preprocess
+from deim_ray.outputs import output_dir
 
 INPUTS = ("images", "orig_target_sizes")
 OUTPUTS = ("labels", "boxes", "scores")
@@ -47,8 +48,7 @@ def export_onnx(final_path: str | os.PathLike, output: str | os.PathLike, *, ops
     sizes = torch.tensor([[w, h]] * batch_size, dtype=torch.int64)
     axes = {name: {0: "N"} for name in INPUTS + OUTPUTS} if dynamic_batch else None
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".deim_ray_onnx_", dir=output.parent) as tmp:
+    with output_dir(output.parent), tempfile.TemporaryDirectory(prefix=".deim_ray_onnx_", dir=output.parent) as tmp:
         path = Path(tmp) / "model.onnx"
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about Python values in transformers' code

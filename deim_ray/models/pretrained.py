@@ -35,7 +35,6 @@ does. A source of which nothing matches is an error, never a silent from-scratch
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from transformers import Deimv2ForObjectDetection, PreTrainedConfig
 
 from deim_ray.models.convert import is_upstream_state_dict, to_transformers_names
 from deim_ray.models.errors import ModelError
+from deim_ray.models.load_refusal import load_failure
 from deim_ray.models.families import family_of_config
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def _from_transformers(location: str, source: str) -> dict[str, torch.Tensor]:
     try:
         src, info = Deimv2ForObjectDetection.from_pretrained(location, output_loading_info=True)
     except Exception as e:  # torch.load inside refuses pickles with its own error types
-        raise _refused(source, e) or ModelError(f"cannot load weights from {source} ({_first_line(e)}); check the "
+        raise ModelError(f"cannot load weights from {source} ({load_failure(e)}); check the "
                                                 "checkpoint") from None
     missing = set(info.get("missing_keys", ()))
     return {k: v for k, v in src.state_dict().items() if k not in missing}
@@ -140,8 +140,8 @@ def _from_torch_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt files and refused pickles
-        raise _refused(str(path), e) or ModelError(f"cannot load {path} with weights_only=True ({_first_line(e)}); "
-                                                   "give a plain state-dict checkpoint") from None
+        raise ModelError(f"cannot load {path} with weights_only=True ({load_failure(e)}); give a plain "
+                         "state-dict checkpoint") from None
     state = _pick_state_dict(obj)
     if state is None:
         raise ModelError(f"{path} holds no state dict (looked for ema.module, model, or a dict of tensors); "
@@ -149,17 +149,6 @@ def _from_torch_file(path: Path) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):  # saved from a DDP-wrapped model
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
-
-
-def _refused(source: str, e: BaseException) -> ModelError | None:
-    """The error for weights torch's weights-only unpickler refused (torch's own text spans many lines and
-    starts with how to load the file unsafely), or None for any other failure."""
-    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-    if refused is None:
-        return None
-    return ModelError(f"refusing {source}: it holds the Python object {refused[1]}, which would run code if "
-                      "unpickled, so weights_only=True does not load it; give a plain state-dict checkpoint (load "
-                      "it unsafely only if you trust its source)")
 
 
 def _pick_state_dict(obj: object) -> dict[str, torch.Tensor] | None:

@@ -55,5 +55,9 @@ class PreconditionFailed(StorageError):
     """A conditional write found the object changed since it was read (S3 412; the local equivalent)."""
 
 
+class RunHeld(StorageError):
+    """Another live driver holds the run (its claim is fresh): this one starts nothing."""
+
+
 class StaleWriter(StorageError):
     """A newer attempt of the run has taken over: this writer's generation is fenced off and wrote nothing."""

@@ -189,7 +189,7 @@ class Manifest:
     final: dict[str, Any] | None = None
     """Resolved final: {"artifact", "uri", "ap", "epoch", "stage", "reason", ...}; None until DONE."""
     attempt: int = 1
-    """How many times this run name was started over (--restart)."""
+    """How many times a driver started this run name (a continuation of it, or a start over with --restart)."""
     generation: int = 0
     """Fencing token: raised by every driver start and stage run (`RunStore.claim`); a writer holding an older
     one is refused. Ray run names include it."""
@@ -200,6 +200,9 @@ class Manifest:
     schema: int = SCHEMA
     stage2_branches: list[BranchRecord] | None = None
     """The stage-2 branches of a run started with `--stage2-branches K` (K > 1), recorded at the switch."""
+    holder: dict[str, Any] | None = None
+    """The driver that claimed the run and is training it: {"host", "pid", "since", "seen"} (`seen` renewed while
+    it runs, the record removed when it stops); None when no driver holds it."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Top-level keys written by a newer version, kept as they are."""
 
@@ -240,6 +243,8 @@ class Manifest:
         }
         if self.stage2_branches is not None:
             body["stage2_branches"] = [b.to_json() for b in self.stage2_branches]
+        if self.holder is not None:
+            body["holder"] = self.holder
         return {**self.extra, **body}
 
     def dumps(self) -> str:
@@ -262,7 +267,8 @@ class Manifest:
         artifacts = dict.fromkeys(ARTIFACT_NAMES)
         artifacts.update({n: ArtifactRecord.from_json(r) if r else None for n, r in data["artifacts"].items()})
         own = set(_CONTRACT_KEYS) | {"attempt", "generation", "created_at", "updated_at", "transitions",
-                                     "stage2_branches"}
+                                     "stage2_branches", "holder"}
+        holder = data.get("holder")
         branches = data.get("stage2_branches")
         if branches is not None and not isinstance(branches, list):
             raise ManifestError("manifest field `stage2_branches` is not a list; the manifest is damaged — "
@@ -274,7 +280,7 @@ class Manifest:
                    updated_at=data.get("updated_at", ""), transitions=list(data.get("transitions", [])),
                    schema=data["schema"],
                    stage2_branches=None if branches is None else [BranchRecord.from_json(b) for b in branches],
-                   extra={k: v for k, v in data.items() if k not in own})
+                   holder=holder if isinstance(holder, dict) else None, extra={k: v for k, v in data.items() if k not in own})
 
     @classmethod
     def loads(cls, text: str, *, source: str = "manifest.json") -> Manifest:

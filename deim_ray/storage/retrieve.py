@@ -14,6 +14,7 @@ from pathlib import Path
 
 from deim_ray.config.schedule import ARTIFACT_NAMES, FINAL
 from deim_ray.config.schema import StorageConfig
+from deim_ray.outputs import output_dir
 from deim_ray.storage.base import open_storage, sha256_file, split_run_uri
 from deim_ray.storage.errors import BadStorageURI, ManifestError, ResolveError, StorageError
 from deim_ray.storage.manifest import BRANCH_ARTIFACTS, MANIFEST_KEY, Manifest, finite_ap
@@ -77,11 +78,11 @@ def fetch(run_uri: str, which: str = "final", out_dir: str | os.PathLike = ".",
         if not force or not dest.is_file():
             raise FileExistsError(f"{dest} exists and is not this run's {which}; remove it, choose another -o, "
                                   "or pass --force to replace it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if branch is None:
-        return store.open_artifact(which, dest.parent)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:  # never over another <which>.pth
-        return store.open_artifact(which, tmp).replace(dest)
+    with output_dir(dest.parent):  # a refused download leaves no folder behind
+        if branch is None:
+            return store.open_artifact(which, dest.parent)
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".fetch-") as tmp:  # never over another <which>.pth
+            return store.open_artifact(which, tmp).replace(dest)
 
 
 def describe_run(run_uri: str, storage_cfg: StorageConfig | None = None, verify: bool = True) -> str:

@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from deim_ray.storage.base import ObjectInfo, Storage, check_key, join_key
-from deim_ray.storage.errors import (BadStorageURI, ChecksumMismatch, ManifestError, PreconditionFailed,
+from deim_ray.storage.holder import describe_holder, other_live_holder
+from deim_ray.storage.errors import (BadStorageURI, ChecksumMismatch, ManifestError, PreconditionFailed, RunHeld,
                                      StaleWriter, StorageError)
 from deim_ray.config.schedule import LAST
 from deim_ray.storage.manifest import (BRANCH_ARTIFACTS, MANIFEST_KEY, ArtifactRecord, BranchRecord, Manifest,
@@ -155,15 +156,24 @@ class RunStore:
         if self.generation is not None:
             self._check_fence(self._manifest())
 
-    def claim(self, fresh: Manifest | None = None) -> Manifest:
+    def claim(self, fresh: Manifest | None = None, holder: dict | None = None, take_over: bool = True) -> Manifest:
         """Take the run over: write the stored manifest (or `fresh`, replacing it) with the next generation, in one
-        conditional write, and hold that generation from now on. Returns the written manifest."""
+        conditional write, and hold that generation from now on. Returns the written manifest.
+
+        With `holder` (a driver starting: `holder.this_driver()`) the claim records it and counts an attempt; then,
+        unless `take_over`, a run another live driver holds is refused with RunHeld, checked in the same
+        conditional write, so of two drivers starting together exactly one gets the run."""
         with self._guard():
             for _ in range(_RACES):
                 loaded = self._load()
                 if loaded is None and fresh is None:
                     raise ManifestError(f"run {self.uri} has no manifest.json; start the run (deim-ray train) first")
+                if holder is not None and not take_over and loaded is not None:
+                    self._refuse_if_held(loaded[0])
                 manifest = fresh if fresh is not None else loaded[0]
+                if holder is not None:
+                    manifest.attempt += fresh is None  # a fresh manifest already counts its attempt
+                    manifest.holder = holder
                 manifest.generation = (loaded[0].generation if loaded else 0) + 1
                 try:
                     self._write_manifest(manifest, version=loaded[1] if loaded else None)
@@ -174,6 +184,17 @@ class RunStore:
                 return manifest
         raise StorageError(f"run {self.uri}: could not claim the manifest after {_RACES} tries; another process "
                            "keeps rewriting it")
+
+    def check_not_held(self, manifest: Manifest | None) -> None:
+        """RunHeld when another live driver holds the run (`holder.other_live_holder`)."""
+        if manifest is not None:
+            self._refuse_if_held(manifest)
+
+    def _refuse_if_held(self, manifest: Manifest) -> None:
+        live = other_live_holder(manifest.holder)
+        if live is not None:
+            raise RunHeld(f"run {self.uri} is being trained by another driver ({describe_holder(live)}); wait for "
+                          "it to end, stop it, or pass --take-over to fence it out and continue here")
 
     def renew(self) -> Manifest:
         """The next generation for this writer's next piece of work (a stage run), fenced: unlike `claim`, a

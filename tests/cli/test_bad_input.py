@@ -199,6 +199,17 @@ def _include_secret(e: Env) -> list[str]:
     return _yaml_text("__include__: [passwd]\n")(e)
 
 
+def _include_shadow(e: Env) -> list[str]:
+    """A shadow-style file parses as YAML (`root:$6$...:7::` is a key); its lines must not reach the error."""
+    (e.tmp / "shadow").write_text(f"root:$6${FILE_SECRET}:20228:0:99999:7:::\ndaemon:*:20228:0:99999:7:::\n")
+    return _yaml_text("__include__: [../../../../../../..{}]\n".format(e.tmp / "shadow"))(e)
+
+
+def _convert_pickle(e: Env) -> list[str]:
+    torch.save({"ema": {"module": Payload()}}, e.tmp / "upstream.pth")
+    return ["convert-weights", str(e.tmp / "upstream.pth"), "-c", str(e.config), "-o", str(e.tmp / "final.pth")]
+
+
 def _unusable_boxes(doc: dict) -> None:
     for a in doc["annotations"]:
         a["bbox"] = [5, 5, 0, 3] if a["id"] % 2 else [float("nan"), 1, 2, 3]
@@ -317,7 +328,8 @@ CLI_CASES = [
     ("yaml-alias-containing-itself", _yaml_text("a: &a {b: *a}\n"), ["contains itself"]),
     ("yaml-nested-20000-deep", _yaml_text("a: " + "[" * 20_000 + "]" * 20_000), ["nests", "deep"]),
     ("config-not-utf8", _yaml_text(b'model: {variant: "\xff\xfe"}\n'), ["not UTF-8"]),
-    ("include-of-a-password-file", _include_secret, ["passwd"]),
+    ("include-of-a-password-file", _include_secret, ["passwd", "not a YAML config"]),
+    ("include-of-a-shadow-file", _include_shadow, ["shadow", "not a YAML config"]),
     ("annotation-json-100000-deep", _ann_text("train", "[" * 100_000 + "]" * 100_000), ["nests JSON too deeply"]),
     ("train-boxes-all-unusable", _ann_edit("train", _unusable_boxes), ["no usable box", "NaN"]),
     ("image-8000x8000", _ann_edit("val", lambda d: d["images"][0].update(width=8000, height=8000)),
@@ -330,6 +342,7 @@ CLI_CASES = [
                                             "w.safetensors"), ["safetensors"]),
     ("pth-pickle-payload-says-why", _pretrained(lambda p: torch.save({"model": Payload()}, p)),
      ["would run code", "weights_only=True"]),
+    ("convert-weights-pickle-payload", _convert_pickle, ["would run code", "object print"]),
     ("pretrained-folder-pickle-payload", _pretrained(_pickle_folder, "weights"), ["would run code"]),
     ("storage-under-a-file", _storage_under_a_file, ["which is a file"]),
     ("damaged-manifest-of-the-run", _damaged_manifest, ["`artifacts`", "damaged"]),
@@ -378,6 +391,7 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(make_argv, words, env,
     assert rc == 2, err
     assert len(errors) == 1 and err.rstrip().endswith(errors[0]) and "Traceback" not in err, err
     assert URL_PASSWORD not in out + err and FILE_SECRET not in out + err
+    assert not re.search(r"weights_only.{0,20}False", out + err)  # never advice to load a file unsafely
     for word in words:
         assert word in errors[0], (word, errors[0])
     assert _snapshot(env.tmp) == before

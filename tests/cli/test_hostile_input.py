@@ -35,6 +35,8 @@ URL_PASSWORD = "UrlPassw0rd-Xy9q"
 ENV_SECRET = "EnvSecretKey-7Hq2Wm"
 SECRETS = (URL_PASSWORD, ENV_SECRET)
 PARALLEL = 4
+LIGHT_SECONDS = 15
+"""Bound for the light cases' wall time, with 4 cases sharing a loaded CI machine (about 1.5 s alone)."""
 """Cases running at once (each process imports torch)."""
 
 
@@ -67,6 +69,8 @@ class Case:
     env: dict = field(default_factory=dict)
     """Extra environment; values may use {dead_port}, {silent_port} and {case}."""
     rc: int = 2
+    light: bool = False
+    """The answer comes before torch and Ray are imported (seconds, not a minute on a loaded machine)."""
 
 
 def _text(name: str, text: str | bytes) -> Callable[[Path], Path]:
@@ -154,7 +158,20 @@ CASES: dict[str, Case] = {
     "fetch-over-an-unrelated-file": Case(_fetch_over_unrelated_file, ("exists", "--force")),
     "fetch-into-a-file": Case(_into_a_file(lambda w, d: ["fetch", str(w.storage / "done"), "-o", str(d / "file")]),
                               ("is a file, not a directory",)),
+    # bounded searches and argument errors: one line within seconds
+    "stage2-branches-1000": Case(lambda w, d: w.train("--stage2-branches", "1000"), ("1000", "at most 16"),
+                                 light=True),
+    "tune-empty-space-file": Case(lambda w, d: ["tune", "-c", str(w.config), "--space", str(_text("s.yml", "")(d))],
+                                  ("must map dotted config keys",), light=True),
+    "tune-grid-repeated-by-samples": Case(
+        lambda w, d: ["tune", "-c", str(w.config), "--space", str(_text("s.yml", "optimizer.lr: {grid: [0.1, 0.2]}")(d)),
+                      "--samples", "3", "--storage", str(d / "runs")], ("only 2 distinct point",), light=True),
+    "run-name-invalid": Case(lambda w, d: ["train", "-c", str(w.config), "--name", "a/../b"], ("run name",), light=True),
     # damaged manifests, replaced artifacts
+    # no half-written outputs: a refused command leaves no output folder behind
+    "fetch-replaced-final-into-a-new-folder": Case(
+        lambda w, d: ["fetch", _copy_run(w, d, replace_final=True), "-o", str(d / "new" / "out")],
+        ("sha256",)),
     "manifest-artifacts-a-list-resolve": Case(
         lambda w, d: ["resolve", _copy_run(w, d, lambda m: m.update(artifacts=[]))], ("`artifacts`", "damaged")),
     "manifest-final-a-string-resolve": Case(
@@ -204,8 +221,9 @@ def world(tmp_path_factory):
     dead.close()
 
 
-def _snapshot(*roots: Path) -> dict[str, bytes]:
-    return {str(p): p.read_bytes() for root in roots for p in root.rglob("*") if p.is_file()}
+def _snapshot(*roots: Path) -> dict[str, bytes | None]:
+    """Every file's bytes and every folder (None), so an output folder left behind counts as a change."""
+    return {str(p): p.read_bytes() if p.is_file() else None for root in roots for p in root.rglob("*")}
 
 
 def _environment(case: Case, values: dict[str, str]) -> dict[str, str]:
@@ -227,7 +245,8 @@ def _run_case(world: World, name: str) -> tuple[subprocess.CompletedProcess, flo
                               "case": str(folder)})
     before = _snapshot(world.storage, world.data, folder)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "deim_ray", *argv], env=env, cwd=folder, capture_output=True,
+    python = [sys.executable, "-X", "importtime"] if case.light else [sys.executable]
+    proc = subprocess.run([*python, "-m", "deim_ray", *argv], env=env, cwd=folder, capture_output=True,
                           text=True, timeout=300)
     elapsed = time.monotonic() - start
     return proc, elapsed, before, _snapshot(world.storage, world.data, folder), folder
@@ -242,7 +261,9 @@ def outcomes(world):
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile_input(outcomes, name):
     case = CASES[name]
-    proc, _, before, after, folder = outcomes[name]
+    proc, elapsed, before, after, folder = outcomes[name]
+    imports = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    proc.stderr = "".join(line for line in proc.stderr.splitlines(True) if not line.startswith("import time:"))
     output = proc.stdout + proc.stderr
     assert not any(secret in output for secret in SECRETS), output
     assert "Traceback" not in output and "this must never run" not in output, output
@@ -252,7 +273,9 @@ def test_hostile_input(outcomes, name):
         assert proc.stdout == "" and len(lines) == 1 and lines[0].startswith("deim-ray: error: "), output
     for word in case.words:
         assert word in (proc.stderr if case.rc else proc.stdout), (word, output)
-    changed = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+    if case.light:
+        assert not {"torch", "ray"} & imports and elapsed < LIGHT_SECONDS, (elapsed, sorted(imports)[:20])
+    changed = before.keys() ^ after.keys() | {p for p in before.keys() & after.keys() if before[p] != after[p]}
     assert not changed, changed
 
 

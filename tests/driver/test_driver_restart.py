@@ -223,7 +223,7 @@ def test_restart_opens_a_new_attempt(tiny_cfg, tmp_path):
     store.transition(RunState.STAGE1_RUNNING)
     assert open_run(req, store).state is RunState.STAGE1_RUNNING  # same command: continue
     fresh = open_run(RunRequest(cfg=tiny_cfg(), storage_uri=str(root), name="again", restart=True), store)
-    assert fresh.state is RunState.NEW and fresh.attempt == 2
+    assert fresh.state is RunState.NEW and fresh.attempt == 3  # started, continued, started over
     assert fresh.generation == 3  # each open claimed the run: a worker of the first attempt can no longer write
 
 

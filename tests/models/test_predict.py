@@ -111,6 +111,23 @@ def test_predict_refuses_to_overwrite_and_reports_bad_input(tmp_path, final_path
     assert "--force" in capsys.readouterr().err and (out / "detections.json").read_text() == "[]"
     assert main(["predict", str(final_path), str(images), "-o", str(out), "--force"]) == 0
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
-    assert main(["predict", str(final_path), str(tmp_path / "broken.jpg"), "-o", str(tmp_path / "p2")]) == 2
-    assert "broken.jpg is not a readable image" in capsys.readouterr().err
+    assert main(["predict", str(final_path), str(tmp_path / "broken.jpg"), "-o", str(tmp_path / "p2" / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 1 image(s) could be read" in err and "broken.jpg" in err, err
+    assert not (tmp_path / "p2").exists()  # a failed predict leaves no output folder
     assert main(["predict", str(final_path), str(tmp_path / "missing"), "-o", str(tmp_path / "p3")]) == 2
+
+
+def test_predict_skips_unreadable_images_with_a_count(tmp_path, final_path, images, caplog):
+    whole = (images / "a_rotated.jpg").read_bytes()
+    (images / "d_truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (images / "e_empty.png").write_bytes(b"")
+    out = tmp_path / "pred"
+    with caplog.at_level("WARNING", logger="deim_ray.driver"):
+        assert main(["predict", str(final_path), str(images), "-o", str(out), "--score", "0"]) == 0
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "skipped 2 of 5 image(s)" in warning and "d_truncated.jpg" in warning and "e_empty.png" in warning
+    names = {row["file_name"].rsplit("/", 1)[-1] for row in json.loads((out / "detections.json").read_text())}
+    assert names == {"a_rotated.jpg", "b_gray.png", "c_rgba.png"}
+    assert sorted(p.name for p in out.iterdir()) == ["0000_a_rotated.jpg", "0001_b_gray.jpg", "0002_c_rgba.jpg",
+                                                     "detections.json"]

@@ -20,6 +20,7 @@ from deim_ray.models.build import build_from_config, build_model_config
 from deim_ray.models.convert.upstream import ConversionReport, load_upstream_state, read_upstream_checkpoint
 from deim_ray.models.errors import ModelError
 from deim_ray.models.export import make_final_checkpoint
+from deim_ray.outputs import output_file
 
 # COCO's 80 detection category ids, in upstream's class-index order (mscoco_category2label)
 COCO_IDS = [*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70, *range(72, 83),
@@ -47,11 +48,8 @@ def convert_checkpoint(ckpt: str, upstream_config: str, out: str) -> tuple[Path,
 
 
 def _save_atomically(obj: dict, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, target)
+        with output_file(target) as partial:
+            torch.save(obj, partial)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise ModelError(f"cannot write {target} ({e.strerror or e}); check the folder") from None

@@ -27,6 +27,7 @@ from deim_ray.models.convert.family_keys import FAMILY_KEYS
 from deim_ray.models.convert.family_keys import IGNORED as FAMILY_IGNORED
 from deim_ray.models.convert.keys import IGNORED, rename, split_fused
 from deim_ray.models.errors import ModelError
+from deim_ray.models.load_refusal import load_failure
 from deim_ray.models.families import family_of_config
 
 _KEEP_INIT = re.compile(r"(layer_scale[12]\.lambda1|register_tokens|embeddings\.mask_token)$")
@@ -68,8 +69,8 @@ def read_upstream_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor],
     except FileNotFoundError:
         raise ModelError(f"checkpoint {path} does not exist; check the path") from None
     except Exception as e:  # torch raises several types for corrupt files and refused pickles
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise ModelError(f"cannot load {path} with weights_only=True ({first}); give an upstream checkpoint") from None
+        raise ModelError(f"cannot load {path} with weights_only=True ({load_failure(e)}); give an upstream "
+                         "checkpoint") from None
     if isinstance(obj, dict) and isinstance(obj.get("ema"), dict) and isinstance(obj["ema"].get("module"), dict):
         sd, which = obj["ema"]["module"], "ema"
     elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
