@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from deim_ray.redact import RedactingFilter
 
@@ -27,7 +28,7 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     level = os.environ.get("DEIM_RAY_LOG_LEVEL", "WARNING" if quiet else "INFO").upper()
     logger.setLevel(level)
     if not any(getattr(h, "_deim_ray", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler.addFilter(RedactingFilter())
         handler._deim_ray = True
@@ -37,6 +38,15 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.WARNING)
     if not verbose:  # in a Ray worker, Ray Train sends the root logger's INFO (its own per-report lines) to the console
         logging.getLogger().setLevel(logging.WARNING)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at each line (a test's capture, a redirected stream), not to the one
+    it found when the logging was set up."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
 
 
 def is_verbose() -> bool:

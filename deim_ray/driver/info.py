@@ -11,6 +11,7 @@ machine, a short measurement of the loader per phase follows, with the loader wo
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tempfile
 from pathlib import Path
 
@@ -130,7 +131,13 @@ def _with_local_data(cfg: Config, tmp: Path) -> Config:
     if cfg.data.synthetic is None:
         return cfg
     train, val = synthetic_splits(tmp)
-    return dataclasses.replace(cfg, data=ensure_dataset(dataclasses.replace(cfg.data, train=train, val=val)))
+    data_log = logging.getLogger("deim_ray.data")
+    level = data_log.level
+    data_log.setLevel(logging.WARNING)  # a throw-away copy: its "generating ..." line would only confuse
+    try:
+        return dataclasses.replace(cfg, data=ensure_dataset(dataclasses.replace(cfg.data, train=train, val=val)))
+    finally:
+        data_log.setLevel(level)
 
 
 def _stage2_search(cfg: Config) -> str:
