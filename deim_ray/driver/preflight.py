@@ -13,7 +13,8 @@ errors at once:
   needs it); train and val list the same categories; a sample of the listed files exists in the image folder
   (a wrong folder); no listed or sampled image is above the data layer's MAX_IMAGE_PIXELS;
 - `model.pretrained` when it is a local file or folder: it loads with `weights_only=True` and holds a state
-  dict.
+  dict;
+- the experiment trackers `train.trackers` names: their packages import, MLflow has a tracking URI.
 
 Image decoding is left to the data layer, which skips unreadable or truncated files with a warning count.
 A synthetic dataset (`data.synthetic`, the demo) is generated here, once, and then checked like any other;
@@ -43,6 +44,7 @@ from deim_ray.data.coco import _read_annotations as read_annotations
 from deim_ray.data.coco import _training_boxes as training_boxes
 from deim_ray.data.errors import DataError
 from deim_ray.data.synthetic import ensure_dataset
+from deim_ray.driver.trackers import check_trackers
 from deim_ray.models.errors import ModelError
 from deim_ray.models.pretrained import read_state_dict
 from deim_ray.storage import StorageError
@@ -70,6 +72,7 @@ class SplitSummary:
 
 def preflight(cfg: Config, on_cluster: bool | None = None) -> list[SplitSummary]:
     """Raise a one-line DataError or ModelError for data or weights the run cannot use; returns what it read."""
+    check_trackers(cfg)  # first: it reads nothing
     if on_cluster is None:
         on_cluster = os.environ.get("RAY_ADDRESS", "local") not in ("", "local")
     summaries = []

@@ -16,6 +16,7 @@ cluster must be able to place the workers (`check_capacity`), so bad input fails
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from pathlib import Path
@@ -33,6 +34,7 @@ from deim_ray.driver.plots import write_plot
 from deim_ray.driver.preflight import check_request, check_writable, preflight
 from deim_ray.driver.ray_stage import StageRunFailed, check_capacity, ensure_ray
 from deim_ray.driver.stage_job import RunError, RunRequest, fit_stage
+from deim_ray.driver.trackers import close_tracking, open_tracking, tracking_session
 from deim_ray.engine.state import load_train_state
 from deim_ray.models.export import make_final_checkpoint
 from deim_ray.storage import Manifest, RunState, RunStore, open_storage, resolve_final
@@ -161,11 +163,21 @@ def run_training(req: RunRequest) -> Manifest:
         ensure_ray()
         check_capacity(req.workers, req.gpu, req.cpus_per_worker)
     manifest = open_run(req, store)
-    state = manifest.state
-    interrupted = _interrupted_stage(manifest)
-    if state is RunState.DONE:
+    if manifest.state is RunState.DONE:
         log.info("run %s is already DONE; nothing to train (use --restart to train again)", req.name)
         return manifest
+    req = dataclasses.replace(req, tracking=open_tracking(req.cfg, store, req.tracking_parent))
+    with tracking_session(req.tracking, store):
+        _train_stages(req, store, manifest)
+        manifest = write_final(store, req.cfg)
+    close_tracking(req.tracking, store, manifest)
+    return manifest
+
+
+def _train_stages(req: RunRequest, store: RunStore, manifest: Manifest) -> None:
+    """Stage 1, the switch and stage 2 (or its branches), from wherever the manifest says the run is."""
+    state = manifest.state
+    interrupted = _interrupted_stage(manifest)
     if state is RunState.FAILED:
         state = RunState.STAGE1_DONE if manifest.switch else RunState.NEW
     if state in (RunState.NEW, RunState.STAGE1_RUNNING):
@@ -181,7 +193,6 @@ def run_training(req: RunRequest) -> Manifest:
             run_branches(req, store, stg1_sha)
         else:
             _record_digests(store, _run_stage(req, store, Stage.TWO, stg1_sha))
-    return write_final(store, req.cfg)
 
 
 def _is_finished(req: RunRequest, manifest: Manifest | None) -> bool:

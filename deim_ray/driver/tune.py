@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -36,6 +38,8 @@ from deim_ray.config.validate import validate
 from deim_ray.driver.ray_stage import check_capacity, ensure_ray, stage_callbacks
 from deim_ray.driver.preflight import absolute_paths
 from deim_ray.driver.run import RunRequest, run_training, write_final
+from deim_ray.driver.trackers import (Tracking, close_tracking, finish_tracking, open_search_tracking,
+                                      open_tracking)
 from deim_ray.driver.tune_space import SearchSpace, check_space_against_config, parse_space, plain
 from deim_ray.storage import Manifest, RunState, RunStore, Storage, StorageError, open_storage
 
@@ -65,6 +69,8 @@ class TrialJob:
     gpu: bool
     max_failures: int
     cpus_per_worker: float
+    tracking: Tracking | None = None
+    """The search's tracker run, parent of every trial's (None: the config names no tracker)."""
 
 
 @dataclass
@@ -112,7 +118,8 @@ def _trial_main(params: dict[str, Any], job: TrialJob) -> None:
     cfg = override_config(job.base, {k: plain(v) for k, v in params.items()})
     trial_id = tune.get_context().get_trial_id()
     req = RunRequest(cfg=cfg, storage_uri=job.trials_uri, name=trial_run_name(trial_id), workers=job.workers,
-                     gpu=job.gpu, max_failures=job.max_failures, cpus_per_worker=job.cpus_per_worker)
+                     gpu=job.gpu, max_failures=job.max_failures, cpus_per_worker=job.cpus_per_worker,
+                     tracking_parent=job.tracking)
     with stage_callbacks([TuneReportCallback()]):
         run_training(req)
 
@@ -212,14 +219,17 @@ def _error_line(error: BaseException) -> str:
     return f"{type(cause).__name__}: {lines[0] if lines else ''}"
 
 
-def _finalize_killed(store: RunStore, cfg: Config, summary: TrialSummary) -> Manifest:
+def _finalize_killed(store: RunStore, cfg: Config, summary: TrialSummary, job: TrialJob) -> Manifest:
     """Resolve a run whose trial Tune killed (a scheduler stop) and write its final.pth, as `train` does at its
-    end; a run that cannot be finalized is noted on its row instead of failing the search's summary."""
+    end, and end its tracker run as KILLED; a run that cannot be finalized is noted on its row instead of failing
+    the search's summary."""
     try:
         store.claim()  # the trial's driver is gone: take the run over so none of its workers can still write
         store.update_manifest(lambda m: m.extra.__setitem__(
             "stopped_by_scheduler", {"epochs_run": summary.epochs_run, "in_state": m.state.value}))
-        return write_final(store, cfg)
+        manifest = write_final(store, cfg)
+        close_tracking(open_tracking(cfg, store, job.tracking), store, manifest, status="KILLED")
+        return manifest
     except StorageError as e:
         summary.error = f"not finalized: {_error_line(e)}"
         return store.read_manifest()
@@ -241,7 +251,7 @@ def _summarize_trial(result: tune.Result, job: TrialJob, trials: Storage) -> Tri
         # Killed by the scheduler: early, or right after its last epoch (ASHA's top rung), which is no stop.
         if (summary.epochs_run or 0) < manifest.epochs:
             summary.state = "stopped"
-        manifest = _finalize_killed(store, override_config(job.base, params), summary)
+        manifest = _finalize_killed(store, override_config(job.base, params), summary, job)
     final = (manifest.final if manifest else None) or {}
     summary.final_ap, summary.final_artifact = final.get("ap"), final.get("artifact")
     summary.final_uri, summary.reason = final.get("uri"), final.get("reason")
@@ -289,8 +299,9 @@ def run_tune(cfg_path: str, overrides: list[str], space: dict | SearchSpace, sam
         raise TuneError(f"a search named `{name}` already ran in {root.uri} ({SUMMARY_FILE} exists); use a new --name")
     _connect(max_concurrent)
     check_capacity(workers_per_trial, gpu, cpus_per_worker)
+    tracking = open_search_tracking(base, name, _search_params(space, samples, scheduler, metric))
     job = TrialJob(base=base, trials_uri=root.uri, workers=workers_per_trial, gpu=gpu,
-                   max_failures=max_failures, cpus_per_worker=cpus_per_worker)
+                   max_failures=max_failures, cpus_per_worker=cpus_per_worker, tracking=tracking)
     before = _live_placement_groups()
     log.info("tune %s: %d sample(s) x %d grid point(s), %d concurrent, scheduler %s, runs under %s", name, samples,
              space.grid_size, max_concurrent, scheduler, root.uri)
@@ -302,4 +313,21 @@ def run_tune(cfg_path: str, overrides: list[str], space: dict | SearchSpace, sam
     summary = TuneSummary(name=name, uri=root.storage.child_uri(root.key(SUMMARY_FILE)), scheduler=scheduler,
                           metric=metric, best=_best(trials), trials=trials)
     root.write_text(SUMMARY_FILE, json.dumps(summary.to_json(), indent=2) + "\n")
+    if tracking is not None:
+        _finish_search_tracking(tracking, summary)
     return summary
+
+
+def _search_params(space: SearchSpace, samples: int, scheduler: str, metric: str) -> dict[str, str]:
+    """What the search's parent tracker run shows as its parameters: each searched key's distribution."""
+    return {"samples": str(samples), "scheduler": scheduler, "scheduler_metric": metric,
+            **{f"space.{d.key}": d.describe() for d in space.dimensions}}
+
+
+def _finish_search_tracking(tracking: Tracking, summary: TuneSummary) -> None:
+    best = summary.best
+    final = {"uri": best.final_uri, "ap": best.final_ap, "artifact": trial_run_name(best.trial_id)} if best else {}
+    with tempfile.TemporaryDirectory(prefix="deim_ray_tune_") as tmp:
+        path = Path(tmp) / SUMMARY_FILE
+        path.write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+        finish_tracking(tracking, final, {SUMMARY_FILE: path})

@@ -228,3 +228,12 @@ def test_data_paths_required():
 def test_all_problems_reported_in_one_line():
     message = bad("invalid config", model__variant="nano", optimizer__type="Adam", data__image_size=[65, 64])
     assert "`model.variant`" in message and "`optimizer.type`" in message and "`data.image_size`" in message
+
+
+def test_trackers_are_known_names_and_the_older_tensorboard_flag_still_works():
+    assert make().train.active_trackers == ("tensorboard",)
+    assert make(train__trackers=["mlflow", "wandb"]).train.active_trackers == ("mlflow", "wandb")
+    assert make(train__tensorboard=False).train.active_trackers == ()
+    assert make(train__tensorboard=False, train__trackers=["tensorboard", "mlflow"]).train.active_trackers == ("mlflow",)
+    assert make(train__tensorboard=True, train__trackers=["mlflow"]).train.active_trackers == ("tensorboard", "mlflow")
+    bad(r"unknown tracker 'mlfow' in `train.trackers` — did you mean 'mlflow'\?", train__trackers=["mlfow"])
