@@ -69,7 +69,8 @@ def tune(args: argparse.Namespace) -> int:
     summary = run_tune(args.config, args.update, load_space(args.space), args.samples, scheduler=args.scheduler,
                        max_concurrent=args.max_concurrent, storage_uri=args.storage, name=args.name,
                        workers_per_trial=args.workers_per_trial, gpu=args.gpu, metric=args.metric,
-                       cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
+                       cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
+                       report_every=args.report_every)
     print(format_summary(summary))
     return 0 if summary.best else 1
 

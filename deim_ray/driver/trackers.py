@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -166,9 +167,7 @@ def open_tracking(cfg: Config, store: RunStore, parent: Tracking | None = None) 
         tracking = dataclasses.replace(tracking, mlflow_uri=uri, mlflow_run=run_id)
         ids["mlflow_run"] = run_id
     if "wandb" in trackers:
-        import wandb.util
-
-        ids.setdefault("wandb_id", wandb.util.generate_id())
+        ids.setdefault("wandb_id", uuid.uuid4().hex[:12])  # W&B run ids: up to 64 of [a-z0-9_-]
         group = parent.name if parent else None
         tracking = dataclasses.replace(tracking, wandb_id=ids["wandb_id"], wandb_project=cfg.train.wandb_project,
                                        wandb_group=group, wandb_mode=os.environ.get("WANDB_MODE") or None,

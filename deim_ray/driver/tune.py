@@ -1,7 +1,7 @@
 """driver layer: `deim-ray tune`, a Ray Tune search whose every trial is a full two-stage deim_ray run.
 
-    <storage>/<name>/trial-<trial_id>/   one run per trial: manifest.json, artifacts/final.pth, ... (as `train`)
-                     tune/search/        Ray Tune's experiment state
+    <storage>/<name>/trial-<n>/          one run per trial: manifest.json, artifacts/final.pth, ... (as `train`)
+                     ray/search/         Ray Tune's experiment state (trial logs included)
                      tune_summary.json   best trial, its params and final artifact URI, every trial
 
 Each trial is a Tune function trainable that acts as the Train driver: it applies its sampled values to the
@@ -38,8 +38,9 @@ from deim_ray.config.validate import validate
 from deim_ray.driver.ray_stage import check_capacity, ensure_ray, stage_callbacks
 from deim_ray.driver.preflight import absolute_paths
 from deim_ray.driver.run import RunRequest, run_training, write_final
-from deim_ray.driver.trackers import (Tracking, close_tracking, finish_tracking, open_search_tracking,
-                                      open_tracking)
+from deim_ray.driver.trackers import (Tracking, check_trackers, close_tracking, finish_tracking,
+                                      open_search_tracking, open_tracking)
+from deim_ray.driver.tune_console import TrialConsole, epochs_between_lines, ray_output, trial_run_name
 from deim_ray.driver.tune_space import SearchSpace, check_space_against_config, parse_space, plain
 from deim_ray.storage import Manifest, RunState, RunStore, Storage, StorageError, open_storage
 
@@ -53,6 +54,10 @@ always uses each trial's resolved final AP."""
 DRIVER_RESOURCE = "train_driver"
 SCHEDULERS = ("asha", "fifo")
 PG_CLEANUP_TIMEOUT_S = 90.0
+REDUCTION_FACTOR = 2
+"""ASHA keeps the best 1/REDUCTION_FACTOR of the trials at each rung."""
+RAY_DIR = "ray"
+"""Ray Tune's experiment folder under the search (`ray/search/`), as a run keeps Ray Train's under `ray/`."""
 
 
 class TuneError(RuntimeError):
@@ -107,15 +112,11 @@ class TuneSummary:
                 "best_final_uri": best.final_uri if best else None, "trials": [asdict(t) for t in self.trials]}
 
 
-def trial_run_name(trial_id: str) -> str:
-    return f"trial-{trial_id}"
-
-
 def _trial_main(params: dict[str, Any], job: TrialJob) -> None:
     """Tune function trainable: one full two-stage run with `params` applied, epochs reported to Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback  # only constructible inside a Tune session
 
-    cfg = override_config(job.base, {k: plain(v) for k, v in params.items()})
+    cfg = _trial_config(job.base, params)
     trial_id = tune.get_context().get_trial_id()
     req = RunRequest(cfg=cfg, storage_uri=job.trials_uri, name=trial_run_name(trial_id), workers=job.workers,
                      gpu=job.gpu, max_failures=job.max_failures, cpus_per_worker=job.cpus_per_worker,
@@ -144,7 +145,7 @@ def _scheduler(kind: str, epochs: int, grace_period: int):
     # to the end of their schedule, finishing and writing their final themselves.
     max_t = max(epochs - 1, 1)
     return tune.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=max_t,
-                                         grace_period=min(grace_period, max_t), reduction_factor=2,
+                                         grace_period=min(grace_period, max_t), reduction_factor=REDUCTION_FACTOR,
                                          stop_last_trials=False)
 
 
@@ -196,21 +197,29 @@ def _wait_for_placement_groups(before: set[str], timeout_s: float = PG_CLEANUP_T
 
 
 def _fit(space: SearchSpace, job: TrialJob, root: RunStore, samples: int, scheduler: str, metric: str,
-         max_concurrent: int, grace_period: int) -> tune.ResultGrid:
-    storage_path, filesystem = root.ray_storage("tune")
+         max_concurrent: int, grace_period: int, every: int) -> tune.ResultGrid:
+    storage_path, filesystem = root.ray_storage(RAY_DIR)
     trainable = tune.with_resources(tune.with_parameters(_trial_main, job=job), {DRIVER_RESOURCE: 1})
-    tuner = tune.Tuner(
-        trainable,
-        param_space=_param_space(space),
-        tune_config=tune.TuneConfig(metric=metric, mode=SCHEDULER_METRICS[metric], num_samples=samples,
-                                    max_concurrent_trials=max_concurrent,
-                                    scheduler=_scheduler(scheduler, _max_epochs(space, job.base), grace_period)),
-        # A failed trial is not retried by Tune: Ray Train already survives worker failures inside each stage,
-        # and a bad combination of values would only fail again.
-        run_config=tune.RunConfig(name="search", storage_path=storage_path, storage_filesystem=filesystem,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
-    )
-    return tuner.fit()
+    console = TrialConsole(lambda params: _trial_config(job.base, params).schedule.epochs, every, metric,
+                           REDUCTION_FACTOR)
+    with ray_output() as output:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(space),
+            tune_config=tune.TuneConfig(metric=metric, mode=SCHEDULER_METRICS[metric], num_samples=samples,
+                                        max_concurrent_trials=max_concurrent,
+                                        scheduler=_scheduler(scheduler, _max_epochs(space, job.base), grace_period)),
+            # A failed trial is not retried by Tune: Ray Train already survives worker failures inside each stage,
+            # and a bad combination of values would only fail again.
+            run_config=tune.RunConfig(name="search", storage_path=storage_path, storage_filesystem=filesystem,
+                                      failure_config=tune.FailureConfig(max_failures=0), callbacks=[console],
+                                      **output),
+        )
+        return tuner.fit()
+
+
+def _trial_config(base: Config, params: dict[str, Any]) -> Config:
+    return override_config(base, {k: plain(v) for k, v in params.items()})
 
 
 def _error_line(error: BaseException) -> str:
@@ -281,9 +290,11 @@ def format_summary(summary: TuneSummary) -> str:
 def run_tune(cfg_path: str, overrides: list[str], space: dict | SearchSpace, samples: int,
              scheduler: str = "asha", max_concurrent: int = 2, storage_uri: str = "./runs", name: str = "tune",
              workers_per_trial: int = 1, gpu: bool = False, *, metric: str = "ap", cpus_per_worker: float = 1.0,
-             max_failures: int = 3, grace_period: int = 1) -> TuneSummary:
+             max_failures: int = 3, grace_period: int = 1, report_every: int = 0) -> TuneSummary:
     """Search `space` around the config at `cfg_path`; every trial is a full two-stage run under
-    `<storage_uri>/<name>/`. Returns (and writes as tune_summary.json) the trials ranked by resolved final AP."""
+    `<storage_uri>/<name>/`, printing one line per trial event (`tune_console.py`; an epoch line every
+    `report_every` epochs, 0: a few per trial). Returns (and writes as tune_summary.json) the trials ranked by
+    resolved final AP."""
     if scheduler not in SCHEDULERS:
         raise TuneError(f"unknown scheduler {scheduler!r}; use one of {', '.join(SCHEDULERS)}")
     if metric not in SCHEDULER_METRICS:
@@ -294,6 +305,7 @@ def run_tune(cfg_path: str, overrides: list[str], space: dict | SearchSpace, sam
     base = absolute_paths(load_config(cfg_path, overrides))  # trials run in their own working directories
     validate(base, workers=workers_per_trial)
     check_space_against_config(space, base, workers_per_trial)
+    check_trackers(base)
     root = RunStore(open_storage(storage_uri, base.storage), name)
     if root.exists(SUMMARY_FILE):
         raise TuneError(f"a search named `{name}` already ran in {root.uri} ({SUMMARY_FILE} exists); use a new --name")
@@ -305,7 +317,8 @@ def run_tune(cfg_path: str, overrides: list[str], space: dict | SearchSpace, sam
     before = _live_placement_groups()
     log.info("tune %s: %d sample(s) x %d grid point(s), %d concurrent, scheduler %s, runs under %s", name, samples,
              space.grid_size, max_concurrent, scheduler, root.uri)
-    grid = _fit(space, job, root, samples, scheduler, metric, max_concurrent, grace_period)
+    every = epochs_between_lines(report_every, _max_epochs(space, base))
+    grid = _fit(space, job, root, samples, scheduler, metric, max_concurrent, grace_period, every)
     _release_placement_groups(before)
     _wait_for_placement_groups(before)
     trials_storage = open_storage(root.uri, base.storage)
