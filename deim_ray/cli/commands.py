@@ -136,13 +136,19 @@ def ls(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no runs under {args.root}")
         return 0
-    print(f"{'name':<28} {'state':<15} {'final AP':>8}  {'updated':<20}  branches")
+    print(f"{'name':<28} {'state':<15} {'final AP':>8}  {'updated':<20}  branches / trials")
     for r in runs:
         ap = f"{r.final_ap:.4f}" if r.final_ap is not None else "-"
-        branches = "-" if r.branches is None else f"{r.branches}" + (f", winner {r.winner}" if r.winner else "")
-        print(f"{r.name:<28} {r.state:<15} {ap:>8}  {r.updated_at or '-':<20}  {branches}"
+        print(f"{r.name:<28} {r.state:<15} {ap:>8}  {r.updated_at or '-':<20}  {_parts(r)}"
               + (f"  ({r.problem})" if r.problem else ""))
     return 0
+
+
+def _parts(r) -> str:
+    """A run's stage-2 branches (and the winner), or a search's trials (and the best, whose AP is shown)."""
+    if r.trials is not None:
+        return f"{r.trials} trials" + (f", best {r.best}" if r.best else "") + f" (deim-ray ls {r.uri})"
+    return "-" if r.branches is None else f"{r.branches}" + (f", winner {r.winner}" if r.winner else "")
 
 
 def info(args: argparse.Namespace) -> int:

@@ -43,10 +43,11 @@ from deim_ray.driver.trackers import (Tracking, check_trackers, close_tracking, 
 from deim_ray.driver.tune_console import TrialConsole, epochs_between_lines, ray_output, trial_run_name
 from deim_ray.driver.tune_space import SearchSpace, check_space_against_config, parse_space, plain
 from deim_ray.storage import Manifest, RunState, RunStore, Storage, StorageError, open_storage
+from deim_ray.storage.retrieve import STOPPED_BY_SCHEDULER, TUNE_SUMMARY_KEY
 
 log = logging.getLogger("deim_ray.tune")
 
-SUMMARY_FILE = "tune_summary.json"
+SUMMARY_FILE = TUNE_SUMMARY_KEY
 SCHEDULER_METRICS = {"ap": "max", "ap50": "max", "loss": "min"}
 """Epoch-report metrics the scheduler may compare trials on, with their direction. AP is the default; early in
 training AP is often exactly 0 for every trial, where only the loss tells trials apart. The final ranking
@@ -108,6 +109,7 @@ class TuneSummary:
         best = self.best
         return {"name": self.name, "scheduler": self.scheduler, "scheduler_metric": self.metric,
                 "ranked_by": "final ap", "best_trial": best.trial_id if best else None,
+                "best_run": trial_run_name(best.trial_id) if best else None,
                 "best_params": best.params if best else None, "best_final_ap": best.final_ap if best else None,
                 "best_final_uri": best.final_uri if best else None, "trials": [asdict(t) for t in self.trials]}
 
@@ -235,7 +237,7 @@ def _finalize_killed(store: RunStore, cfg: Config, summary: TrialSummary, job: T
     try:
         store.claim()  # the trial's driver is gone: take the run over so none of its workers can still write
         store.update_manifest(lambda m: m.extra.__setitem__(
-            "stopped_by_scheduler", {"epochs_run": summary.epochs_run, "in_state": m.state.value}))
+            STOPPED_BY_SCHEDULER, {"epochs_run": summary.epochs_run, "in_state": m.state.value}))
         manifest = write_final(store, cfg)
         close_tracking(open_tracking(cfg, store, job.tracking), store, manifest, status="KILLED")
         return manifest
