@@ -40,7 +40,8 @@ from deim_ray.driver.preflight import absolute_paths
 from deim_ray.driver.run import RunRequest, run_training, write_final
 from deim_ray.driver.trackers import (Tracking, check_trackers, close_tracking, finish_tracking,
                                       open_search_tracking, open_tracking)
-from deim_ray.driver.tune_console import TrialConsole, epochs_between_lines, ray_output, trial_run_name
+from deim_ray.driver.tune_console import (TrialConsole, epochs_between_lines, error_line, ray_output,
+                                          trial_run_name)
 from deim_ray.driver.tune_space import SearchSpace, check_space_against_config, parse_space, plain
 from deim_ray.storage import Manifest, RunState, RunStore, Storage, StorageError, open_storage
 from deim_ray.storage.retrieve import STOPPED_BY_SCHEDULER, TUNE_SUMMARY_KEY
@@ -224,12 +225,6 @@ def _trial_config(base: Config, params: dict[str, Any]) -> Config:
     return override_config(base, {k: plain(v) for k, v in params.items()})
 
 
-def _error_line(error: BaseException) -> str:
-    cause = getattr(error, "cause", None) or error  # RayTaskError wraps what the trial raised
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
-
-
 def _finalize_killed(store: RunStore, cfg: Config, summary: TrialSummary, job: TrialJob) -> Manifest:
     """Resolve a run whose trial Tune killed (a scheduler stop) and write its final.pth, as `train` does at its
     end, and end its tracker run as KILLED; a run that cannot be finalized is noted on its row instead of failing
@@ -242,7 +237,7 @@ def _finalize_killed(store: RunStore, cfg: Config, summary: TrialSummary, job: T
         close_tracking(open_tracking(cfg, store, job.tracking), store, manifest, status="KILLED")
         return manifest
     except StorageError as e:
-        summary.error = f"not finalized: {_error_line(e)}"
+        summary.error = f"not finalized: {error_line(e)}"
         return store.read_manifest()
 
 
@@ -255,7 +250,7 @@ def _summarize_trial(result: tune.Result, job: TrialJob, trials: Storage) -> Tri
     summary = TrialSummary(trial_id=trial_id, run_uri=store.uri, params=params, state="completed",
                            epochs_run=None if epoch is None else int(epoch) + 1)
     if result.error is not None:
-        summary.state, summary.error = "error", _error_line(result.error)
+        summary.state, summary.error = "error", error_line(result.error)
         return summary
     manifest = store.read_manifest()
     if manifest is not None and manifest.state is not RunState.DONE:

@@ -84,18 +84,19 @@ class TrialConsole(tune.Callback):
             self._print(trial, f" finished: {run} epochs, best AP {last.get('best_ap', 0.0):.4f}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._print(trial, f" failed: {_error_line(trial.error_msg or trial.status)}")
+        error = trial.get_pickled_error() or trial.get_error()
+        self._print(trial, f" failed: {error_line(error) if error else 'no error recorded'}")
 
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else json.dumps(value)
 
 
-def _error_line(text: str) -> str:
-    """The last line of a Ray error text that names an exception (`deim_ray...RunError: stage 1 ...`)."""
-    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
-    named = [line for line in lines if ": " in line and line.split(":", 1)[0].split(".")[-1].endswith("Error")]
-    return (named or lines or ["unknown error"])[-1]
+def error_line(error: BaseException) -> str:
+    """`Type: first line` of what a trial raised (a RayTaskError wraps it as its `cause`)."""
+    cause = getattr(error, "cause", None) or error
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0] if lines else ''}"
 
 
 @contextmanager
