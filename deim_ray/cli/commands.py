@@ -28,13 +28,15 @@ def _run(args: argparse.Namespace, cfg) -> int:
     if console is None or not console.epochs_shown:  # the epochs were not streamed by this command
         print(epoch_table(args.storage, args.name, cfg.storage, cfg.schedule.epochs))
     print(format_resolution(manifest))
-    print(_next_steps(args.storage, args.name))
+    print(_next_steps(args.storage, args.name, cfg.train.active_trackers))
     return 0
 
 
-def _next_steps(storage: str, name: str) -> str:
+def _next_steps(storage: str, name: str, trackers: tuple[str, ...]) -> str:
     run = f"{storage.rstrip('/')}/{name}"
-    return f"see {run}/plots/metrics.png, tensorboard --logdir {run}/tb; use it: deim-ray predict|export {run}"
+    board = f", tensorboard --logdir {run}/tb" if "tensorboard" in trackers else ""
+    logged = "".join(f", the {t} run {name}" for t in trackers if t != "tensorboard")
+    return f"see {run}/plots/metrics.png{board}{logged}; use it: deim-ray predict|export {run}"
 
 
 def train(args: argparse.Namespace) -> int:

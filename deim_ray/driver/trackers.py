@@ -289,6 +289,10 @@ class MLflowHook(Hook):
     def __init__(self, sync, tracking: Tracking):
         self.sync, self.tracking = sync, tracking
 
+    def before_stage(self, trainer):
+        if trainer.is_main:  # here: imported on the uploader thread, mlflow's import would hold training up
+            import mlflow.tracking  # noqa: F401
+
     def after_epoch(self, trainer, record, decision):
         if trainer.is_main and not trainer.stop_reason and self.sync.uploader is not None:
             self.sync.uploader.submit(self._log, record.epoch, epoch_scalars(record.to_json()))
