@@ -34,6 +34,7 @@ from deim_ray.config.schema import Config
 from deim_ray.driver.plots import PLOT_KEY
 from deim_ray.driver.tensorboard import epoch_scalars
 from deim_ray.engine.hooks import Hook
+from deim_ray.redact import redact
 from deim_ray.storage import Manifest, RunStore
 
 log = logging.getLogger("deim_ray.driver")
@@ -159,11 +160,15 @@ def open_tracking(cfg: Config, store: RunStore, parent: Tracking | None = None) 
     if "mlflow" in trackers:
         uri = mlflow_uri(cfg)
         run_id = ids.get("mlflow_run")
-        if run_id:
-            _mlflow_client(uri).update_run(run_id, status="RUNNING")
-        else:
-            run_id = start_mlflow_run(uri, cfg.train.mlflow_experiment, name, flat_params(config_to_dict(cfg)),
-                                      parent.mlflow_run if parent else None)
+        try:
+            if run_id:
+                _mlflow_client(uri).update_run(run_id, status="RUNNING")
+            else:
+                run_id = start_mlflow_run(uri, cfg.train.mlflow_experiment, name, flat_params(config_to_dict(cfg)),
+                                          parent.mlflow_run if parent else None)
+        except Exception as e:  # before any worker starts: the user asked for this tracker, so say it is not there
+            raise TrackerError(f"could not open the MLflow run of {name} at {redact(uri)}: {_first_line(e)}; "
+                               "start the server or fix the tracking URI, then re-run the command") from None
         tracking = dataclasses.replace(tracking, mlflow_uri=uri, mlflow_run=run_id)
         ids["mlflow_run"] = run_id
     if "wandb" in trackers:
