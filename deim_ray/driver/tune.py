@@ -43,6 +43,7 @@ from deim_ray.driver.trackers import (Tracking, check_trackers, close_tracking, 
 from deim_ray.driver.tune_console import (TrialConsole, epochs_between_lines, error_line, ray_output,
                                           trial_run_name)
 from deim_ray.driver.tune_space import SearchSpace, check_space_against_config, parse_space, plain
+from deim_ray.logs import is_verbose
 from deim_ray.storage import Manifest, RunState, RunStore, Storage, StorageError, open_storage
 from deim_ray.storage.retrieve import STOPPED_BY_SCHEDULER, TUNE_SUMMARY_KEY
 
@@ -153,7 +154,9 @@ def _scheduler(kind: str, epochs: int, grace_period: int):
 
 
 def _connect(max_concurrent: int) -> None:
-    ensure_ray(resources={DRIVER_RESOURCE: float(max_concurrent)})
+    # the trial drivers' own output (Tune's per-trial stdout/stderr, Python's "Exception ignored ... SystemExit"
+    # when ASHA kills one) stays in the trial folders and Ray's logs: the console has a line per trial event
+    ensure_ray(resources={DRIVER_RESOURCE: float(max_concurrent)}, log_to_driver=is_verbose())
     have = ray.cluster_resources().get(DRIVER_RESOURCE, 0.0)
     if have < 1:
         raise TuneError(f"the Ray cluster has no `{DRIVER_RESOURCE}` resource for trial drivers; start the head "
