@@ -160,6 +160,16 @@ def test_summary_table_ranks_trials_by_final_ap_and_names_the_best():
     assert json.loads(json.dumps(written))["trials"][1]["state"] == "error"
 
 
+def test_trials_are_named_by_their_counter_and_print_about_four_epoch_lines():
+    from deim_ray.driver.tune_console import epochs_between_lines, error_line
+
+    assert trial_run_name("122c8_00000") == "trial-0" and trial_run_name("122c8_00013") == "trial-13"
+    assert [epochs_between_lines(0, n) for n in (1, 4, 15, 160)] == [1, 1, 4, 40]
+    assert epochs_between_lines(2, 15) == 2
+    wrapped = ray.exceptions.RayTaskError("_trial_main", "Traceback ...", ValueError("bad lr\nmore"))
+    assert error_line(wrapped) == "ValueError: bad lr"
+
+
 # ---------------------------------------------------------------- a real search (slow)
 
 E2E_SPACE = {"optimizer.lr": {"grid": [2.0e-3, 1.0e-6]}, "schedule.stop_epoch": {"grid": [2, 3]}}
