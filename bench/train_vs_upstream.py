@@ -115,7 +115,7 @@ def our_config(data: dict) -> dict:
         "lr_scheduler": {"warmup_iter": s["warmup_iter"], "flat_epoch": s["flat_epoch"],
                          "no_aug_epoch": s["epochs"] - s["stop_epoch"], "lr_gamma": s["lr_gamma"]},
         "ema": {"decay": s["ema_decay"], "warmups": s["ema_warmups"], "start": 0},
-        "train": {"print_freq": 10_000, "tensorboard": False},
+        "train": {"print_freq": 10_000, "trackers": []},
         "eval": {"num_top_queries": 300},
     }
 

@@ -47,13 +47,15 @@ def _run(args: argparse.Namespace, cfg, explicit: frozenset[str] = frozenset()) 
     table = final_class_table(args.storage, args.name, cfg.storage, manifest)
     if table:
         print(table)
-    print(_next_steps(args.storage, args.name))
+    print(_next_steps(args.storage, args.name, cfg.train.active_trackers))
     return 0
 
 
-def _next_steps(storage: str, name: str) -> str:
+def _next_steps(storage: str, name: str, trackers: tuple[str, ...]) -> str:
     run = f"{storage.rstrip('/')}/{name}"
-    return f"see {run}/plots/metrics.png, tensorboard --logdir {run}/tb; use it: deim-ray predict|export {run}"
+    board = f", tensorboard --logdir {run}/tb" if "tensorboard" in trackers else ""
+    logged = "".join(f", the {t} run {name}" for t in trackers if t != "tensorboard")
+    return f"see {run}/plots/metrics.png{board}{logged}; use it: deim-ray predict|export {run}"
 
 
 def train(args: argparse.Namespace) -> int:
@@ -115,7 +117,8 @@ def tune(args: argparse.Namespace) -> int:
     summary = run_tune(args.config, args.update, space, args.samples, scheduler=args.scheduler,
                        max_concurrent=args.max_concurrent, storage_uri=args.storage, name=args.name,
                        workers_per_trial=args.workers_per_trial, gpu=args.gpu, metric=args.metric,
-                       cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
+                       cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
+                       report_every=args.report_every)
     print(format_summary(summary))
     return 0 if summary.best else 1
 
@@ -205,13 +208,19 @@ def ls(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no runs under {args.root}")
         return 0
-    print(f"{'name':<28} {'state':<15} {'final AP':>8}  {'updated':<20}  branches")
+    print(f"{'name':<28} {'state':<15} {'final AP':>8}  {'updated':<20}  branches / trials")
     for r in runs:
         ap = f"{r.final_ap:.4f}" if r.final_ap is not None else "-"
-        branches = "-" if r.branches is None else f"{r.branches}" + (f", winner {r.winner}" if r.winner else "")
-        print(f"{r.name:<28} {r.state:<15} {ap:>8}  {r.updated_at or '-':<20}  {branches}"
+        print(f"{r.name:<28} {r.state:<15} {ap:>8}  {r.updated_at or '-':<20}  {_parts(r)}"
               + (f"  ({r.problem})" if r.problem else ""))
     return 0
+
+
+def _parts(r) -> str:
+    """A run's stage-2 branches (and the winner), or a search's trials (and the best, whose AP is shown)."""
+    if r.trials is not None:
+        return f"{r.trials} trials" + (f", best {r.best}" if r.best else "") + f" (deim-ray ls {r.uri})"
+    return "-" if r.branches is None else f"{r.branches}" + (f", winner {r.winner}" if r.winner else "")
 
 
 def info(args: argparse.Namespace) -> int:

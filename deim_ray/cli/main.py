@@ -181,11 +181,13 @@ def _add_training_commands(sub) -> None:
                    help="epoch metric the scheduler compares (default ap; trials are ranked by final AP)")
     p.add_argument("--max-concurrent", type=POSITIVE_INT, default=2, help="trials running at once (default 2)")
     p.add_argument("--storage", default="./runs", help="a directory or s3://bucket/prefix (default ./runs)")
-    p.add_argument("--name", default="tune", help="search name; trials are <storage>/<name>/trial-<id> (default tune)")
+    p.add_argument("--name", default="tune", help="search name; trials are <storage>/<name>/trial-<n> (default tune)")
     p.add_argument("--workers-per-trial", type=POSITIVE_INT, default=1, help="Ray Train workers per trial (default 1)")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL, AMP per config")
     p.add_argument("--cpus-per-worker", type=POSITIVE, default=1.0, help="CPUs reserved per worker (default 1)")
     p.add_argument("--max-failures", type=COUNT, default=3, help="worker failures each stage survives (default 3)")
+    p.add_argument("--report-every", type=COUNT, default=0, metavar="N",
+                   help="print each trial's epoch line every N epochs (default 0: about 4 per trial)")
     p.set_defaults(func=commands.tune)
 
 

@@ -220,6 +220,10 @@ class EMAConfig:
     """Skip this many updates before the EMA starts following the model."""
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+"""The experiment trackers `train.trackers` may name (the driver's `trackers.py` implements each)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
@@ -236,8 +240,26 @@ class TrainConfig:
     """Ray checkpoints kept per stage (the latest is always kept too)."""
     print_freq: int = 10
     """Log a progress line every this many iterations."""
-    tensorboard: bool = True
-    """Write TensorBoard event files (losses, COCO stats, LR, times) under the run directory's `tb/`."""
+    trackers: tuple[str, ...] = ("tensorboard",)
+    """Where rank 0 logs every epoch (TRACKERS): tensorboard (event files under the run directory's `tb/`),
+    mlflow (params, metrics, plots and the final artifact's URI in an MLflow run), wandb (the same in a
+    Weights & Biases run; `WANDB_MODE=offline` works without a network). `[]` logs nowhere but metrics.jsonl."""
+    tensorboard: bool | None = None
+    """Older spelling kept for existing configs: `false` drops tensorboard from `trackers`, `true` adds it."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking server (or `file:`/`sqlite:` store); null uses MLFLOW_TRACKING_URI, as MLflow does."""
+    mlflow_experiment: str = "deim_ray"
+    """MLflow experiment the runs are logged under (created when missing)."""
+    wandb_project: str = "deim_ray"
+    """Weights & Biases project the runs are logged under (the entity comes from WANDB_ENTITY / your login)."""
+
+    @property
+    def active_trackers(self) -> tuple[str, ...]:
+        """`trackers` with the older `tensorboard: true|false` applied (each name once, in order)."""
+        names = [t for t in self.trackers if t != "tensorboard" or self.tensorboard is not False]
+        if self.tensorboard and "tensorboard" not in names:
+            names.insert(0, "tensorboard")
+        return tuple(dict.fromkeys(names))
     nan_tolerance: int = 20
     """Steps with a non-finite loss or gradient (skipped on every rank) an epoch may have before the stage rolls
     back to its last good state (the last completed epoch, or the stage start)."""

@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable
 
 from deim_ray.config.errors import ConfigError
-from deim_ray.config.schema import DATA_FORMATS, Config
+from deim_ray.config.schema import DATA_FORMATS, TRACKERS, Config
 from deim_ray.config.variants import FAMILY_VARIANTS
 
 OPTIMIZERS = ("AdamW", "SGD")
@@ -179,6 +179,9 @@ def _check_names(cfg: Config) -> Iterable[str]:
     for key, value, allowed in checks:
         if value not in allowed:
             yield f"`{key}` must be one of {', '.join(allowed)}, got {value!r}{_suggest(value, allowed)}"
+    for name in cfg.train.trackers:
+        if name not in TRACKERS:
+            yield f"unknown tracker {name!r} in `train.trackers`{_suggest(name, TRACKERS)}; known: {', '.join(TRACKERS)}"
     for op in cfg.augment.policy_ops:
         if op not in POLICY_OPS:
             yield f"unknown op {op!r} in `augment.policy_ops`{_suggest(op, POLICY_OPS)}; known: {', '.join(POLICY_OPS)}"

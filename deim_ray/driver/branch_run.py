@@ -27,6 +27,7 @@ from deim_ray.driver.stage2_branches import (BranchResources, branch_config, bra
                                              plan_resources,
                                              sample_branches, stage2_space)
 from deim_ray.driver.stage_job import RunError, RunRequest, fit_stage
+from deim_ray.driver.trackers import close_tracking, open_tracking
 from deim_ray.storage import Manifest, RunState, RunStore
 from deim_ray.storage.manifest import BranchRecord
 from deim_ray.storage.resolve import branch_settings
@@ -89,7 +90,10 @@ def _run_branch(req: RunRequest, store: RunStore, branch: BranchRecord, stg1_sha
     view = store.branch(branch.name)
     cfg = branch_config(req.cfg, branch.params)
     validate(cfg, workers=plan.workers)
-    branch_req = dataclasses.replace(req, cfg=cfg, workers=plan.workers, cpus_per_worker=plan.cpus_per_worker)
+    # a branch's tracker run is a child of the run's (its epochs from the switch on, its own settings)
+    tracking = open_tracking(cfg, view, parent=req.tracking) if req.tracking else None
+    branch_req = dataclasses.replace(req, cfg=cfg, workers=plan.workers, cpus_per_worker=plan.cpus_per_worker,
+                                     tracking=tracking)
     log.info("branch %s: %s (epochs %d-%d)", branch.name, branch_settings(branch), cfg.schedule.stop_epoch,
              cfg.schedule.epochs - 1)
     view.update_branch(lambda b: setattr(b, "state", "RUNNING"))
@@ -98,7 +102,9 @@ def _run_branch(req: RunRequest, store: RunStore, branch: BranchRecord, stg1_sha
                            label=branch.name)
     except StageRunFailed as e:
         view.update_branch(lambda b: (setattr(b, "state", "FAILED"), b.extra.__setitem__("error", str(e))))
+        close_tracking(tracking, view, None, status="FAILED")
         return f"branch {branch.name} failed: {e}"
+    close_tracking(tracking, view, None)
     digests = report.get("start_digests")
     key = "worker_resume_digests" if report.get("resumed") else "worker_start_digests"
 

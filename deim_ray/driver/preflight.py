@@ -19,7 +19,8 @@ errors at once:
 - the model itself (`models.build.check_buildable`, on the meta device: no weights allocated): its config for the
   dataset's class count, the image size for its queries and feature strides, and the backbone and pretrained
   files with the rules their loaders apply;
-- the batch: the training set holds at least one global batch (`data.total_batch_size`), or no step would run.
+- the batch: the training set holds at least one global batch (`data.total_batch_size`), or no step would run;
+- the experiment trackers `train.trackers` names: their packages import, MLflow has a tracking URI.
 
 Image decoding is left to the data layer, which skips unreadable or truncated files with a warning count.
 A synthetic dataset (`data.synthetic`, the demo) is generated here, once, and then checked like any other;
@@ -50,6 +51,7 @@ from deim_ray.data.coco import (CategoryMap, LoadReport, annotation_table, count
 from deim_ray.data.images import MAX_IMAGE_PIXELS, check_image, too_large
 from deim_ray.data.errors import DataError
 from deim_ray.data.synthetic import ensure_dataset
+from deim_ray.driver.trackers import check_trackers
 from deim_ray.models.build import check_buildable
 from deim_ray.models.errors import ModelError
 from deim_ray.models.pretrained import read_state_dict
@@ -102,6 +104,7 @@ def preflight(cfg: Config, on_cluster: bool | None = None, workers: int = 1, kee
     """Raise a one-line DataError or ModelError for data, weights or a model the run cannot use; returns what it
     read and `cfg` fitted to the training set's size (`schedule.fit_to_data`; keys in `keep` were given
     explicitly and stay)."""
+    check_trackers(cfg)  # first: it reads nothing
     if on_cluster is None:
         on_cluster = os.environ.get("RAY_ADDRESS", "local") not in ("", "local")
     summaries = []

@@ -106,12 +106,14 @@ def check_reachable(address: str, source: str, timeout: float = CONNECT_TIMEOUT_
                                  f"{hint}") from None
 
 
-def ensure_ray(address: str | None = None, resources: dict[str, float] | None = None) -> None:
+def ensure_ray(address: str | None = None, resources: dict[str, float] | None = None,
+               log_to_driver: bool = True) -> None:
     """Connect to the cluster (`address`, else RAY_ADDRESS / `ray job submit`, else the one `ray start` recorded
     on this machine) or start a local Ray instance. ClusterUnreachable if a named cluster does not answer.
 
     `resources` are custom resources of a local instance (e.g. `train_driver` for Tune's trial drivers);
-    a cluster declares its own with `ray start --resources`.
+    a cluster declares its own with `ray start --resources`. `log_to_driver=False` keeps the output of the tasks
+    and actors this driver starts off its console (it stays in Ray's log files).
     """
     if ray.is_initialized():
         return
@@ -123,7 +125,7 @@ def ensure_ray(address: str | None = None, resources: dict[str, float] | None = 
         source = f"recorded by `ray start` in {file}"
     if address and address != "local":  # a cluster (or `ray job submit`): its runtime_env stays in charge
         check_reachable(address, source)
-        ray.init(address=address, logging_level=level)
+        ray.init(address=address, logging_level=level, log_to_driver=log_to_driver)
         capture_worker_output(is_verbose())
         return
     dashboard_port = _free_port()
@@ -136,7 +138,7 @@ def ensure_ray(address: str | None = None, resources: dict[str, float] | None = 
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     with _quiet_token_notice():
         ray.init(address="local", logging_level=level, resources=resources, dashboard_port=dashboard_port,
-                 runtime_env={"env_vars": env})
+                 runtime_env={"env_vars": env}, log_to_driver=log_to_driver)
     capture_worker_output(is_verbose())
 
 

@@ -36,6 +36,7 @@ from deim_ray.driver.plots import write_plot
 from deim_ray.driver.preflight import check_request, check_writable, preflight
 from deim_ray.driver.ray_stage import StageRunFailed, check_capacity, ensure_ray
 from deim_ray.driver.stage_job import RunError, RunRequest, fit_stage
+from deim_ray.driver.trackers import close_tracking, open_tracking, tracking_session
 from deim_ray.driver.worker_output import log_file
 from deim_ray.engine.state import load_train_state
 from deim_ray.models.export import make_final_checkpoint
@@ -207,11 +208,17 @@ def run_training(req: RunRequest) -> Manifest:
         log.info("run %s is already DONE; nothing to train (use --restart to train again)", req.name)
         return manifest
     with holding(store):
-        return _continue_run(req, store, manifest)
+        req = dataclasses.replace(req, tracking=open_tracking(req.cfg, store, req.tracking_parent))
+        with tracking_session(req.tracking, store):
+            _train_stages(req, store, manifest)
+            manifest = write_final(store, req.cfg)
+        close_tracking(req.tracking, store, manifest)
+        return manifest
 
 
-def _continue_run(req: RunRequest, store: RunStore, manifest: Manifest) -> Manifest:
-    """Train from wherever `manifest` says (a stage not finished is resumed by Ray from its last) to DONE."""
+def _train_stages(req: RunRequest, store: RunStore, manifest: Manifest) -> None:
+    """Stage 1, the switch and stage 2 (or its branches), from wherever the manifest says the run is (a stage not
+    finished is resumed by Ray from its last)."""
     state = manifest.state
     interrupted = _interrupted_stage(manifest)
     if state is RunState.FAILED:
@@ -229,7 +236,6 @@ def _continue_run(req: RunRequest, store: RunStore, manifest: Manifest) -> Manif
             run_branches(req, store, stg1_sha)
         else:
             _record_digests(store, _run_stage(req, store, Stage.TWO, stg1_sha))
-    return write_final(store, req.cfg)
 
 
 def _is_finished(req: RunRequest, manifest: Manifest | None) -> bool:

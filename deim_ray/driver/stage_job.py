@@ -16,6 +16,7 @@ from deim_ray.config.schema import Config
 from deim_ray.driver.console import Console
 from deim_ray.driver.preflight import absolute_paths
 from deim_ray.driver.ray_stage import StageRunFailed, run_stage
+from deim_ray.driver.trackers import Tracking
 from deim_ray.logs import is_verbose
 from deim_ray.storage import RunStore
 
@@ -43,6 +44,10 @@ class RunRequest:
     (`config.fit`) keeps them as given."""
     take_over: bool = False
     """Claim the run even while another live driver holds it (that driver is fenced out)."""
+    tracking_parent: Tracking | None = None
+    """The tracker run this run's tracker run is a child of (a Tune search's); None: a top-level run."""
+    tracking: Tracking | None = None
+    """The tracker runs the workers log to (set by the driver once the run is open)."""
 
 
 def _stage_args(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | None, ray_run: str,
@@ -56,7 +61,8 @@ def _stage_args(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | 
     return {"config": tree, "config_sha256": config_sha256(req.cfg), "stage": int(stage),
             "storage_uri": store.storage.uri, "run_name": req.name, "generation": store.generation,
             "ray_run": ray_run, "best_stg1_sha256": stg1_sha, "board": board, "verbose": is_verbose(),
-            "branch": store.branch_name, "stage1_config_sha256": stage1_config_sha}
+            "branch": store.branch_name, "stage1_config_sha256": stage1_config_sha,
+            "tracking": req.tracking.to_dict() if req.tracking else None}
 
 
 def fit_stage(req: RunRequest, store: RunStore, stage: Stage, stg1_sha: str | None = None, *,

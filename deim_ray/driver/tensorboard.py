@@ -3,7 +3,7 @@
 Rank 0 writes the events of each stage run to a local file (one file per stage run, as TensorBoard expects of a
 restarted writer) and, after every epoch, uploads a snapshot of it to `<run>/tb/` on the run's uploader thread.
 Point TensorBoard at the run directory (`tensorboard --logdir runs/demo/tb`, or an `s3://` URI where TensorBoard
-has S3 support) or `deim-ray fetch`-style copy it down first. `train.tensorboard: false` turns it off.
+has S3 support) or `deim-ray fetch`-style copy it down first. On when `train.trackers` names tensorboard (the default).
 """
 
 from __future__ import annotations

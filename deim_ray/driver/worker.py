@@ -26,6 +26,7 @@ from deim_ray.driver.fault_injection import FaultHook
 from deim_ray.driver.plots import PlotHook
 from deim_ray.driver.scratch import sweep_dead_scratch
 from deim_ray.driver.tensorboard import TensorBoardHook
+from deim_ray.driver.trackers import tracker_hooks
 from deim_ray.engine.hooks import ProgressHook
 from deim_ray.engine.state import load_train_state
 from deim_ray.engine.trainer import StageStart, Trainer
@@ -54,6 +55,8 @@ class WorkerArgs:
     """The stage-2 branch these workers train (None: the run's own stage)."""
     stage1_config_sha256: str | None = None
     """Identity of the config best_stg1 was trained with, when it differs from `config_sha256` (a branch)."""
+    tracking: dict | None = None
+    """The MLflow / W&B runs the driver opened for this run or branch (`trackers.Tracking`), or None."""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -99,6 +102,7 @@ def train_stage(args_dict: dict) -> None:
     checkpoints = CheckpointHook(store, args.ray_run, resume=resume)
     hooks = [ProgressHook() if args.verbose else None, BoardHook(args.board) if args.board else None, checkpoints,
              fault, PlotHook(checkpoints, store),
-             TensorBoardHook(checkpoints, store) if cfg.train.tensorboard else None]
+             TensorBoardHook(checkpoints, store) if "tensorboard" in cfg.train.active_trackers else None,
+             *tracker_hooks(checkpoints, args.tracking, args.config)]
     trainer = Trainer(cfg, args.config_sha256, device=ray.train.torch.get_device(), hooks=[h for h in hooks if h])
     trainer.run_stage(StageStart(stage=stage, resume=resume, stage1_best=stage1_best))

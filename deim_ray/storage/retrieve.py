@@ -7,6 +7,7 @@ branch by the run and the branch's name (`fetch(..., branch="b1")`).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from pathlib import Path
 from deim_ray.config.schedule import ARTIFACT_NAMES, FINAL
 from deim_ray.config.schema import StorageConfig
 from deim_ray.outputs import output_dir
-from deim_ray.storage.base import open_storage, sha256_file, split_run_uri
+from deim_ray.storage.base import Storage, open_storage, sha256_file, split_run_uri
 from deim_ray.storage.errors import BadStorageURI, ManifestError, ResolveError, StorageError
 from deim_ray.storage.manifest import BRANCH_ARTIFACTS, MANIFEST_KEY, Manifest, finite_ap
 from deim_ray.storage.resolve import format_resolution, resolve_final
@@ -128,24 +129,52 @@ class RunSummary:
     """How many stage-2 branches the run has (None: a run without branches)."""
     winner: str | None = None
     """The branch whose best_stg2 is final (None: no branch won, or not finished)."""
+    trials: int | None = None
+    """A Tune search (state SEARCH): how many trials it ran (None: a run)."""
+    best: str | None = None
+    """A Tune search: its best trial's run name; `final_ap` is that trial's final AP."""
+
+
+TUNE_SUMMARY_KEY = "tune_summary.json"
+"""What a finished Tune search writes in its folder (`deim-ray tune`): the trials ranked by final AP."""
+STOPPED_BY_SCHEDULER = "stopped_by_scheduler"
+"""Manifest `extra` key of a trial run Tune's scheduler stopped early (then finalized by the search)."""
 
 
 def list_runs(root_uri: str, storage_cfg: StorageConfig | None = None) -> list[RunSummary]:
-    """Every run directory under `root_uri` that holds a manifest.json, sorted by name."""
+    """Every run directory under `root_uri` that holds a manifest.json, and every finished Tune search (a folder
+    with a tune_summary.json), sorted by name."""
     storage = open_storage(root_uri, storage_cfg)
     names = [c.rstrip("/") for c in storage.list("", recursive=False) if c.endswith("/")]
     runs = []
     for name in names:
         key = f"{name}/{MANIFEST_KEY}"
-        if not storage.exists(key):
-            continue
-        try:
-            m = Manifest.loads(storage.read_bytes(key).decode("utf-8"), source=storage.child_uri(key))
-        except (StorageError, UnicodeDecodeError) as e:  # one damaged run must not hide the others
-            runs.append(RunSummary(name, "DAMAGED", None, None, storage.child_uri(name), problem=str(e)))
-            continue
-        final_ap = finite_ap((m.final or {}).get("ap"))
-        branches = None if m.stage2_branches is None else len(m.stage2_branches)
-        runs.append(RunSummary(name, m.state.value, final_ap, m.updated_at or None, storage.child_uri(name),
-                               branches=branches, winner=(m.final or {}).get("branch")))
+        if storage.exists(key):
+            runs.append(_run_summary(storage, name, key))
+        elif storage.exists(f"{name}/{TUNE_SUMMARY_KEY}"):
+            runs.append(_search_summary(storage, name))
     return sorted(runs, key=lambda r: r.name)
+
+
+def _run_summary(storage: Storage, name: str, key: str) -> RunSummary:
+    try:
+        m = Manifest.loads(storage.read_bytes(key).decode("utf-8"), source=storage.child_uri(key))
+    except (StorageError, UnicodeDecodeError) as e:  # one damaged run must not hide the others
+        return RunSummary(name, "DAMAGED", None, None, storage.child_uri(name), problem=str(e))
+    final_ap = finite_ap((m.final or {}).get("ap"))
+    branches = None if m.stage2_branches is None else len(m.stage2_branches)
+    # a trial ASHA stopped is DONE (finalized by the search) but did not train its schedule
+    state = "STOPPED" if m.state.value == "DONE" and STOPPED_BY_SCHEDULER in m.extra else m.state.value
+    return RunSummary(name, state, final_ap, m.updated_at or None, storage.child_uri(name), branches=branches,
+                      winner=(m.final or {}).get("branch"))
+
+
+def _search_summary(storage: Storage, name: str) -> RunSummary:
+    key = f"{name}/{TUNE_SUMMARY_KEY}"
+    try:
+        summary = json.loads(storage.read_bytes(key))
+        best = summary.get("best_run")
+        return RunSummary(name, "SEARCH", finite_ap(summary.get("best_final_ap")), None, storage.child_uri(name),
+                          trials=len(summary.get("trials", [])), best=best)
+    except (StorageError, ValueError, AttributeError) as e:
+        return RunSummary(name, "DAMAGED", None, None, storage.child_uri(name), problem=f"{key}: {e}")

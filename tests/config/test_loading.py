@@ -259,7 +259,7 @@ def test_demo_config_values():
     assert cfg.optimizer.params[0].lr == cfg.optimizer.lr / 2
     assert (lr.type, lr.warmup_iter, lr.flat_epoch, lr.no_aug_epoch, lr.lr_gamma) == ("flatcosine", 20, 5, 7, 0.5)
     assert (cfg.ema.decay, cfg.ema.warmups) == (0.99, 30)
-    assert cfg.train.tensorboard
+    assert cfg.train.active_trackers == ("tensorboard",)
     assert (cfg.train.clip_max_norm, cfg.train.use_amp, cfg.train.print_freq) == (0.1, True, 5)
 
 

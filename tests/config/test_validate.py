@@ -237,3 +237,12 @@ def test_split_format_is_coco_yolo_or_voc():
         ok(data__train={"img_folder": "t", "ann_file": "t.yaml", "format": fmt})
     bad("`data.val.format` must be one of coco, yolo, voc, got 'yolov8' — did you mean 'yolo'",
         data__val={"img_folder": "v", "ann_file": "v.yaml", "format": "yolov8"})
+
+
+def test_trackers_are_known_names_and_the_older_tensorboard_flag_still_works():
+    assert make().train.active_trackers == ("tensorboard",)
+    assert make(train__trackers=["mlflow", "wandb"]).train.active_trackers == ("mlflow", "wandb")
+    assert make(train__tensorboard=False).train.active_trackers == ()
+    assert make(train__tensorboard=False, train__trackers=["tensorboard", "mlflow"]).train.active_trackers == ("mlflow",)
+    assert make(train__tensorboard=True, train__trackers=["mlflow"]).train.active_trackers == ("tensorboard", "mlflow")
+    bad(r"unknown tracker 'mlfow' in `train.trackers` — did you mean 'mlflow'\?", train__trackers=["mlfow"])

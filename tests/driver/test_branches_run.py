@@ -24,13 +24,14 @@ KILL_EPOCH = 3
 
 
 @pytest.fixture(scope="module")
-def branched_run(tiny_data_root, tmp_path_factory):
+def branched_run(tiny_data_root, tmp_path_factory, mlflow_server):
     storage, faults = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("faults")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEIM_RAY_FAULT")}
     env |= {"RAY_ADDRESS": "local", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",  # a private Ray: it inherits faults
             "DEIM_RAY_FAULT": f"mid_epoch:{KILL_EPOCH}:0", "DEIM_RAY_FAULT_DIR": str(faults)}
     cmd = [sys.executable, "-m", "deim_ray", "train", "-c", TINY, "--storage", str(storage), "--name", "br",
-           "--stage2-branches", "3", "--max-failures", "2", "-u", *data_overrides(tiny_data_root)]
+           "--stage2-branches", "3", "--max-failures", "2", "-u", *data_overrides(tiny_data_root),
+           "train.trackers=[mlflow]", f"train.mlflow_tracking_uri={mlflow_server}"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return storage / "br", json.loads((storage / "br" / "manifest.json").read_text()), faults, done.stderr
@@ -93,3 +94,21 @@ def test_resolve_ls_and_fetch_read_a_branched_run(branched_run, tmp_path, capsys
     assert main(["fetch", str(run_dir), "--branch", "b1", "--which", "last", "-o", str(tmp_path)]) == 0
     fetched = tmp_path / "last-b1.pth"
     assert load_train_state(fetched)["last_epoch"] == m["stage2_branches"][1]["artifacts"]["last"]["epoch"]
+
+
+def test_mlflow_has_one_child_run_per_branch(branched_run, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    run_dir, m, _, _ = branched_run
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(m["trackers"]["mlflow_run"])
+    assert parent.info.run_name == "br" and parent.data.tags["deim_ray.final_uri"] == m["final"]["uri"]
+    assert len(client.get_metric_history(parent.info.run_id, "coco/AP")) == 2  # stage 1; stage 2 is the branches'
+    for b in m["stage2_branches"]:
+        child = client.get_run(b["trackers"]["mlflow_run"])
+        assert child.info.run_name == f"br/{b['name']}" and child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        for key, value in b["params"].items():
+            assert child.data.params[key] == str(value)
+        epochs = {h.step for h in client.get_metric_history(child.info.run_id, "coco/AP")}
+        assert epochs == {int(e) for e in b["epoch_aps"]}  # each of the branch's stage-2 epochs (once per step)

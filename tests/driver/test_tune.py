@@ -5,15 +5,21 @@ the summary names the best trial's artifact, and no placement group outlives the
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import ray
+import yaml
 
 from deim_ray.cli.main import main
 from deim_ray.config.loader import load_config, override_config
+from deim_ray.driver.tune_console import trial_run_name
 from deim_ray.driver.tune_space import SpaceError, check_space_against_config, load_space, parse_space, plain
 from tests.driver.conftest import TINY, data_overrides
+
+REPO = Path(__file__).resolve().parents[2]
 
 GOOD = {
     "optimizer.lr": {"loguniform": [1.0e-4, 1.0e-2]},
@@ -144,13 +150,24 @@ def test_summary_table_ranks_trials_by_final_ap_and_names_the_best():
                            "best_stg2", "runs/hpo/trial-a_00002/artifacts/final.pth")]
     summary = TuneSummary("hpo", "runs/hpo/tune_summary.json", "asha", "ap", best=trials[2], trials=trials)
     lines = format_summary(summary).splitlines()
-    assert [line.split()[0] for line in lines[1:4]] == ["trial-a_00002", "trial-a_00000", "trial-a_00001"]
+    assert [line.split()[0] for line in lines[1:4]] == ["trial-2", "trial-0", "trial-1"]
     assert "0.3500" in lines[1] and "best_stg2" in lines[1] and "optimizer.lr=0.002" in lines[1]
     assert "[RunError: stage 1 failed]" in lines[3]
-    assert lines[4] == "best: trial-a_00002 final AP 0.3500 -> runs/hpo/trial-a_00002/artifacts/final.pth"
+    assert lines[4] == "best: trial-2 final AP 0.3500 -> runs/hpo/trial-a_00002/artifacts/final.pth"
     written = summary.to_json()
     assert written["best_trial"] == "a_00002" and written["best_params"] == {"optimizer.lr": 2e-3}
+    assert written["best_run"] == "trial-2"
     assert json.loads(json.dumps(written))["trials"][1]["state"] == "error"
+
+
+def test_trials_are_named_by_their_counter_and_print_about_four_epoch_lines():
+    from deim_ray.driver.tune_console import epochs_between_lines, error_line
+
+    assert trial_run_name("122c8_00000") == "trial-0" and trial_run_name("122c8_00013") == "trial-13"
+    assert [epochs_between_lines(0, n) for n in (1, 4, 15, 160)] == [1, 1, 4, 40]
+    assert epochs_between_lines(2, 15) == 2
+    wrapped = ray.exceptions.RayTaskError("_trial_main", "Traceback ...", ValueError("bad lr\nmore"))
+    assert error_line(wrapped) == "ValueError: bad lr"
 
 
 # ---------------------------------------------------------------- a real search (slow)
@@ -209,17 +226,29 @@ def test_leftover_placement_groups_of_the_search_are_released(tune_ray):
 
 
 @pytest.fixture(scope="module")
-def search(tune_ray, tiny_data_root, tmp_path_factory):
-    from deim_ray.driver.tune import run_tune
+def search(tune_ray, tiny_data_root, tmp_path_factory, mlflow_server):
+    """`deim-ray tune` as a user runs it (its own process, its console captured), joined to this process's Ray
+    instance so that the tests see what the search left on the cluster; every trial logs to MLflow."""
+    from deim_ray.driver.tune import TrialSummary, TuneSummary
 
     storage = tmp_path_factory.mktemp("tune_runs")
-    # the default flat-cosine LR: each trial's stop_epoch derives its LR phases and augmentation windows
-    overrides = data_overrides(tiny_data_root)
+    space = storage / "space.yml"
+    space.write_text(yaml.safe_dump(E2E_SPACE))
+    # the default flat-cosine LR: each trial's stop_epoch derives its LR phases and augmentation windows;
     # the tiny model's AP is still 0.0 for every trial after an epoch or two: ASHA compares losses
-    summary = run_tune(TINY, overrides, E2E_SPACE, samples=1, scheduler="asha", max_concurrent=2,
-                       storage_uri=str(storage), name="hpo", workers_per_trial=1, gpu=False, metric="loss",
-                       max_failures=1)
-    return summary, storage / "hpo"
+    cmd = [sys.executable, "-m", "deim_ray", "tune", "-c", TINY, "--space", str(space), "--samples", "1",
+           "--scheduler", "asha", "--max-concurrent", "2", "--storage", str(storage), "--name", "hpo",
+           "--workers-per-trial", "1", "--metric", "loss", "--max-failures", "1",
+           "-u", *data_overrides(tiny_data_root), "train.trackers=[mlflow]", f"train.mlflow_tracking_uri={mlflow_server}"]
+    env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console[-3000:]
+    written = json.loads((storage / "hpo" / "tune_summary.json").read_text())
+    trials = [TrialSummary(**t) for t in written["trials"]]
+    best = next((t for t in trials if t.trial_id == written["best_trial"]), None)
+    summary = TuneSummary("hpo", str(storage / "hpo" / "tune_summary.json"), "asha", "loss", best, trials)
+    return summary, storage / "hpo", console, mlflow_server
 
 
 def _sha(path: Path) -> str:
@@ -231,13 +260,13 @@ def test_every_trial_ends_with_a_resolved_final(search):
     from deim_ray.storage import resolve_final
     from deim_ray.storage.manifest import Manifest
 
-    summary, root = search
+    summary, root, *_ = search
     assert len(summary.trials) == 4
     assert {(t.params["optimizer.lr"], t.params["schedule.stop_epoch"]) for t in summary.trials} == {
         (2.0e-3, 2), (2.0e-3, 3), (1.0e-6, 2), (1.0e-6, 3)}
     for t in summary.trials:
         assert t.state in ("completed", "stopped") and t.error is None, t
-        run_dir = root / f"trial-{t.trial_id}"
+        run_dir = root / trial_run_name(t.trial_id)
         m = Manifest.loads((run_dir / "manifest.json").read_text())
         assert m.state.value == "DONE" and m.final["artifact"] == resolve_final(m.artifacts).artifact
         assert m.final["ap"] == t.final_ap and m.final["uri"] == t.final_uri
@@ -249,12 +278,12 @@ def test_every_trial_ends_with_a_resolved_final(search):
 
 @pytest.mark.slow
 def test_asha_stopped_a_trial_and_it_resolved_to_its_stage1_best(search):
-    summary, root = search
+    summary, root, *_ = search
     stopped = [t for t in summary.trials if t.state == "stopped"]
     assert stopped, "ASHA stopped no trial: " + json.dumps([(t.params, t.epochs_run) for t in summary.trials])
     for t in stopped:
         assert t.epochs_run < 4
-        m = json.loads((root / f"trial-{t.trial_id}" / "manifest.json").read_text())
+        m = json.loads((root / trial_run_name(t.trial_id) / "manifest.json").read_text())
         assert m["stopped_by_scheduler"]["epochs_run"] == t.epochs_run
         if t.epochs_run <= t.params["schedule.stop_epoch"]:  # stopped in stage 1
             assert t.final_artifact == "best_stg1" and "ended in stage 1" in t.reason
@@ -267,14 +296,14 @@ def test_asha_stopped_a_trial_and_it_resolved_to_its_stage1_best(search):
 def test_summary_names_the_best_trial_and_its_loadable_final(search):
     from deim_ray.models.export import load_final
 
-    summary, root = search
+    summary, root, *_ = search
     best = summary.best
     assert best is not None and best.final_ap == max(t.final_ap for t in summary.trials)
     written = json.loads((root / "tune_summary.json").read_text())
     assert written["best_trial"] == best.trial_id and written["best_params"] == best.params
     assert written["best_final_uri"] == best.final_uri and len(written["trials"]) == 4
     final_path = Path(best.final_uri)
-    assert final_path.is_file() and final_path.parent.parent.name == f"trial-{best.trial_id}"
+    assert final_path.is_file() and final_path.parent.parent.name == trial_run_name(best.trial_id)
     model, meta = load_final(final_path)
     assert meta and sum(p.numel() for p in model.parameters()) > 0
 
@@ -284,3 +313,57 @@ def test_no_placement_group_outlives_the_search(search):
     table = ray.util.placement_group_table()
     assert table and all(pg["state"] == "REMOVED" for pg in table.values()), {
         pg_id: pg["state"] for pg_id, pg in table.items() if pg["state"] != "REMOVED"}
+
+
+@pytest.mark.slow
+def test_the_console_is_one_line_per_trial_event_without_ray_tables_or_tracebacks(search):
+    summary, root, console, _ = search
+    lines = console.splitlines()
+    assert len(lines) <= 40, console
+    for bad in ("Traceback", "Exception ignored", "SystemExit", "Trial Status", "_trial_main", "start_digests",
+                "checkpoint_dir_name", "tune/tune", "/tmp/ray/session_"):
+        assert bad not in console, (bad, console)
+    for t in summary.trials:
+        name = trial_run_name(t.trial_id)
+        started = [line for line in lines if line.startswith(f"{name} started: ")]
+        assert len(started) == 1 and "optimizer.lr=" in started[0] and "schedule.stop_epoch=" in started[0]
+        epochs = [line for line in lines if line.startswith(f"{name}  epoch ")]
+        assert len(epochs) == t.epochs_run  # 4 epochs: a line each
+        ends = [line for line in lines if line.startswith(f"{name} finished") or line.startswith(f"{name} stopped")]
+        assert len(ends) == 1
+        assert ends[0].startswith(f"{name} stopped by ASHA after epoch {t.epochs_run - 1}: its loss ") == \
+            (t.state == "stopped"), ends[0]
+    assert any(line.startswith("best: trial-") for line in lines)
+    assert not (root / "tune").exists() and (root / "ray" / "search").is_dir()
+
+
+@pytest.mark.slow
+def test_ls_lists_the_search_and_marks_the_stopped_trials(search, capsys):
+    summary, root, *_ = search
+    assert main(["ls", str(root.parent)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("hpo "))
+    assert row.split()[1:3] == ["SEARCH", f"{summary.best.final_ap:.4f}"]
+    assert f"4 trials, best {trial_run_name(summary.best.trial_id)}" in row
+    assert main(["ls", str(root)]) == 0
+    rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert rows == {trial_run_name(t.trial_id): "STOPPED" if t.state == "stopped" else "DONE" for t in summary.trials}
+
+
+@pytest.mark.slow
+def test_mlflow_has_one_run_per_trial_under_the_searchs_run(search):
+    from mlflow.tracking import MlflowClient
+
+    summary, root, _, uri = search
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("deim_ray")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    parent = runs["hpo"]
+    assert parent.data.params["space.optimizer.lr"] == "grid(0.002, 1e-06)"
+    assert parent.data.tags["deim_ray.final_uri"] == summary.best.final_uri
+    for t in summary.trials:
+        run = runs[trial_run_name(t.trial_id)]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert float(run.data.params["optimizer.lr"]) == t.params["optimizer.lr"]
+        assert len(client.get_metric_history(run.info.run_id, "coco/AP")) == t.epochs_run
+        assert run.data.tags["deim_ray.final_uri"] == t.final_uri
+        assert run.info.status == ("KILLED" if t.state == "stopped" else "FINISHED")

@@ -42,14 +42,16 @@ def _relative_cfg(tiny_data_root, *overrides):
 
 
 @pytest.fixture(scope="module")
-def run(ray_local, tiny_data_root, tmp_path_factory):
+def run(ray_local, tiny_data_root, tmp_path_factory, mlflow_server):
     """The module runs from the data's parent folder with RELATIVE data paths, as the README allows: the driver
-    generates the synthetic set there once and hands the workers (other working directories) absolute paths."""
+    generates the synthetic set there once and hands the workers (other working directories) absolute paths.
+    The run logs to TensorBoard and to a real MLflow server."""
     storage = tmp_path_factory.mktemp("runs")
     cwd = os.getcwd()
     os.chdir(tiny_data_root.parent)
     try:
-        cfg = _relative_cfg(tiny_data_root, f"schedule.ema_restart_decay={RESTART_DECAY}")
+        cfg = _relative_cfg(tiny_data_root, f"schedule.ema_restart_decay={RESTART_DECAY}",
+                            "train.trackers=[tensorboard,mlflow]", f"train.mlflow_tracking_uri={mlflow_server}")
         console = Console(stream=io.StringIO())
         manifest = run_training(RunRequest(cfg=cfg, storage_uri=str(storage), name="t1", workers=2,
                                            console=console))
@@ -141,8 +143,9 @@ def test_rerun_of_a_done_run_trains_nothing(run):
 
 
 def test_other_config_under_same_name_is_refused(run, tiny_data_root):
-    _, run_dir, _ = run
-    other = _relative_cfg(tiny_data_root, f"schedule.ema_restart_decay={RESTART_DECAY}", "optimizer.lr=0.001")
+    cfg, run_dir, _ = run
+    other = _relative_cfg(tiny_data_root, f"schedule.ema_restart_decay={RESTART_DECAY}", "optimizer.lr=0.001",
+                          "train.trackers=[tensorboard,mlflow]", f"train.mlflow_tracking_uri={cfg.train.mlflow_tracking_uri}")
     with pytest.raises(RunError, match="optimizer.lr"):
         run_training(RunRequest(cfg=other, storage_uri=str(run_dir.parent), name="t1", workers=2))
 
@@ -170,6 +173,28 @@ def test_run_has_its_picture_and_tensorboard_events(run):
         assert {"coco/AP", "coco/AR100", "loss/total", "lr", "time/epoch_s"} <= set(acc.Tags()["scalars"])
         seen |= {e.step: e.value for e in acc.Scalars("coco/AP")}
     assert seen == pytest.approx({r["epoch"]: r["ap"] for r in rows})
+
+
+def test_mlflow_run_holds_the_config_every_epoch_the_plot_and_the_final_uri(run):
+    from mlflow.tracking import MlflowClient
+
+    from deim_ray.driver.trackers import FINAL_URI_TAG, flat_params
+    from deim_ray.config.loader import config_to_dict
+
+    cfg, run_dir, manifest = run
+    client = MlflowClient(cfg.train.mlflow_tracking_uri)
+    m = json.loads((run_dir / "manifest.json").read_text())
+    logged = client.get_run(m["trackers"]["mlflow_run"])
+    assert logged.info.run_name == "t1" and logged.info.status == "FINISHED"
+    assert logged.data.params == flat_params(config_to_dict(load_config(run_dir / "config.yaml")))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for key, field in (("coco/AP", "ap"), ("loss/total", "loss"), ("lr", "lr"), ("stage", "stage")):
+        history = {h.step: h.value for h in client.get_metric_history(logged.info.run_id, key)}
+        assert history == pytest.approx({r["epoch"]: r[field] for r in rows}), key
+    assert logged.data.tags[FINAL_URI_TAG] == manifest.final["uri"] == m["final"]["uri"]
+    assert logged.data.metrics["final_ap"] == pytest.approx(m["final"]["ap"])
+    plots = client.list_artifacts(logged.info.run_id, "plots")
+    assert [a.path for a in plots] == ["plots/metrics.png"] and plots[0].file_size > 1000
 
 
 def test_predict_uses_the_runs_final_model(run, tmp_path, tiny_data_root):

@@ -104,3 +104,24 @@ def test_list_runs(storage, tmp_path):
         ("alpha", "DONE", 0.45), ("beta", "NEW", None), ("broken", "DAMAGED", None)]
     assert runs[0].updated_at and runs[0].uri == storage.child_uri("alpha")
     assert list_runs(storage.uri.rstrip("/") + "/empty-subdir") == []
+
+
+def test_list_runs_shows_tune_searches_and_the_trials_a_scheduler_stopped(tmp_path):
+    import json
+
+    from deim_ray.driver.tune import TrialSummary, TuneSummary
+    from deim_ray.storage.retrieve import STOPPED_BY_SCHEDULER, TUNE_SUMMARY_KEY
+
+    storage = open_storage(str(tmp_path / "runs"))
+    trials = [TrialSummary("x_00000", "", {}, "stopped", 1, 0.2), TrialSummary("x_00001", "", {}, "completed", 4, 0.3)]
+    summary = TuneSummary("hpo", "", "asha", "ap", best=trials[1], trials=trials)
+    storage.write_bytes(f"hpo/{TUNE_SUMMARY_KEY}", json.dumps(summary.to_json()).encode())
+    _finished_run(storage, tmp_path, "solo")
+    assert [(r.name, r.state, r.final_ap, r.trials, r.best) for r in list_runs(storage.uri)] == [
+        ("hpo", "SEARCH", 0.3, 2, "trial-1"), ("solo", "DONE", 0.45, None, None)]
+    trial_storage = open_storage(storage.child_uri("hpo"))
+    for name, stopped in (("trial-0", True), ("trial-1", False)):
+        store = _finished_run(trial_storage, tmp_path, name)
+        if stopped:
+            store.update_manifest(lambda m: m.extra.__setitem__(STOPPED_BY_SCHEDULER, {"epochs_run": 1}))
+    assert [(r.name, r.state) for r in list_runs(trial_storage.uri)] == [("trial-0", "STOPPED"), ("trial-1", "DONE")]
