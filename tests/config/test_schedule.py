@@ -181,7 +181,8 @@ def test_search_overrides_derive_each_trials_schedule():
 def test_info_shows_what_was_derived_and_refuses_what_train_refuses(capsys):
     from deim_ray.cli.main import main
 
-    assert main(["info", "-c", "configs/deimv2/deimv2_hgnetv2_n_coco.yml", "-u", "schedule.epochs=12"]) == 0
+    assert main(["info", "-c", "configs/deimv2/deimv2_hgnetv2_n_coco.yml", "--no-data", "--no-loader", "-u",
+                 "schedule.epochs=12"]) == 0
     out = capsys.readouterr().out
     assert "stop_epoch: 6" in out and "schedule.stop_epoch = 6 (epochs 12 - no_aug 6: no_aug_epochs 12 capped" in out
     assert re.search(r"\n\s+6-11\s+2\s", out)  # stage 2 in the phase table
