@@ -17,7 +17,8 @@ from pathlib import Path
 
 from deim_ray.config.schema import SplitConfig, StorageConfig
 from deim_ray.data.errors import DataError
-from deim_ray.engine.evaluator import STAT_NAMES, CocoResult
+from deim_ray.engine.evaluator import (STAT_NAMES, CocoResult, DetectionCollector, coco_evaluation, confusion_matrix,
+                                      merge_detections)
 
 ONNX_SUFFIX = ".onnx"
 PR_PLOT, CONFUSION_PLOT = "pr_curves.png", "confusion_matrix.png"
@@ -101,8 +102,6 @@ def evaluate_model(model: str, split: SplitConfig, *, batch_size: int = 8, devic
     dataset = CocoDetection(split.img_folder, split.ann_file)
     detector = open_detector(model, device=device, image_size=image_size, storage_cfg=storage_cfg)
     _check_classes(dataset.categories.ids, detector.category_ids, split.ann_file)
-    from deim_ray.engine.evaluator import coco_evaluation, confusion_matrix
-
     detections = detect_all(detector, dataset, batch_size)
     confusion = confusion_matrix(dataset.coco_gt, detections, CONFUSION_IOU, CONFUSION_SCORE)
     return EvalReport(model=model, split=split, images=len(dataset), preprocess=detector.preprocess.describe(),
@@ -119,8 +118,6 @@ def _check_classes(data_ids: list[int], model_ids: list[int], ann_file: str) -> 
 def detect_all(detector, dataset, batch_size: int = 8) -> list[dict]:
     """COCO result dicts of every image of `dataset` (all top detections, as training's evaluation keeps),
     for the categories the dataset annotates (a model class it does not annotate cannot be scored)."""
-    from deim_ray.engine.evaluator import DetectionCollector, merge_detections
-
     collector = DetectionCollector(detector.category_ids)
     for start in range(0, len(dataset), batch_size):
         items = [dataset.load_item(i) for i in range(start, min(start + batch_size, len(dataset)))]

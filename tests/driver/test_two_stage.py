@@ -126,6 +126,7 @@ def test_final_rebuilds_and_reproduces_recorded_ap(run):
     raw = torch.load(path, weights_only=True)
     assert "optimizer" not in raw
     model, meta = load_final(path)
+    assert meta["meta"]["num_top_queries"] == cfg.eval.num_top_queries  # what predict, eval and export keep
     data = build_data(cfg, 0, 1)
     result = evaluate(model, data.val_loader, coco_gt=data.coco_gt, category_ids=data.category_ids,
                       device=torch.device("cpu"), num_top_queries=cfg.eval.num_top_queries)
