@@ -171,11 +171,10 @@ def write_plots(report: EvalReport, folder: str | os.PathLike) -> list[Path]:
 
 
 def resolved_per_class(store, manifest) -> list[dict]:
-    """The per-class rows of a finished run's final artifact: its epoch's metrics.jsonl line (the winning
-    branch's file for a run with stage-2 branches); empty when that line has none (runs older than per_class)."""
+    """The per-class rows of a finished run's final artifact: its epoch's metrics.jsonl line (a run with stage-2
+    branches holds the winning branch's lines); empty when that line has none (runs older than per_class)."""
     from deim_ray.driver.checkpoint_hook import read_metrics
 
     final = manifest.final or {}
-    source = store.branch(final["branch"]) if final.get("branch") else store
-    rows = [r for r in read_metrics(source) if r["epoch"] == final.get("epoch") and r["stage"] == final.get("stage")]
+    rows = [r for r in read_metrics(store) if (r["epoch"], r["stage"]) == (final.get("epoch"), final.get("stage"))]
     return rows[-1].get("per_class", []) if rows else []
