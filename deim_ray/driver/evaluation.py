@@ -130,8 +130,8 @@ def format_report(report: EvalReport) -> str:
     """The console text of `deim-ray eval`: what was evaluated, the 12 COCO stats, the per-class table."""
     size = report.preprocess["size_hw"]
     stats = [f"{name} {value:.4f}" for name, value in zip(STAT_NAMES, report.result.stats)]
-    return "\n".join([f"{report.model} on {report.split.img_folder} ({report.images} images, {size[0]}x{size[1]} "
-                      "input)", "  ".join(stats[:6]), "  ".join(stats[6:]), "", per_class_table(report.result.per_class)])
+    head = f"{report.model} on {report.split.img_folder} ({report.images} images, {size[0]}x{size[1]} input)"
+    return "\n".join([head, "  ".join(stats[:6]), "  ".join(stats[6:]), "", per_class_table(report.result.per_class)])
 
 
 def per_class_table(rows: list[dict]) -> str:
