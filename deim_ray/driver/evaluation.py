@@ -17,7 +17,8 @@ from pathlib import Path
 
 from deim_ray.config.schema import SplitConfig, StorageConfig
 from deim_ray.data.errors import DataError
-from deim_ray.engine.evaluator import STAT_NAMES, CocoResult
+from deim_ray.engine.evaluator import (STAT_NAMES, CocoResult, DetectionCollector, coco_evaluation, confusion_matrix,
+                                      merge_detections)
 
 ONNX_SUFFIX = ".onnx"
 PR_PLOT, CONFUSION_PLOT = "pr_curves.png", "confusion_matrix.png"
@@ -95,8 +96,6 @@ def evaluate_model(model: str, split: SplitConfig, *, batch_size: int = 8, devic
     dataset = CocoDetection.from_split(split)
     detector = open_detector(model, device=device, image_size=image_size, storage_cfg=storage_cfg)
     _check_classes(dataset.categories.ids, detector.category_ids, split.ann_file)
-    from deim_ray.engine.evaluator import coco_evaluation, confusion_matrix
-
     detections = detect_all(detector, dataset, batch_size)
     confusion = confusion_matrix(dataset.coco_gt, detections, CONFUSION_IOU, CONFUSION_SCORE)
     return EvalReport(model=model, split=split, images=len(dataset), preprocess=detector.preprocess.describe(),
@@ -113,8 +112,6 @@ def _check_classes(data_ids: list[int], model_ids: list[int], ann_file: str) -> 
 def detect_all(detector, dataset, batch_size: int = 8) -> list[dict]:
     """COCO result dicts of every image of `dataset` (all top detections, as training's evaluation keeps),
     for the categories the dataset annotates (a model class it does not annotate cannot be scored)."""
-    from deim_ray.engine.evaluator import DetectionCollector, merge_detections
-
     collector = DetectionCollector(detector.category_ids)
     for start in range(0, len(dataset), batch_size):
         items = [dataset.load_item(i) for i in range(start, min(start + batch_size, len(dataset)))]
@@ -127,8 +124,8 @@ def format_report(report: EvalReport) -> str:
     """The console text of `deim-ray eval`: what was evaluated, the 12 COCO stats, the per-class table."""
     size = report.preprocess["size_hw"]
     stats = [f"{name} {value:.4f}" for name, value in zip(STAT_NAMES, report.result.stats)]
-    return "\n".join([f"{report.model} on {report.split.img_folder} ({report.images} images, {size[0]}x{size[1]} "
-                      "input)", "  ".join(stats[:6]), "  ".join(stats[6:]), "", per_class_table(report.result.per_class)])
+    head = f"{report.model} on {report.split.img_folder} ({report.images} images, {size[0]}x{size[1]} input)"
+    return "\n".join([head, "  ".join(stats[:6]), "  ".join(stats[6:]), "", per_class_table(report.result.per_class)])
 
 
 def per_class_table(rows: list[dict]) -> str:
@@ -168,11 +165,10 @@ def write_plots(report: EvalReport, folder: str | os.PathLike) -> list[Path]:
 
 
 def resolved_per_class(store, manifest) -> list[dict]:
-    """The per-class rows of a finished run's final artifact: its epoch's metrics.jsonl line (the winning
-    branch's file for a run with stage-2 branches); empty when that line has none (runs older than per_class)."""
+    """The per-class rows of a finished run's final artifact: its epoch's metrics.jsonl line (a run with stage-2
+    branches holds the winning branch's lines); empty when that line has none (runs older than per_class)."""
     from deim_ray.driver.checkpoint_hook import read_metrics
 
     final = manifest.final or {}
-    source = store.branch(final["branch"]) if final.get("branch") else store
-    rows = [r for r in read_metrics(source) if r["epoch"] == final.get("epoch") and r["stage"] == final.get("stage")]
+    rows = [r for r in read_metrics(store) if (r["epoch"], r["stage"]) == (final.get("epoch"), final.get("stage"))]
     return rows[-1].get("per_class", []) if rows else []

@@ -2,11 +2,13 @@
 
 Three panels over epochs: AP and AP50 with the stage switch marked and each stage's best highlighted, the
 training loss, and the LR. The image is drawn from `metrics.jsonl` lines alone, so a run anywhere (local or S3)
-can be redrawn from its directory. `render_pr_curves` draws a model's per-class precision-recall curves at
-IoU 0.5 and `render_confusion_matrix` its confusion matrix (`deim-ray eval --plots`). Matplotlib's object API (no pyplot state) lets rank 0 draw on its uploader
+can be redrawn from its directory. Matplotlib's object API (no pyplot state) lets rank 0 draw on its uploader
 thread while training goes on. A drawing holds the GIL for 0.1-0.5 s (the first one of a process also imports
 matplotlib), time the next training steps wait for, so rank 0 redraws at most once per `PLOT_INTERVAL_S` of a
 stage and after the stage's last epoch.
+
+`render_pr_curves` draws a model's per-class precision-recall curves at IoU 0.5 and `render_confusion_matrix` its
+confusion matrix (`deim-ray eval --plots`).
 """
 
 from __future__ import annotations

@@ -163,7 +163,10 @@ def write_final(store: RunStore, cfg: Config) -> Manifest:
                                       extra_meta={"source": resolution.artifact, "epoch": resolution.epoch,
                                                   "stage": resolution.stage, "ap": resolution.ap,
                                                   "config_sha256": manifest.config_sha256,
-                                                  "normalize": cfg.data.normalize, "branch": resolution.branch})
+                                                  "normalize": cfg.data.normalize, "branch": resolution.branch,
+                                                  # the detections per image training's evaluation kept:
+                                                  # predict, eval and export keep as many
+                                                  "num_top_queries": cfg.eval.num_top_queries})
         path = Path(tmp) / "final.pth"
         torch.save(final, path)
         record = store.put_artifact(FINAL, path, epoch=resolution.epoch, stage=resolution.stage, ap=resolution.ap)

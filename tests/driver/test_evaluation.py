@@ -13,6 +13,8 @@ from deim_ray.data.synthetic import generate_shapes
 from deim_ray.engine.evaluator import STAT_NAMES
 from deim_ray.models import build_model, make_final_checkpoint
 
+from tests.driver.conftest import TINY, data_overrides
+
 IDS, NAMES = [1, 3, 5], ["rectangle-0", "ellipse-1", "triangle-2"]
 
 
@@ -91,3 +93,12 @@ def test_eval_refuses_what_a_user_can_fix_in_one_line(case, shapes, final_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("deim-ray: error:") and expected in err[0], err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_eval_of_a_configs_val_split_generates_it_as_training_would(final_path, tmp_path):
+    root = tmp_path / "tiny"
+    out = tmp_path / "r.json"
+    assert main(["-q", "eval", str(final_path), "-c", TINY, "-u", *data_overrides(root), "--device", "cpu",
+                 "-o", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["images"] == 12 and doc["data"]["ann_file"] == str(root / "annotations" / "val.json")

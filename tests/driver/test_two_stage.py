@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,15 +20,17 @@ from deim_ray.driver.console import Console
 from deim_ray.driver.evaluation import detect_all, open_detector, val_split_of
 from deim_ray.driver.run import RunError, RunRequest, run_training
 from deim_ray.engine.data import build_data
-from deim_ray.engine.evaluator import STAT_NAMES, coco_evaluation
+from deim_ray.engine.evaluator import STAT_NAMES, DetectionCollector, coco_evaluation, merge_detections
 from deim_ray.engine.loop import evaluate
 from deim_ray.engine.state import load_train_state
 from deim_ray.engine.trainer import state_digest
 from deim_ray.models.build import build_model
 from deim_ray.models.export import load_final
+from deim_ray.models.postprocess import postprocess
 
 from tests.driver.conftest import TINY, data_overrides
 from tests.engine.test_evaluator import one_category_ap
+from tests.models.conftest import matched_box_error
 
 pytestmark = pytest.mark.slow
 
@@ -128,6 +131,7 @@ def test_final_rebuilds_and_reproduces_recorded_ap(run):
     raw = torch.load(path, weights_only=True)
     assert "optimizer" not in raw
     model, meta = load_final(path)
+    assert meta["meta"]["num_top_queries"] == cfg.eval.num_top_queries  # what predict, eval and export keep
     data = build_data(cfg, 0, 1)
     result = evaluate(model, data.val_loader, coco_gt=data.coco_gt, category_ids=data.category_ids,
                       device=torch.device("cpu"), num_top_queries=cfg.eval.num_top_queries)
@@ -244,3 +248,26 @@ def test_per_class_ap_of_the_final_model_is_the_per_category_evaluation(run, tin
         assert (row["ap"], row["ap50"]) == pytest.approx(one_category_ap(dataset.coco_gt, detections,
                                                                           row["category_id"]), abs=1e-12)
     assert sum(r["ap"] for r in result.per_class) / 3 == pytest.approx(result.ap, abs=1e-12)
+
+
+def test_eval_scores_the_detections_training_scored(run, tiny_data_root):
+    """Stronger than equal APs (a 4-epoch tiny run scores little): the same boxes and scores per image."""
+    cfg, run_dir, _ = run
+    model, _ = load_final(run_dir / "artifacts" / "final.pth")
+    data = build_data(cfg, 0, 1)
+    trained = DetectionCollector(data.category_ids)  # what evaluate() collects each epoch
+    with torch.no_grad():
+        for images, targets in data.val_loader:
+            out = model(pixel_values=images)
+            sizes = torch.stack([t["orig_size"] for t in targets])
+            trained.add([int(t["image_id"]) for t in targets],
+                        postprocess(out.logits, out.pred_boxes, sizes, cfg.eval.num_top_queries))
+    split = val_split_of(tiny_data_root)
+    evaluated = detect_all(open_detector(str(run_dir), device="cpu"), CocoDetection(split.img_folder, split.ann_file))
+    expected = merge_detections([trained.by_image])
+    assert len(evaluated) == len(expected) == 12 * cfg.eval.num_top_queries
+    for image_id in trained.by_image:
+        got, want = ([d for d in dets if d["image_id"] == image_id] for dets in (evaluated, expected))
+        as_arrays = [tuple(np.array([d[k] for d in dets]) for k in ("category_id", "bbox", "score"))
+                     for dets in (got, want)]
+        assert matched_box_error(*as_arrays) <= 1e-2  # each detection has its partner: class, score, box

@@ -135,13 +135,16 @@ def test_no_detections_gives_zero_per_class_ap():
     assert [(r["ap"], r["ap50"]) for r in result.per_class] == [(0.0, 0.0), (0.0, 0.0)]
 
 
+def _box(ann_id: int, image_id: int, cat_id: int, xywh: list[float], crowd: int = 0) -> dict:
+    return {"id": ann_id, "image_id": image_id, "category_id": cat_id, "bbox": xywh, "area": xywh[2] * xywh[3],
+            "iscrowd": crowd}
+
+
 def test_confusion_matrix_counts_right_wrong_missed_and_spurious_boxes():
     gt = {"images": [{"id": 1, "width": 100, "height": 100}, {"id": 2, "width": 100, "height": 100}],
           "categories": [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}],
-          "annotations": [{"id": 1, "image_id": 1, "category_id": 3, "bbox": [0, 0, 20, 20], "area": 400, "iscrowd": 0},
-                          {"id": 2, "image_id": 1, "category_id": 7, "bbox": [50, 50, 20, 20], "area": 400, "iscrowd": 0},
-                          {"id": 3, "image_id": 2, "category_id": 7, "bbox": [10, 10, 30, 30], "area": 900, "iscrowd": 0},
-                          {"id": 4, "image_id": 2, "category_id": 3, "bbox": [60, 60, 9, 9], "area": 81, "iscrowd": 1}]}
+          "annotations": [_box(1, 1, 3, [0, 0, 20, 20]), _box(2, 1, 7, [50, 50, 20, 20]),
+                          _box(3, 2, 7, [10, 10, 30, 30]), _box(4, 2, 3, [60, 60, 9, 9], crowd=1)]}
     det = lambda image, cat, box, score: {"image_id": image, "category_id": cat, "bbox": box, "score": score}
     detections = [det(1, 3, [1, 1, 20, 20], 0.9),      # a as a: right
                   det(1, 3, [0, 0, 20, 20], 0.8),      # the same box again: it is claimed, so spurious
