@@ -137,8 +137,13 @@ def ensure_ray(address: str | None = None, resources: dict[str, float] | None = 
     if not is_verbose():  # a local instance is never preempted; its watcher only logs a core_worker error per stage
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     with _quiet_token_notice():
-        ray.init(address="local", logging_level=level, resources=resources, dashboard_port=dashboard_port,
-                 runtime_env={"env_vars": env}, log_to_driver=log_to_driver)
+        try:
+            ray.init(address="local", logging_level=level, resources=resources, dashboard_port=dashboard_port,
+                     runtime_env={"env_vars": env}, log_to_driver=log_to_driver)
+        except Exception as e:  # Ray's start-up errors are plain Exceptions with a long explanation
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ClusterUnreachable(f"could not start a local Ray instance ({reason}); the machine may be short of "
+                                     "CPU or memory: retry, or start one with `ray start --head`") from None
     capture_worker_output(is_verbose())
 
 
