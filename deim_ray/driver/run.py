@@ -39,6 +39,7 @@ from deim_ray.driver.stage_job import RunError, RunRequest, fit_stage
 from deim_ray.driver.trackers import close_tracking, open_tracking, tracking_session
 from deim_ray.driver.worker_output import log_file
 from deim_ray.engine.state import load_train_state
+from deim_ray.models.backbone_weights import backbone_note
 from deim_ray.models.export import make_final_checkpoint
 from deim_ray.storage import Manifest, RunState, RunStore, open_storage, resolve_final
 from deim_ray.storage.holder import this_driver
@@ -207,6 +208,9 @@ def run_training(req: RunRequest) -> Manifest:
         ensure_ray()
         check_capacity(req.workers, req.gpu, req.cpus_per_worker)
     manifest = open_run(req, store)
+    if manifest.state is RunState.NEW and (note := backbone_note(req.cfg.model.variant, req.cfg.model.backbone_pretrained,
+                                                                 req.cfg.model.pretrained)):
+        log.warning("%s", note)
     if manifest.state is RunState.DONE:
         log.info("run %s is already DONE; nothing to train (use --restart to train again)", req.name)
         return manifest

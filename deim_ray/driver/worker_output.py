@@ -21,7 +21,7 @@ _lock = threading.Lock()
 _path: Path | None = None
 
 _SUMMARY = re.compile(r"Training failed|worker group|TrainController|Worker \d+ failed|ray\.exceptions\.|"
-                      r"RayTaskError|Failed to query Ray Train Controller")
+                      r"RayTaskError|Failed to query Ray Train Controller|Failed to send resource request")
 """Ray's own lines around a failure (its traceback blocks are dropped as a whole)."""
 
 

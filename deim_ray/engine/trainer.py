@@ -220,11 +220,12 @@ class Trainer:
 
     def _note_random_backbone(self) -> None:
         """Rank 0, at the run's fresh start only: say once that the backbone starts from random weights (a resumed
-        stage or stage 2 starts from trained weights, so the note would repeat what the run already said)."""
+        stage or stage 2 starts from trained weights, so the note would repeat what the run already said). An info
+        line: under Ray the driver says it on the console (`driver.run`), the worker's log keeps it."""
         model = self.cfg.model
         note = backbone_note(model.variant, model.backbone_pretrained, model.pretrained)
         if note and self.is_main:
-            log.warning("%s", note)
+            log.info("%s", note)
 
     def run_stage(self, start: StageStart) -> BestTracker:
         """Run the remaining epochs of `start.stage`; returns the best tracker."""

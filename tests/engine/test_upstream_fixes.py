@@ -74,7 +74,7 @@ def test_random_backbone_note_is_logged_once_per_run_at_its_fresh_start(tmp_path
     cfg = load_config(TINY, [*data_overrides(tmp_path / "shapes"), "model.variant=atto", "model.num_queries=30",
                              "model.decoder_layers=2"])
     note = "backbone starts from random weights"
-    with caplog.at_level(logging.WARNING, logger="deim_ray.engine"):
+    with caplog.at_level(logging.INFO, logger="deim_ray.engine"):
         first = Trainer(cfg, "sha")  # each stage run builds its own Trainer, as the driver's workers do
         first._begin(StageStart(Stage.ONE))
         assert sum(note in r.getMessage() for r in caplog.records) == 1
