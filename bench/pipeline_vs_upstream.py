@@ -168,7 +168,8 @@ def main() -> None:
         cfg = our_config(args.root or Path(tmp) / "shapes", args.source_size, args.images)
         pipelines = {"deim_ray": ours(cfg), "upstream": upstream(import_upstream(args.upstream), cfg)}
         print(f"one process, 1 thread, {args.source_size}px JPEG sources -> 640x640, batches of {BATCH}, "
-              f"{args.images} images per measurement, {args.repeats} interleaved repeats; images per CPU-second (min median max)")
+              f"{args.images} images per measurement, {args.repeats} interleaved repeats; "
+              f"images per CPU-second (min median max)")
         print(f"{'phase':<24} {'deim_ray':>23} {'upstream':>23} {'ratio':>23}")
         for epoch, loader, what in PHASES:
             rates = {name: [] for name in pipelines}
