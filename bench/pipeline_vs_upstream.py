@@ -16,6 +16,7 @@ imports but the data pipeline never uses (tensorboard, calflops) are stubbed whe
 
     python bench/pipeline_vs_upstream.py --upstream ../DEIMv2
     python bench/pipeline_vs_upstream.py --upstream ../DEIMv2 --images 160 --repeats 5 --source-size 1920
+    python bench/pipeline_vs_upstream.py --upstream ../DEIMv2 --source-size 1920 --phases stage2 eval
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ from deim_ray.data.synthetic import generate_shapes
 from deim_ray.data.transforms import build_train_transforms, build_val_transforms
 
 BATCH = 8
-PHASES = ((4, "train", "stage 1, Mosaic phase"), (100, "train", "stage 1, after Mosaic"), (150, "train", "stage 2"),
-          (0, "val", "evaluation loader"))
-"""(epoch, loader, label); the evaluation loader ignores the epoch."""
+PHASES = {"mosaic": (4, "train", "stage 1, Mosaic phase"), "after-mosaic": (100, "train", "stage 1, after Mosaic"),
+          "stage2": (150, "train", "stage 2"), "eval": (0, "val", "evaluation loader")}
+"""name -> (epoch, loader, label); the evaluation loader ignores the epoch."""
 POLICY_OPS = ["Mosaic", "RandomPhotometricDistort", "RandomZoomOut", "RandomIoUCrop"]
 
 
@@ -160,6 +161,8 @@ def main() -> None:
     parser.add_argument("--source-size", type=int, default=640,
                         help="side of the synthetic JPEG sources, e.g. 640, 800, 1280, 1920")
     parser.add_argument("--root", type=Path, default=None, help="dataset folder (default: a temporary one)")
+    parser.add_argument("--phases", nargs="+", choices=list(PHASES), default=list(PHASES),
+                        help="phases to measure (a long run on large sources can be split)")
     args = parser.parse_args()
     if not (args.upstream / "engine" / "data" / "dataloader.py").is_file():
         parser.error(f"{args.upstream} is not a DEIMv2 checkout (no engine/data/dataloader.py)")
@@ -171,7 +174,7 @@ def main() -> None:
               f"{args.images} images per measurement, {args.repeats} interleaved repeats; "
               f"images per CPU-second (min median max)")
         print(f"{'phase':<24} {'deim_ray':>23} {'upstream':>23} {'ratio':>23}")
-        for epoch, loader, what in PHASES:
+        for epoch, loader, what in (PHASES[name] for name in args.phases):
             rates = {name: [] for name in pipelines}
             for r in range(args.repeats):
                 order = list(pipelines) if r % 2 == 0 else list(reversed(pipelines))
