@@ -7,8 +7,13 @@ with Mosaic, MixUp and CopyBlend, 1 in stage 2), and prints per stage: images/s 
 fraction (both from metrics.jsonl), the stage-switch time (manifest transitions), and the bare loop's
 images/s on one GPU under the same autocast. Needs CUDA; `--dry-run` builds and prints the configs only.
 
+Data wait with the variants' own loader workers (`--loader-workers 0` keeps the config's `data.num_workers`) on
+sources larger than the training size (`--source-size`, JPEG) shows what reduced-scale decoding saves the GPU;
+run the same command at a commit before it for the "before" line.
+
     python bench/gpu_check.py                         # atto, n, s; 1024 images; all GPUs
     python bench/gpu_check.py --variants n --images 2048 --loader-workers 8
+    python bench/gpu_check.py --variants atto,n --loader-workers 0 --source-size 1920   # data wait, default workers
     python bench/gpu_check.py --dry-run               # no GPU needed: checks the arguments and configs
 """
 
@@ -32,15 +37,18 @@ CONFIGS = {"atto": "configs/deimv2/deimv2_hgnetv2_atto_coco.yml", "n": "configs/
            "s": "configs/deimv2/deimv2_dinov3_s_coco.yml"}
 
 
-def short_config(variant: str, root: Path, images: int, loader_workers: int, batch: int) -> Config:
-    """The variant's config on synthetic 640 px data: epochs 0-1 stage 1 (Mosaic phase, then after it), 2 stage 2."""
+def short_config(variant: str, root: Path, images: int, loader_workers: int, batch: int,
+                 source_size: int = 640) -> Config:
+    """The variant's config at 640 px on synthetic `source_size` px JPEGs: epochs 0-1 stage 1 (Mosaic phase, then
+    after it), 2 stage 2. `loader_workers` 0 keeps the config's own `data.num_workers`."""
     train, val = synthetic_splits(root)
-    return load_config(CONFIGS[variant], [
+    workers = [f"data.num_workers={loader_workers}"] if loader_workers else []
+    return load_config(CONFIGS[variant], workers + [
         f"data.train.img_folder={train.img_folder}", f"data.train.ann_file={train.ann_file}",
         f"data.val.img_folder={val.img_folder}", f"data.val.ann_file={val.ann_file}",
-        f"data.synthetic.num_train={images}", "data.synthetic.num_val=128", "data.synthetic.image_size=640",
+        f"data.synthetic.num_train={images}", "data.synthetic.num_val=128", f"data.synthetic.image_size={source_size}",
         "data.synthetic.num_classes=8", "data.synthetic.max_objects=8", "data.image_size=[640,640]",
-        f"data.num_workers={loader_workers}", f"data.total_batch_size={batch}", f"data.val_batch_size={batch}",
+        f"data.total_batch_size={batch}", f"data.val_batch_size={batch}",
         "schedule.epochs=3", "schedule.stop_epoch=2", "augment.policy_epoch=[0,1,2]",
         "augment.mixup_epochs=[0,1]", "augment.copyblend_epochs=[0,2]", "lr_scheduler.warmup_iter=10",
         "lr_scheduler.flat_epoch=1", "lr_scheduler.no_aug_epoch=1", "eval.num_top_queries=100"])
@@ -114,7 +122,9 @@ def main() -> int:
     parser.add_argument("--variants", default="atto,n,s", help=f"comma-separated, from {sorted(CONFIGS)}")
     parser.add_argument("--images", type=int, default=1024, help="synthetic training images")
     parser.add_argument("--batch", type=int, default=32, help="total batch size (over all GPUs)")
-    parser.add_argument("--loader-workers", type=int, default=8, help="data.num_workers per GPU")
+    parser.add_argument("--loader-workers", type=int, default=8,
+                        help="data.num_workers per GPU; 0 keeps the variant config's own")
+    parser.add_argument("--source-size", type=int, default=640, help="side of the synthetic JPEG sources")
     parser.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible)")
     parser.add_argument("--dry-run", action="store_true", help="build and print the configs; run nothing")
     args = parser.parse_args()
@@ -126,10 +136,11 @@ def main() -> int:
     if args.batch % max(gpus, 1):
         parser.error(f"--batch {args.batch} does not divide over {gpus} GPUs")
     with tempfile.TemporaryDirectory() as tmp:
-        configs = {v: short_config(v, Path(tmp) / "data", args.images, args.loader_workers, args.batch)
-                   for v in variants}
+        configs = {v: short_config(v, Path(tmp) / "data", args.images, args.loader_workers, args.batch,
+                                   args.source_size) for v in variants}
         for v, cfg in configs.items():
-            print(f"{v}: DEIMv2-{cfg.model.variant}, {cfg.data.image_size[0]} px, batch {cfg.data.total_batch_size}, "
+            print(f"{v}: DEIMv2-{cfg.model.variant}, {cfg.data.image_size[0]} px from {args.source_size} px, "
+                  f"batch {cfg.data.total_batch_size}, "
                   f"{cfg.data.num_workers} loader workers per GPU, epochs {cfg.schedule.epochs} "
                   f"(stop {cfg.schedule.stop_epoch}), AMP {cfg.train.amp_dtype if cfg.train.use_amp else 'off'}")
         if args.dry_run:

@@ -27,6 +27,13 @@ Bad annotation files (missing, not JSON, not COCO, unknown category, no usable i
 
 Items. `load_item(i)` gives the raw `(PIL image, target)`; `dataset[i]` or `dataset[(i, epoch)]` runs the
 transforms, which receive the epoch that travels with the index (see `deim_ray.data.loader`).
+
+Reduced-scale decoding. A JPEG larger than the pipeline will shrink it to is decoded by libjpeg at 1/2, 1/4
+or 1/8 scale (its DCT scaling, through PIL's `draft`): `load_item(i, at_least=(w, h))` picks the largest
+reduction that keeps the upright image at least w x h, so the later resize still shrinks it. Boxes and
+`canvas_size` are in the decoded image's pixels (the original's divided by the reduction); `orig_size` stays
+the original size, which evaluation maps predictions back to. Transforms that know their output size offer
+it through `plan(epoch, num_boxes)` (see `deim_ray.data.transforms`).
 """
 
 from __future__ import annotations
@@ -242,11 +249,35 @@ def _log_report(report: LoadReport, ann_file: Path, n_images: int) -> None:
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """8-bit RGB; 16-bit greyscale is scaled (65535 -> 255), not clipped."""
+    """8-bit RGB; 16-bit greyscale is scaled (65535 -> 255), not clipped. An RGB image is returned as it is
+    (`convert` would copy it: on a 12-megapixel photo that costs about as much as decoding it)."""
     if im.mode in _HIGH_DEPTH_MODES:
         scaled = np.asarray(im, dtype=np.float64) / 257.0
         im = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
-    return im.convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _draft(im: Image.Image, at_least: tuple[int, int] | None, transposed: bool) -> int:
+    """Ask libjpeg for the smallest DCT-scaled decode of `im` whose upright size is at least `at_least`
+    (width, height); the reduction it chose (1, 2, 4 or 8). Other formats decode at full size."""
+    if at_least is None or im.format != "JPEG":
+        return 1
+    width, height = (max(1, v) for v in at_least)
+    full_width = im.size[0]
+    chosen = im.draft("RGB", (height, width) if transposed else (width, height))
+    return 1 if chosen is None else round(full_width / chosen[1][2])  # box = (0, 0, width / r, height / r)
+
+
+def decode_upright(path: str, at_least: tuple[int, int] | None = None) -> tuple[Image.Image, int]:
+    """The image as a viewer shows it (EXIF orientation applied, 8-bit RGB) and the reduction it was decoded
+    at: 1, or 2, 4 or 8 for a JPEG whose upright size stays at least `at_least` (width, height) after it."""
+    with Image.open(path) as im:
+        orientation = im.getexif().get(_ORIENTATION)
+        reduction = _draft(im, at_least, orientation in (5, 6, 7, 8))
+        im.load()
+        # exif_transpose copies an image it does not turn; turn only the ones that need it
+        image = ImageOps.exif_transpose(im) if orientation in (2, 3, 4, 5, 6, 7, 8) else im
+        return to_rgb(image), reduction
 
 
 class CocoDetection(torch.utils.data.Dataset):
@@ -301,14 +332,17 @@ class CocoDetection(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def load_item(self, idx: int) -> tuple[Image.Image, dict[str, Any]]:
-        """The raw image and its target (xyxy pixel `BoundingBoxes`, per-box fields, image_id, orig_size)."""
+    def load_item(self, idx: int, at_least: tuple[int, int] | None = None) -> tuple[Image.Image, dict[str, Any]]:
+        """The raw image and its target (xyxy pixel `BoundingBoxes`, per-box fields, image_id, orig_size).
+
+        With `at_least` (width, height), a larger JPEG is decoded at reduced scale (see the module docstring);
+        its boxes are divided by the same reduction."""
         rec = self.records[idx]
-        image = self._decode(rec)
+        image, reduction = self._decode(rec, at_least)
         n = len(rec.labels)
-        boxes = torch.from_numpy(rec.boxes.copy())
+        boxes = torch.from_numpy(rec.boxes / reduction if reduction != 1 else rec.boxes.copy())
         target = {
-            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(rec.height, rec.width)),
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(image.height, image.width)),
             "labels": torch.from_numpy(rec.labels.copy()),
             "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
             "iscrowd": torch.zeros(n, dtype=torch.int64),
@@ -319,23 +353,27 @@ class CocoDetection(torch.utils.data.Dataset):
         }
         return image, target
 
-    def _decode(self, rec: ImageRecord) -> Image.Image:
+    def _decode(self, rec: ImageRecord, at_least: tuple[int, int] | None) -> tuple[Image.Image, int]:
         try:
-            with Image.open(rec.path) as im:
-                image = to_rgb(ImageOps.exif_transpose(im))
+            image, reduction = decode_upright(rec.path, at_least)
         except Exception as e:
             raise DataError(f"image {rec.path} could not be decoded ({e}); re-encode it or remove it from "
                             f"{self.ann_file}") from None
-        if image.size != (rec.width, rec.height):
+        if image.size != (-(-rec.width // reduction), -(-rec.height // reduction)):  # libjpeg rounds up
             raise DataError(f"image {rec.path} changed size since the dataset was loaded; rebuild the dataset")
-        return image
+        return image, reduction
 
     def __getitem__(self, key: int | tuple[int, int]):
         idx, epoch = key if isinstance(key, tuple) else (key, None)
-        image, target = self.load_item(int(idx))
         if self.transforms is None:
-            return image, target
-        image, target = self.transforms(image, target, epoch=epoch, dataset=self)
+            return self.load_item(int(idx))
+        if not hasattr(self.transforms, "plan"):  # a user's own callable
+            image, target = self.load_item(int(idx))
+            image, target = self.transforms(image, target, epoch=epoch, dataset=self)
+        else:  # the ops are drawn first, so the decode knows the size they need
+            plan = self.transforms.plan(epoch, len(self.records[int(idx)].labels))
+            image, target = self.load_item(int(idx), plan.decode_size)
+            image, target = self.transforms(image, target, epoch=epoch, dataset=self, plan=plan)
         target["epoch"] = epoch
         return image, target
 

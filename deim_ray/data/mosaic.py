@@ -27,7 +27,8 @@ Sample = tuple[Image.Image, dict[str, Any]]
 
 
 class Mosaic:
-    """Called as `mosaic(image, target, dataset)`; `dataset.load_item` supplies partners without the cache."""
+    """Called as `mosaic(image, target, dataset)`; `dataset.load_item(i, at_least)` supplies partners without
+    the cache, decoded no larger than their tile needs."""
 
     def __init__(self, cfg: MosaicConfig):
         self.cfg = cfg
@@ -54,7 +55,8 @@ class Mosaic:
 
     def _from_dataset(self, dataset) -> list[Sample]:
         picks = torch.randint(len(dataset), (3,)).tolist()
-        return [self.resize(*dataset.load_item(i)) for i in picks]
+        side = self.cfg.output_size  # a partner is shrunk to this shorter side: no need to decode more
+        return [self.resize(*dataset.load_item(i, (side, side))) for i in picks]
 
 
 def _paste(tiles: list[Sample]) -> Sample:

@@ -18,6 +18,14 @@ plus a float stack). Everything before the tensor works on uint8 PIL images.
 The probabilities of ZoomOut, IoUCrop and Flip are drawn here (the tv ops run with p=1), so `target["ops"]`
 records exactly the augmentations a sample received; tests and `show-augment` read it.
 
+Decode size. `plan(epoch, num_boxes)` draws a sample's ops before its image is decoded and says how large
+the decoded image must at least be for every later resize to still shrink it: the Mosaic tile size for a
+Mosaic sample (its tile is resized to shorter side `mosaic.output_size`); `data.image_size` divided by
+IoUCrop's smallest crop scale (0.3) when IoUCrop runs (the crop, drawn later, may keep only that fraction of
+each side); `data.image_size` otherwise (ZoomOut only adds border, so it never enlarges). The dataset then
+decodes a larger JPEG at reduced scale (`CocoDetection.load_item(i, at_least)`); the draws are the same, in
+the same order, as when the ops are drawn after decoding.
+
 Per-box fields (`labels`, `area`, `iscrowd`, `ann_id`) stay aligned with the boxes through every op:
 SanitizeBoundingBoxes filters all of them, and `area` is recomputed from the boxes after each op (the box
 area in the current image's pixels). Upstream kept the annotation's area unchanged, so it drifted from the
@@ -26,6 +34,8 @@ boxes and fell out of step when boxes were removed.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -49,6 +59,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Step = tuple[str, Callable[..., tuple[Any, dict]]]
 """(name, fn(image, target, dataset) -> (image, target))."""
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """One sample's ops, drawn before its image is decoded, and the size that decode must keep."""
+
+    steps: list[Step]
+    decode_size: tuple[int, int]
+    """(width, height) the decoded image must at least have (see "Decode size" above)."""
 
 
 def per_box_fields(sample: tuple[Any, dict]) -> tuple[torch.Tensor, ...]:
@@ -123,11 +142,12 @@ class TrainTransforms:
         a = cfg.augment
         gates.check(cfg)
         self.mosaic = Mosaic(a.mosaic)
+        self.iou_crop = IoUCrop()
         self.augment_steps: dict[str, Callable] = {
             gates.MOSAIC: self.mosaic,
             gates.PHOTOMETRIC: _tv(PhotometricDistort(p=a.photometric_p)),
             gates.ZOOM_OUT: _tv(v2.RandomZoomOut(fill=0, side_range=a.zoom_out_side_range, p=1.0)),
-            gates.IOU_CROP: _tv(IoUCrop()),
+            gates.IOU_CROP: _tv(self.iou_crop),
             gates.FLIP: _tv(v2.RandomHorizontalFlip(p=1.0)),
         }
         self.sanitize = _sanitize(a.sanitize_min_size)
@@ -151,6 +171,22 @@ class TrainTransforms:
             steps.append((gates.FLIP, self._recorded(gates.FLIP)))
         return steps + list(self.finish)
 
+    def plan(self, epoch: int | None, num_boxes: int) -> SamplePlan:
+        """The ops one sample runs at `epoch` and the decode size they need (random draws happen here)."""
+        _need_epoch(epoch)
+        steps = self.select(epoch, num_boxes)
+        return SamplePlan(steps, self.decode_size([name for name, _ in steps]))
+
+    def decode_size(self, names: list[str]) -> tuple[int, int]:
+        """(width, height) an image running the ops `names` must be decoded at, at least."""
+        if gates.MOSAIC in names:
+            side = self.mosaic.cfg.output_size
+            return side, side
+        h, w = self.cfg.data.image_size
+        if gates.IOU_CROP in names:
+            return math.ceil(w / self.iou_crop.min_scale), math.ceil(h / self.iou_crop.min_scale)
+        return w, h
+
     def _recorded(self, name: str) -> Callable:
         op = self.augment_steps[name]
 
@@ -160,11 +196,11 @@ class TrainTransforms:
         return run
 
     def __call__(self, image: Image.Image, target: dict, *, epoch: int | None, dataset=None,
-                 trace: list | None = None) -> tuple[torch.Tensor, dict]:
-        if epoch is None:
-            raise DataError("train transforms need the epoch; index the dataset with (index, epoch), "
-                            "as build_train_loader does")
-        return _run(self.select(epoch, len(target["boxes"])), image, target, dataset, trace)
+                 trace: list | None = None, plan: SamplePlan | None = None) -> tuple[torch.Tensor, dict]:
+        """Run `plan`'s ops (drawn by `plan()` before decoding), or draw them now."""
+        _need_epoch(epoch)
+        steps = plan.steps if plan is not None else self.select(epoch, len(target["boxes"]))
+        return _run(steps, image, target, dataset, trace)
 
 
 class ValTransforms:
@@ -173,10 +209,21 @@ class ValTransforms:
 
     def __init__(self, cfg: Config, scale: bool = True):
         self.finish = _finish_steps(cfg, scale)
+        h, w = cfg.data.image_size
+        self.size = (w, h)
+
+    def plan(self, epoch: int | None, num_boxes: int) -> SamplePlan:
+        return SamplePlan(self.finish, self.size)
 
     def __call__(self, image: Image.Image, target: dict, *, epoch: int | None = None, dataset=None,
-                 trace: list | None = None) -> tuple[torch.Tensor, dict]:
+                 trace: list | None = None, plan: SamplePlan | None = None) -> tuple[torch.Tensor, dict]:
         return _run(self.finish, image, target, dataset, trace)
+
+
+def _need_epoch(epoch: int | None) -> None:
+    if epoch is None:
+        raise DataError("train transforms need the epoch; index the dataset with (index, epoch), "
+                        "as build_train_loader does")
 
 
 def _draw(p: float) -> bool:
