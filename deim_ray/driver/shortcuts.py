@@ -95,6 +95,8 @@ def _shortcut_overrides(s: Shortcuts) -> list[str]:
     if s.backbone_weights is not None:
         weights = "null" if s.backbone_weights.lower() == "none" else json.dumps(s.backbone_weights)
         out.append(f"model.backbone_pretrained={weights}")
+    elif s.pretrained is not None:  # the checkpoint holds the whole model, backbone included
+        out.append("model.backbone_pretrained=null")
     return out
 
 

@@ -174,3 +174,21 @@ def test_eval_and_predict_read_the_val_split_of_any_layout(layout, shapes, tmp_p
     assert main(["predict", str(tmp_path / "final.pth"), "--data", str(data), "-o", str(tmp_path / "p")]) == 0
     detections = json.loads((tmp_path / "p" / "detections.json").read_text())
     assert {d["image_id"] for d in detections} <= {im["id"] for im in raw["images"]}
+
+
+def test_fine_tuning_needs_no_backbone_file(shapes, tmp_path, capsys, monkeypatch):
+    """`--pretrained` holds the whole model: the config's ImageNet backbone file is not asked for (the run would
+    otherwise stop on a file it does not use)."""
+    import torch
+
+    from deim_ray.config.shipped import model_config
+    from deim_ray.models.build import build_model
+
+    data = _layout(shapes, tmp_path, "yolo")
+    monkeypatch.chdir(tmp_path)  # where the config's ./weight/hgnetv2/PPHGNetV2_B0_stage1.pth is not
+    cfg = load_config(model_config("deimv2-atto"), ["model.backbone_pretrained=null"])
+    torch.save(build_model(cfg.model, 3).state_dict(), tmp_path / "weights.pth")
+    args = ["--data", str(data), "--model", "deimv2-atto", "--epochs", "15", "--image-size", "160", "--no-loader"]
+    assert main(["info", *args, "--pretrained", str(tmp_path / "weights.pth")]) == 0, capsys.readouterr().err
+    assert main(["info", *args]) == 2  # without --pretrained the backbone file is needed
+    assert "PPHGNetV2_B0_stage1.pth does not exist" in capsys.readouterr().err
