@@ -9,7 +9,6 @@ overwritten unless `force` is given.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from deim_ray.atomic import write_atomically
 from deim_ray.config.schema import StorageConfig
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -127,9 +127,7 @@ def _draw(image: Image.Image, dets: dict, class_names: list[str]) -> Image.Image
 
 
 def _atomic_json(path: Path, doc) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    write_atomically(path, lambda f: f.write(json.dumps(doc, indent=1).encode()))
 
 
 def export(source: str, output: str, *, fmt: str = "onnx", opset: int = 17, dynamic_batch: bool = False,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from deim_ray.atomic import write_atomically
 from deim_ray.config.loader import load_config
 from deim_ray.config.yaml_tree import resolve_file
 from deim_ray.models.build import build_from_config, build_model_config
@@ -47,11 +48,7 @@ def convert_checkpoint(ckpt: str, upstream_config: str, out: str) -> tuple[Path,
 
 
 def _save_atomically(obj: dict, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, target)
+        write_atomically(target, lambda f: torch.save(obj, f))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise ModelError(f"cannot write {target} ({e.strerror or e}); check the folder") from None
