@@ -56,10 +56,8 @@ def epoch_table(storage_uri: str, name: str, storage_cfg=None, epochs: int | Non
     from deim_ray.storage import RunStore, open_storage
 
     store = RunStore(open_storage(storage_uri, storage_cfg), name)
-    if not store.exists("metrics.jsonl"):
-        return "(no metrics recorded)"
-    rows = [json.loads(line) for line in store.read_text("metrics.jsonl").splitlines() if line.strip()]
-    return "\n".join(epoch_line(r, epochs) for r in rows)
+    rows = store.read_metrics()
+    return "\n".join(epoch_line(r, epochs) for r in rows) if rows else "(no metrics recorded)"
 
 
 def tune(args: argparse.Namespace) -> int:

@@ -11,7 +11,6 @@ stage and after the stage's last epoch.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 
@@ -22,7 +21,6 @@ from deim_ray.storage import RunStore
 log = logging.getLogger("deim_ray.worker")
 
 PLOT_KEY = "plots/metrics.png"
-METRICS_KEY = "metrics.jsonl"
 PLOT_INTERVAL_S = 60.0
 _STAGE_COLOURS = {1: "tab:blue", 2: "tab:orange"}
 
@@ -83,9 +81,9 @@ def redraw(store: RunStore) -> str:
     manifest = store.read_manifest()
     if manifest is None:
         raise ManifestError(f"no run at {store.uri} (no manifest.json); check the URI")
-    if not store.exists(METRICS_KEY):
+    records = store.read_metrics()
+    if not records:
         raise ManifestError(f"run {store.uri} has no metrics.jsonl yet (no epoch finished); nothing to plot")
-    records = [json.loads(line) for line in store.read_text(METRICS_KEY).splitlines() if line.strip()]
     return write_plot(store, records, manifest.stop_epoch)
 
 
