@@ -139,7 +139,7 @@ class LoadReport:
         return sum(len(v) for v in self.skipped_images.values())
 
 
-def _read_annotations(ann_file: Path) -> dict:
+def read_annotations(ann_file: Path) -> dict:
     if not ann_file.is_file():
         raise DataError(f"annotation file {ann_file} does not exist; check data.train/val.ann_file")
     try:
@@ -197,7 +197,7 @@ def check_image(path: Path) -> tuple[str | None, tuple[int, int]]:
     return None, size
 
 
-def _image_entries(raw: dict, source: Path) -> list[dict]:
+def image_entries(raw: dict, source: Path) -> list[dict]:
     images = raw["images"]
     if not images:
         raise DataError(f"annotation file {source} lists no images; it must describe at least one image")
@@ -227,7 +227,7 @@ def _check_images(folder: Path, images: list[dict], report: LoadReport) -> dict[
     return usable
 
 
-def _annotation_table(raw: dict, source: Path, image_ids: set[int], cats: CategoryMap) -> dict[str, np.ndarray]:
+def annotation_table(raw: dict, source: Path, image_ids: set[int], cats: CategoryMap) -> dict[str, np.ndarray]:
     """All annotations (crowd included) as arrays; raises DataError on a malformed entry."""
     anns = raw["annotations"]
     ints = np.zeros((len(anns), 4), dtype=np.int64)  # id, image_id, category_id, iscrowd
@@ -251,7 +251,7 @@ def _annotation_table(raw: dict, source: Path, image_ids: set[int], cats: Catego
     return {"ints": ints, "floats": floats}
 
 
-def _training_boxes(table: dict[str, np.ndarray], sizes: dict[int, tuple[str, int, int]], cats: CategoryMap,
+def training_boxes(table: dict[str, np.ndarray], sizes: dict[int, tuple[str, int, int]], cats: CategoryMap,
                     report: LoadReport) -> dict[int, np.ndarray]:
     """image_id -> row indices of its non-crowd, non-degenerate annotations on usable images.
 
@@ -315,14 +315,14 @@ class CocoDetection(torch.utils.data.Dataset):
         self.img_folder, self.ann_file = Path(img_folder), Path(ann_file)
         if not self.img_folder.is_dir():
             raise DataError(f"image folder {self.img_folder} does not exist; check data.train/val.img_folder")
-        raw = _read_annotations(self.ann_file)
+        raw = read_annotations(self.ann_file)
         self.categories = CategoryMap.from_coco(raw["categories"], str(self.ann_file))
         self._categories_raw = [dict(c) for c in raw["categories"]]
         self.report = LoadReport()
-        images = _image_entries(raw, self.ann_file)
+        images = image_entries(raw, self.ann_file)
         sizes = _check_images(self.img_folder, images, self.report)
-        self._gt_table = _annotation_table(raw, self.ann_file, {int(im["id"]) for im in images}, self.categories)
-        rows = _training_boxes(self._gt_table, sizes, self.categories, self.report)
+        self._gt_table = annotation_table(raw, self.ann_file, {int(im["id"]) for im in images}, self.categories)
+        rows = training_boxes(self._gt_table, sizes, self.categories, self.report)
         self.records = [self._record(image_id, sizes[image_id], rows.get(image_id)) for image_id in sizes]
         if not self.records:
             raise DataError(f"no usable image in {self.ann_file} (all {len(images)} files in {self.img_folder} are "

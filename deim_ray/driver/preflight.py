@@ -36,11 +36,8 @@ from urllib.parse import urlsplit
 
 from deim_ray.config.schema import Config, SplitConfig
 # the data layer's own annotation checks (same rules and messages as when the workers load the dataset)
-from deim_ray.data.coco import MAX_IMAGE_PIXELS, CategoryMap, LoadReport, check_image, too_large
-from deim_ray.data.coco import _annotation_table as annotation_table
-from deim_ray.data.coco import _image_entries as image_entries
-from deim_ray.data.coco import _read_annotations as read_annotations
-from deim_ray.data.coco import _training_boxes as training_boxes
+from deim_ray.data.coco import (MAX_IMAGE_PIXELS, CategoryMap, LoadReport, annotation_table, check_image,
+                                image_entries, read_annotations, too_large, training_boxes)
 from deim_ray.data.errors import DataError
 from deim_ray.data.synthetic import ensure_dataset
 from deim_ray.models.errors import ModelError
