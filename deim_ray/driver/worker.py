@@ -55,9 +55,6 @@ class WorkerArgs:
     stage1_config_sha256: str | None = None
     """Identity of the config best_stg1 was trained with, when it differs from `config_sha256` (a branch)."""
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 def _read_state(store: RunStore, name: str, config_sha: str, expected_sha256: str | None = None) -> dict:
     """Every rank reads the same verified object from storage (no node-local path, no shared filesystem)."""

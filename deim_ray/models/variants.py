@@ -30,7 +30,6 @@ Settings that come from `ModelConfig` (class prior, focal gamma, overrides) are 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -289,12 +288,3 @@ PAPER_PARAMS_M: dict[str, float] = {
 }
 """Parameter counts (millions, 80 COCO classes) reported by the DEIMv2 paper."""
 
-HGNETV2_VARIANTS = frozenset({"tiny", "atto", "femto", "pico", "n", "hgnetv2_s", "hgnetv2_m", "hgnetv2_l",
-                              "hgnetv2_x"})
-DINOV3_VARIANTS = frozenset({"s", "m", "l", "x"})
-"""DINOv3 variants expect ImageNet mean/std normalised input (upstream adds `Normalize` for them)."""
-
-
-def variant_kwargs(name: str) -> dict[str, Any]:
-    """A fresh (deep-copied) kwargs dict for `name`; raises KeyError for an unknown name."""
-    return copy.deepcopy(VARIANTS[name]())

@@ -21,7 +21,6 @@ are the same networks with ReLU in the decoder and its heads, and frozen backbon
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -142,7 +141,3 @@ def x() -> dict[str, Any]:
 
 VARIANTS: dict[str, Callable[[], dict[str, Any]]] = {"tiny": tiny, "n": n, "s": s, "m": m, "l": l, "x": x}
 """Variant name -> function returning fresh `DFineConfig` keyword arguments (without `num_labels`)."""
-
-
-def variant_kwargs(name: str) -> dict[str, Any]:
-    return copy.deepcopy(VARIANTS[name]())

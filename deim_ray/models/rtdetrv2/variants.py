@@ -20,7 +20,6 @@ attributes and `heads.apply_head_options` applies them after the model is built.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -100,7 +99,3 @@ VARIANTS: dict[str, Callable[[], dict[str, Any]]] = {
     "tiny": tiny, "r18": r18, "r34": r34, "r50": r50, "r50m": r50m, "r101": r101,
 }
 """Variant name -> function returning fresh `RTDetrV2Config` keyword arguments (without `num_labels`)."""
-
-
-def variant_kwargs(name: str) -> dict[str, Any]:
-    return copy.deepcopy(VARIANTS[name]())
