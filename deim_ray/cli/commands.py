@@ -84,11 +84,8 @@ def epoch_table(storage_uri: str, name: str, storage_cfg=None, epochs: int | Non
     run's own storage settings)."""
     from deim_ray.driver.console import epoch_line
 
-    store = _run_store(storage_uri, name, storage_cfg)
-    if not store.exists("metrics.jsonl"):
-        return "(no metrics recorded)"
-    rows = [json.loads(line) for line in store.read_text("metrics.jsonl").splitlines() if line.strip()]
-    return "\n".join(epoch_line(r, epochs) for r in rows)
+    rows = _run_store(storage_uri, name, storage_cfg).read_metrics()
+    return "\n".join(epoch_line(r, epochs) for r in rows) if rows else "(no metrics recorded)"
 
 
 def final_class_table(storage_uri: str, name: str, storage_cfg, manifest) -> str:

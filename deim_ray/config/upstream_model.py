@@ -95,16 +95,16 @@ _VARIANT_SECTIONS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 # Upstream key -> our model field (a difference from the variant sets the field).
-_DECODER_FIELDS = {"num_queries": "num_queries", "num_layers": "decoder_layers", "num_denoising": "num_denoising"}
+DECODER_FIELDS = {"num_queries": "num_queries", "num_layers": "decoder_layers", "num_denoising": "num_denoising"}
 # Upstream key -> Deimv2Config keyword (a difference goes to model.extra).
-_DECODER_KW = {
+DECODER_KW = {
     "hidden_dim": "d_model", "dim_feedforward": "decoder_ffn_dim", "num_points": "decoder_n_points",
     "num_levels": "num_feature_levels", "feat_channels": "decoder_in_channels", "eval_idx": "eval_idx",
     "label_noise_ratio": "label_noise_ratio", "box_noise_scale": "box_noise_scale", "reg_max": "max_num_bins",
     "reg_scale": "reg_scale", "layer_scale": "layer_scale", "activation": "decoder_activation_function",
     "share_bbox_head": "share_bbox_head", "use_gateway": "use_gateway", "cross_attn_method": "decoder_method",
 }
-_ENCODER_KW = {
+ENCODER_KW = {
     "in_channels": "encoder_in_channels", "feat_strides": "feat_strides", "hidden_dim": "encoder_hidden_dim",
     "use_encoder_idx": "encode_proj_layers", "num_encoder_layers": "encoder_layers", "nhead": "encoder_attention_heads",
     "dim_feedforward": "encoder_ffn_dim", "dropout": "dropout", "enc_act": "encoder_activation_function",
@@ -167,8 +167,8 @@ def convert_model(r: Reader) -> str:
     if encoder != wanted_encoder:
         r.note("DEIM.encoder", encoder, f"DEIMv2-{variant.upper()} uses {wanted_encoder}; others are not supported")
     base_encoder = _BASE_HYBRID if encoder == "HybridEncoder" else {}
-    _compare_section(r, encoder, {**base_encoder, **expected["encoder"]}, {}, _ENCODER_KW)
-    _compare_section(r, decoder, {**_BASE_DECODER, **expected["decoder"]}, _DECODER_FIELDS, _DECODER_KW)
+    compare_section(r, encoder, {**base_encoder, **expected["encoder"]}, {}, ENCODER_KW)
+    compare_section(r, decoder, {**_BASE_DECODER, **expected["decoder"]}, DECODER_FIELDS, DECODER_KW)
     for unused in {"HGNetv2", "DINOv3STAs", "HybridEncoder", "LiteEncoder"} - {backbone, encoder}:
         r.ignore(unused)  # sections upstream defines but this model does not build
     if r.has("PostProcessor.num_top_queries"):
@@ -208,14 +208,14 @@ def _compare_backbone(r: Reader, section: str, expected: dict[str, Any]) -> None
     r.ignore(f"{section}.local_model_dir")
     if r.get(f"{section}.freeze_at", -1) == -1:
         r.ignore(f"{section}.freeze_stem_only")  # only read when freezing is on
-    for key in _section(r, section):
+    for key in section_of(r, section):
         if key in expected:
             r.expect(f"{section}.{key}", expected[key])
 
 
-def _compare_section(r: Reader, section: str, expected: dict[str, Any], fields: dict[str, str],
+def compare_section(r: Reader, section: str, expected: dict[str, Any], fields: dict[str, str],
                      keywords: dict[str, str]) -> None:
-    for key, value in _section(r, section).items():
+    for key, value in section_of(r, section).items():
         path = f"{section}.{key}"
         if key not in expected:
             continue  # left for the reader's "not recognised" report
@@ -230,7 +230,7 @@ def _compare_section(r: Reader, section: str, expected: dict[str, Any], fields: 
             r.note(path, value, f"differs from the variant ({expected[key]!r}) and has no deim_ray setting")
 
 
-def _section(r: Reader, name: str) -> dict[str, Any]:
+def section_of(r: Reader, name: str) -> dict[str, Any]:
     value = r.peek(name)
     return value if isinstance(value, dict) else {}
 
@@ -253,10 +253,10 @@ def _convert_criterion(r: Reader, variant: str) -> None:
         if r.get(f"{c}.{key}", default) != default:
             r.put(f"model.extra.{keyword}", r.get(f"{c}.{key}"), f"{c}.{key}")
         r.ignore(f"{c}.{key}")
-    _convert_matcher(r, f"{c}.matcher")
+    convert_matcher(r, f"{c}.matcher")
 
 
-def _convert_matcher(r: Reader, m: str) -> None:
+def convert_matcher(r: Reader, m: str) -> None:
     r.expect(f"{m}.type", "HungarianMatcher")
     for key, value in (r.get(f"{m}.weight_dict") or {}).items():
         if key not in _MATCHER_COSTS:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from deim_ray.atomic import write_atomically
 from deim_ray.config.schema import DataConfig, SplitConfig, SyntheticConfig
 from deim_ray.data.errors import DataError
 
@@ -151,10 +152,7 @@ def _write_split(root: Path, cfg: SyntheticConfig, split: str, count: int) -> No
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    write_atomically(path, lambda f: f.write(data))
 
 
 def _fingerprint(cfg: SyntheticConfig) -> str:

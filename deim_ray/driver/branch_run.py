@@ -29,7 +29,7 @@ from deim_ray.driver.stage2_branches import (BranchResources, branch_config, bra
 from deim_ray.driver.stage_job import RunError, RunRequest, fit_stage
 from deim_ray.driver.trackers import close_tracking, open_tracking
 from deim_ray.storage import Manifest, RunState, RunStore
-from deim_ray.storage.manifest import BranchRecord
+from deim_ray.storage.manifest import BranchRecord, BranchState
 from deim_ray.storage.resolve import branch_settings
 from deim_ray.storage.run_store import METRICS_KEY
 
@@ -72,7 +72,7 @@ def run_branches(req: RunRequest, store: RunStore, stg1_sha: str) -> None:
     store.renew()  # one generation for all branches: a branch's stage run must not fence off its siblings
     plan = plan_resources(req.cfg, len(branches), workers=req.workers, gpu=req.gpu,
                           cpus_per_worker=req.cpus_per_worker, cluster=ray.cluster_resources())
-    todo = [b for b in branches if b.state != "DONE"]
+    todo = [b for b in branches if b.state is not BranchState.DONE]
     log.info("stage 2: %d branch(es) from best_stg1 %s, %d to run, %d at a time, %d worker(s) each at %g CPU",
              len(branches), stg1_sha[:12], len(todo), min(plan.parallel, max(len(todo), 1)), plan.workers,
              plan.cpus_per_worker)
@@ -96,12 +96,12 @@ def _run_branch(req: RunRequest, store: RunStore, branch: BranchRecord, stg1_sha
                                      tracking=tracking)
     log.info("branch %s: %s (epochs %d-%d)", branch.name, branch_settings(branch), cfg.schedule.stop_epoch,
              cfg.schedule.epochs - 1)
-    view.update_branch(lambda b: setattr(b, "state", "RUNNING"))
+    view.update_branch(lambda b: setattr(b, "state", BranchState.RUNNING))
     try:
         report = fit_stage(branch_req, view, Stage.TWO, stg1_sha, stage1_config_sha=config_sha256(req.cfg),
                            label=branch.name)
     except StageRunFailed as e:
-        view.update_branch(lambda b: (setattr(b, "state", "FAILED"), b.extra.__setitem__("error", str(e))))
+        view.update_branch(lambda b: (setattr(b, "state", BranchState.FAILED), b.extra.__setitem__("error", str(e))))
         close_tracking(tracking, view, None, status="FAILED")
         return f"branch {branch.name} failed: {e}"
     close_tracking(tracking, view, None)
@@ -109,7 +109,7 @@ def _run_branch(req: RunRequest, store: RunStore, branch: BranchRecord, stg1_sha
     key = "worker_resume_digests" if report.get("resumed") else "worker_start_digests"
 
     def done(b: BranchRecord) -> None:
-        b.state = "DONE"
+        b.state = BranchState.DONE
         b.extra.pop("error", None)
         if digests:
             b.extra[key] = digests.split(",")

@@ -32,7 +32,6 @@ from deim_ray.engine.hooks import EpochRecord, Hook
 from deim_ray.engine.state import save_train_state
 from deim_ray.storage import RunStore
 from deim_ray.storage.errors import StaleWriter
-from deim_ray.storage.run_store import METRICS_KEY
 from deim_ray.storage.transfer import BackgroundUploader
 
 log = logging.getLogger("deim_ray.worker")
@@ -45,12 +44,6 @@ def _artifact_meta(trainer, metrics: list[dict]) -> dict:
     return {"category_ids": list(data.category_ids), "class_names": list(data.class_names),
             "num_classes": data.num_classes, "image_size": list(trainer.cfg.data.image_size),
             "world_size": trainer.world_size, "metrics": list(metrics)}
-
-
-def read_metrics(store: RunStore) -> list[dict]:
-    """The lines of the run's metrics.jsonl (none when it does not exist yet)."""
-    text = store.read_text(METRICS_KEY) if store.exists(METRICS_KEY) else ""
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 class CheckpointHook(Hook):
@@ -83,7 +76,7 @@ class CheckpointHook(Hook):
         if self._stale(trainer) or not trainer.is_main:
             return
         resumed_lines = (self.resume or {}).get("extra", {}).get("metrics")
-        lines = resumed_lines if resumed_lines is not None else read_metrics(self.store)
+        lines = resumed_lines if resumed_lines is not None else self.store.read_metrics()
         self.metrics = [r for r in lines if r["epoch"] <= trainer.epoch]
         # in case a worker died between the two steps of an epoch's commit
         self.store.publish_best(best_artifact(trainer.stage))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from deim_ray.config.schema import SplitConfig, StorageConfig
 from deim_ray.data.errors import DataError
-from deim_ray.engine.evaluator import (STAT_NAMES, CocoResult, DetectionCollector, coco_evaluation, confusion_matrix,
+from deim_ray.engine.evaluator import (COCO_STAT_NAMES, CocoResult, DetectionCollector, coco_evaluation, confusion_matrix,
                                       merge_detections)
 
 ONNX_SUFFIX = ".onnx"
@@ -60,7 +60,7 @@ class EvalReport:
     def to_json(self) -> dict:
         return {"model": self.model, "data": {"img_folder": self.split.img_folder, "ann_file": self.split.ann_file},
                 "images": self.images, "preprocess": self.preprocess,
-                "stats": dict(zip(STAT_NAMES, self.result.stats)), "per_class": self.result.per_class,
+                "stats": dict(zip(COCO_STAT_NAMES, self.result.stats)), "per_class": self.result.per_class,
                 "confusion_matrix": {"iou": CONFUSION_IOU, "score": CONFUSION_SCORE, "rows": "true class",
                                      "columns": "predicted class", "labels": self.confusion_labels(),
                                      "counts": self.confusion}}
@@ -123,7 +123,7 @@ def detect_all(detector, dataset, batch_size: int = 8) -> list[dict]:
 def format_report(report: EvalReport) -> str:
     """The console text of `deim-ray eval`: what was evaluated, the 12 COCO stats, the per-class table."""
     size = report.preprocess["size_hw"]
-    stats = [f"{name} {value:.4f}" for name, value in zip(STAT_NAMES, report.result.stats)]
+    stats = [f"{name} {value:.4f}" for name, value in zip(COCO_STAT_NAMES, report.result.stats)]
     head = f"{report.model} on {report.split.img_folder} ({report.images} images, {size[0]}x{size[1]} input)"
     return "\n".join([head, "  ".join(stats[:6]), "  ".join(stats[6:]), "", per_class_table(report.result.per_class)])
 

@@ -14,7 +14,6 @@ confusion matrix (`deim-ray eval --plots`).
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 
@@ -25,7 +24,6 @@ from deim_ray.storage import RunStore
 log = logging.getLogger("deim_ray.worker")
 
 PLOT_KEY = "plots/metrics.png"
-METRICS_KEY = "metrics.jsonl"
 PLOT_INTERVAL_S = 60.0
 _STAGE_COLOURS = {1: "tab:blue", 2: "tab:orange"}
 
@@ -139,9 +137,9 @@ def redraw(store: RunStore) -> str:
     manifest = store.read_manifest()
     if manifest is None:
         raise ManifestError(f"no run at {store.uri} (no manifest.json); check the URI")
-    if not store.exists(METRICS_KEY):
+    records = store.read_metrics()
+    if not records:
         raise ManifestError(f"run {store.uri} has no metrics.jsonl yet (no epoch finished); nothing to plot")
-    records = [json.loads(line) for line in store.read_text(METRICS_KEY).splitlines() if line.strip()]
     return write_plot(store, records, manifest.stop_epoch)
 
 

@@ -29,7 +29,6 @@ from deim_ray.config.loader import config_from_dict, config_sha256, diff_configs
 from deim_ray.config.schema import Config
 from deim_ray.config.validate import validate
 from deim_ray.driver.branch_run import check_branch_request, run_branches
-from deim_ray.driver.checkpoint_hook import read_metrics
 from deim_ray.driver.holding import holding
 from deim_ray.driver.pickup import pickup_line
 from deim_ray.driver.plots import write_plot
@@ -183,7 +182,7 @@ def write_final(store: RunStore, cfg: Config) -> Manifest:
 def _adopt_branch_metrics(store: RunStore, branch: RunStore, cfg: Config) -> None:
     """The winning branch's epochs (stage 1 + its stage 2) become the run's metrics.jsonl and plot."""
     store.write_text(METRICS_KEY, branch.read_text(METRICS_KEY))
-    write_plot(store, read_metrics(store), cfg.schedule.stop_epoch)
+    write_plot(store, store.read_metrics(), cfg.schedule.stop_epoch)
 
 
 def run_training(req: RunRequest) -> Manifest:

@@ -13,12 +13,11 @@ import tempfile
 from pathlib import Path
 
 from deim_ray.driver.scratch import process_scratch
+from deim_ray.engine.evaluator import COCO_STAT_NAMES
 from deim_ray.engine.hooks import Hook
 from deim_ray.storage import RunStore
 
 TB_PREFIX = "tb"
-COCO_STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
-                   "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
 
 
 def epoch_scalars(record: dict) -> dict[str, float]:

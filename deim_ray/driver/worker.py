@@ -58,9 +58,6 @@ class WorkerArgs:
     tracking: dict | None = None
     """The MLflow / W&B runs the driver opened for this run or branch (`trackers.Tracking`), or None."""
 
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
 
 def _read_state(store: RunStore, name: str, config_sha: str, expected_sha256: str | None = None) -> dict:
     """Every rank reads the same verified object from storage (no node-local path, no shared filesystem)."""

@@ -42,11 +42,6 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def barrier() -> None:
-    if is_distributed():
-        tdist.barrier()
-
-
 def broadcast_object(obj: T, src: int = 0) -> T:
     """Send rank `src`'s Python object to every rank (identity without a process group)."""
     if not is_distributed():
@@ -114,12 +109,3 @@ def to_sync_batchnorm(model: nn.Module) -> nn.Module:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
-
-
-def broadcast_module(module: nn.Module, src: int = 0) -> None:
-    """Make every rank's parameters and buffers bit-identical to rank `src`'s."""
-    if not is_distributed():
-        return
-    with torch.no_grad():
-        for tensor in list(module.state_dict().values()):
-            tdist.broadcast(tensor, src=src)

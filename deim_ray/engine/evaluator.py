@@ -23,7 +23,9 @@ from faster_coco_eval import COCO, COCOeval_faster
 
 from deim_ray.engine import dist
 
-STAT_NAMES = ("AP", "AP50", "AP75", "AP_S", "AP_M", "AP_L", "AR1", "AR10", "AR100", "AR_S", "AR_M", "AR_L")
+COCO_STAT_NAMES = ("AP", "AP50", "AP75", "AP_small", "AP_medium", "AP_large",
+                   "AR1", "AR10", "AR100", "AR_small", "AR_medium", "AR_large")
+"""The 12 numbers `evaluate` returns (COCOeval's `stats`), in order; a metrics line's `coco_stats`."""
 
 
 class DetectionCollector:
@@ -56,7 +58,7 @@ def merge_detections(per_rank: list[dict[int, list[dict]]]) -> list[dict]:
 
 @dataclass(frozen=True)
 class CocoResult:
-    """One COCO bbox evaluation: the 12 stats (`STAT_NAMES`), the per-class rows and, for curves, the
+    """One COCO bbox evaluation: the 12 stats (`COCO_STAT_NAMES`), the per-class rows and, for curves, the
     precision at IoU 0.5 of each class over the 101 recall thresholds (-1 where a class has no ground truth)."""
 
     stats: list[float]

@@ -11,13 +11,13 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from deim_ray.models.load_refusal import load_failure
+from deim_ray.atomic import write_atomically
 
 FORMAT = "deim_ray.train_state/1"
 
@@ -46,26 +46,9 @@ def make_train_state(*, model: dict, ema: dict | None, optimizer: dict, scaler: 
 
 
 def save_train_state(state: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def state_to_bytes(state: dict[str, Any]) -> bytes:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
+    """Write atomically (`deim_ray.atomic`): a reader never sees half a checkpoint."""
+    write_atomically(path, lambda f: torch.save(state, f))
+    return Path(path)
 
 
 def load_train_state(source: str | os.PathLike | bytes, expected_config_sha256: str | None = None) -> dict[str, Any]:

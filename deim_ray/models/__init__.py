@@ -28,10 +28,10 @@ from deim_ray.models.export import FINAL_FORMAT, load_final, make_final_checkpoi
 from deim_ray.models.loss import forward_loss, set_matcher_epoch, validate_targets
 from deim_ray.models.postprocess import postprocess
 from deim_ray.models.pretrained import PretrainedReport, load_pretrained
-from deim_ray.models.variants import DINOV3_VARIANTS, PAPER_PARAMS_M
+from deim_ray.models.variants import PAPER_PARAMS_M
 
 __all__ = [
-    "DINOV3_VARIANTS", "FAMILIES", "FINAL_FORMAT", "Family", "PAPER_PARAMS_M", "ModelError",
+    "FAMILIES", "FINAL_FORMAT", "Family", "PAPER_PARAMS_M", "ModelError",
     "PretrainedReport", "build_model", "build_model_config", "build_model_with_report", "count_parameters",
     "feature_strides", "forward_loss", "get_family", "load_final", "load_pretrained", "make_final_checkpoint",
     "postprocess", "set_matcher_epoch", "validate_input_size", "validate_targets",

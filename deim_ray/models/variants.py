@@ -281,5 +281,3 @@ PAPER_PARAMS_M: dict[str, float] = {
 }
 """Parameter counts (millions, 80 COCO classes) reported by the DEIMv2 paper."""
 
-DINOV3_VARIANTS = frozenset({"s", "m", "l", "x"})
-"""DINOv3 variants expect ImageNet mean/std normalised input (upstream adds `Normalize` for them)."""

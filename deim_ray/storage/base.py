@@ -10,12 +10,12 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Callable, ContextManager, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
+from deim_ray.atomic import write_atomically
 from deim_ray.storage.errors import BadStorageURI, ChecksumMismatch
 
 if TYPE_CHECKING:
@@ -25,8 +25,6 @@ if TYPE_CHECKING:
 
 CHUNK = 1 << 20
 """Bytes read per step when hashing or copying."""
-TEMP_SUFFIX = ".partial"
-"""Suffix of the hidden temp files of atomic local writes; listings skip them."""
 LOCK_SUFFIX = ".lock"
 """Suffix of the hidden lock files of local conditional writes; listings skip them."""
 
@@ -203,18 +201,6 @@ def open_storage(uri: str, storage_cfg: StorageConfig | None = None) -> Storage:
     return LocalStorage(Path(uri).expanduser())
 
 
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Persist a rename in `path` (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def check_sha256(uri: str, actual: str, expected: str | None) -> None:
     """ChecksumMismatch unless `expected` is None or equals `actual`."""
     if expected is not None and actual != expected:
@@ -224,27 +210,18 @@ def check_sha256(uri: str, actual: str, expected: str | None) -> None:
 
 def atomic_local_file(path: str | os.PathLike, fill: Callable[[BinaryIO], tuple[str, int] | None], *,
                       uri: str, expected_sha256: str | None = None) -> tuple[str, int]:
-    """Write `path` through a hidden temp file in the same folder, then rename it into place.
+    """Write `path` atomically (`deim_ray.atomic`), checking the bytes before they replace anything.
 
     `fill(f)` writes the content and may return (sha256, size) computed on the way; otherwise the temp file
     is hashed. A sha256 other than `expected_sha256` raises ChecksumMismatch; on any error the temp file is
     removed and an existing `path` is left untouched. Returns (sha256, size).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "w+b") as f:
-            digest = fill(f)
+    def fill_and_check(f: BinaryIO) -> tuple[str, int]:
+        digest = fill(f)
+        if digest is None:
             f.flush()
-            if digest is None:
-                f.seek(0)
-                digest = hash_stream(f)
-            check_sha256(uri, digest[0], expected_sha256)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return digest
+            f.seek(0)
+            digest = hash_stream(f)
+        check_sha256(uri, digest[0], expected_sha256)
+        return digest
+    return write_atomically(path, fill_and_check)

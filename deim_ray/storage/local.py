@@ -24,8 +24,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from deim_ray.storage.base import (LOCK_SUFFIX, TEMP_SUFFIX, ObjectInfo, atomic_local_file, check_key, fsync_dir,
-                                   hash_stream, join_key, sha256_file)
+from deim_ray.atomic import TEMP_SUFFIX, fsync_dir
+from deim_ray.storage.base import (LOCK_SUFFIX, ObjectInfo, atomic_local_file, check_key, hash_stream, join_key,
+                                   sha256_file)
 from deim_ray.storage.errors import BadStorageURI, ObjectNotFound, PreconditionFailed
 
 log = logging.getLogger("deim_ray.storage")

@@ -108,7 +108,18 @@ class ArtifactRecord:
                    extra={k: v for k, v in data.items() if k not in known})
 
 
-BRANCH_STATES = ("PENDING", "RUNNING", "DONE", "FAILED")
+class BranchState(str, Enum):
+    """Where a stage-2 branch is: not started, training, finished, or failed (its error in the record's extra)."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 BRANCH_ARTIFACTS = (BEST_STG2, LAST)
 """The artifacts a stage-2 branch keeps for itself (best_stg1 is the run's, shared by every branch)."""
 
@@ -120,8 +131,7 @@ class BranchRecord:
     name: str
     params: dict[str, Any]
     """The stage-2 settings the branch changes (dotted config keys); empty for b0, the config's own settings."""
-    state: str = "PENDING"
-    """PENDING, RUNNING, DONE or FAILED."""
+    state: BranchState = BranchState.PENDING
     artifacts: dict[str, ArtifactRecord | None] = field(default_factory=lambda: dict.fromkeys(BRANCH_ARTIFACTS))
     epoch_aps: dict[str, float | None] = field(default_factory=dict)
     """AP of each epoch the branch committed, keyed by the epoch (a JSON object key)."""
@@ -135,7 +145,7 @@ class BranchRecord:
 
     def to_json(self) -> dict[str, Any]:
         best = self.best
-        body = {"name": self.name, "params": self.params, "state": self.state,
+        body = {"name": self.name, "params": self.params, "state": self.state.value,
                 "ap": best.ap if best else None, "epoch": best.epoch if best else None,
                 "uri": best.uri if best else None,
                 "artifacts": {n: (r.to_json() if r else None) for n, r in self.artifacts.items()},
@@ -145,15 +155,16 @@ class BranchRecord:
     @classmethod
     def from_json(cls, data: Any) -> BranchRecord:
         if not isinstance(data, dict) or not isinstance(data.get("name"), str) \
-                or not isinstance(data.get("params"), dict) or data.get("state") not in BRANCH_STATES \
+                or not isinstance(data.get("params"), dict) or data.get("state") not in [s.value for s in BranchState] \
                 or not isinstance(data.get("artifacts", {}), dict):
             raise ManifestError("a `stage2_branches` entry lacks a name, params or a known state; the manifest is "
                                 "damaged — restore it or re-run with --restart")
         artifacts = dict.fromkeys(BRANCH_ARTIFACTS)
         artifacts.update({n: ArtifactRecord.from_json(r) if r else None for n, r in data.get("artifacts", {}).items()})
         own = {"name", "params", "state", "ap", "epoch", "uri", "artifacts", "epoch_aps"}
-        return cls(name=data["name"], params=dict(data["params"]), state=data["state"], artifacts=artifacts,
-                   epoch_aps=dict(data.get("epoch_aps") or {}), extra={k: v for k, v in data.items() if k not in own})
+        return cls(name=data["name"], params=dict(data["params"]), state=BranchState(data["state"]),
+                   artifacts=artifacts, epoch_aps=dict(data.get("epoch_aps") or {}),
+                   extra={k: v for k, v in data.items() if k not in own})
 
 
 _CONTRACT_KEYS = ("schema", "name", "state", "config_sha256", "epochs", "stop_epoch", "switch", "artifacts", "final")

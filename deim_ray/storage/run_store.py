@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import json
 import os
 import re
 import threading
@@ -123,6 +124,11 @@ class RunStore:
     def read_text(self, rel: str) -> str:
         """UTF-8 text of `rel` (e.g. "config.yaml", "metrics.jsonl"); ObjectNotFound if absent."""
         return self.storage.read_bytes(self.key(rel)).decode("utf-8")
+
+    def read_metrics(self) -> list[dict]:
+        """The epoch lines of metrics.jsonl, in order (none while no epoch has been recorded)."""
+        text = self.read_text(METRICS_KEY) if self.exists(METRICS_KEY) else ""
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     # ---- fencing ---------------------------------------------------------------------------------------------
     @contextlib.contextmanager

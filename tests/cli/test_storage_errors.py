@@ -2,9 +2,15 @@
 run, wrong secret, unknown key, no credentials, unreachable endpoint) ends as exactly one stderr line
 `deim-ray: error: ...` with exit status 2, names what to fix, and never prints a secret.
 
-Each case is a fresh `python -m deim_ray` process against the real SeaweedFS server (no Ray). The processes of
-all cases start together in one module fixture, so the table costs about as long as its slowest case."""
+Every case runs against the real SeaweedFS server (no Ray) through the real entry point `deim_ray.cli.main.main`,
+in this process with the case's environment in place (each command opens its own S3 session, which reads the
+environment then) and its stdout/stderr captured. The cases in IN_A_PROCESS also run as their own
+`python -m deim_ray` process (started first, so they overlap the rest): the console script's exit status and a
+fresh interpreter's credential lookup."""
 
+import contextlib
+import io
+import logging
 import os
 import subprocess
 import sys
@@ -13,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from deim_ray.cli.main import main
 from tests.fixtures_s3 import SECRET_KEY, _free_ports, temporary_bucket
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,6 +84,11 @@ CASES |= {
 }
 
 
+IN_A_PROCESS = ("no-credentials-ls", "secret-in-endpoint-url-ls", "missing-run-fetch")
+"""Cases that run as their own process too: the environment holds no credentials at all, a secret is in the
+endpoint, a failed fetch writes nothing; both runs of a case must give the same result."""
+
+
 def _fill(text: str, values: dict[str, str]) -> str:
     for name, value in values.items():
         text = text.replace("{" + name + "}", value)
@@ -99,30 +111,72 @@ def bucket(s3_endpoint):
         yield name
 
 
+@contextlib.contextmanager
+def _environment_of(env: dict[str, str]):
+    """The process environment is exactly `env` inside, and what it was again afterwards."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def _own_log_handler():
+    """main() adds its log handler on the stderr of a call that finds none: one per case, as in a process."""
+    logger = logging.getLogger("deim_ray")
+    ours = [h for h in logger.handlers if getattr(h, "_deim_ray", False)]
+    for handler in ours:
+        logger.removeHandler(handler)
+    try:
+        yield
+    finally:
+        for handler in [h for h in logger.handlers if getattr(h, "_deim_ray", False)]:
+            logger.removeHandler(handler)
+        for handler in ours:
+            logger.addHandler(handler)
+
+
+def _in_process(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`deim-ray argv` through `main()` in the environment `env`, its output captured as a process's would be."""
+    out, err = io.StringIO(), io.StringIO()
+    with _environment_of(env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _own_log_handler():
+        rc = main(argv)
+    return subprocess.CompletedProcess(["deim-ray", *argv], rc, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="module")
 def outcomes(bucket, tmp_path_factory):
-    """Run every case as its own `python -m deim_ray` process, all at once; name -> (case values, result)."""
+    """Run every case in process, and the IN_A_PROCESS ones also as processes meanwhile: name -> (values, result);
+    a process's result is under `name + " (process)"`."""
     tmp = tmp_path_factory.mktemp("cli-errors")
     (tmp / "empty").write_text("")
     dead_host = f"127.0.0.1:{_free_ports(1)[0]}"
-    running = {}
+    cases, running, results = {}, {}, {}
     for name, case in CASES.items():
-        values = {"bucket": bucket, "out": str(tmp / name / "out"), "empty": str(tmp / "empty"),
-                  "dead_host": dead_host, "dead_endpoint": f"http://{dead_host}"}
-        argv = [_fill(a, values) for a in case.argv]
-        proc = subprocess.Popen([sys.executable, "-m", "deim_ray", *argv], env=_environment(case, values), cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        running[name] = (values, proc)
-    results = {}
-    for name, (values, proc) in running.items():
+        for how in ("",) + ((" (process)",) if name in IN_A_PROCESS else ()):
+            values = {"bucket": bucket, "out": str(tmp / f"{name}{how}" / "out"), "empty": str(tmp / "empty"),
+                      "dead_host": dead_host, "dead_endpoint": f"http://{dead_host}"}
+            cases[name + how] = (values, [_fill(a, values) for a in case.argv], _environment(case, values))
+    for name, (values, argv, env) in cases.items():
+        if name.endswith(" (process)"):
+            running[name] = subprocess.Popen([sys.executable, "-m", "deim_ray", *argv], env=env, cwd=ROOT,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for name, (values, argv, env) in cases.items():
+        if name not in running:
+            results[name] = (values, _in_process(argv, env))
+    for name, proc in running.items():
         stdout, stderr = proc.communicate(timeout=240)
-        results[name] = (values, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+        results[name] = (cases[name][0], subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
     return results
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(CASES) + [f"{n} (process)" for n in IN_A_PROCESS])
 def test_storage_error_is_one_line_exit_2_without_secret(outcomes, name):
-    case = CASES[name]
+    case = CASES[name.removesuffix(" (process)")]
     values, proc = outcomes[name]
     output = proc.stdout + proc.stderr
     assert SECRET_KEY not in output and WRONG_SECRET not in output

@@ -5,7 +5,8 @@ directory.
 Faults are injected by the test-only FaultHook (DEIM_RAY_FAULT), which reaches the Ray workers through the
 environment of the driver process that starts the local Ray instance; a marker per fault proves it fired.
 
-    uninterrupted  the same seed without faults: the reference final AP
+    uninterrupted  the session's finished run (tests/driver/conftest.py): the same config and seed without
+                   faults, trained by the driver in the test process: the reference final AP
     chaos          mid_epoch (epoch 0, rank 1), upload (epoch 0, rank 0), eval (epoch 1, rank 1),
                    checkpoint_write (epoch 1, rank 0), stage_start (epoch 2, rank 1); then, once the manifest's
                    `last` is the epoch-2 state, the driver's whole process tree (its local Ray and workers too)
@@ -31,7 +32,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +40,7 @@ import pytest
 import torch
 
 from deim_ray.engine.state import load_train_state
-from tests.driver.conftest import TINY, data_overrides
+from tests.driver.conftest import FINISHED_OVERRIDES, TINY, ManifestWatch, data_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +53,7 @@ AP_NOISE = 0.05
 randomness, and the tiny model's AP moves by this much between neighbouring epochs."""
 FAULTS = "mid_epoch:0:1,upload:0:0,eval:1:1,checkpoint_write:1:0,stage_start:2:1,nan:2:0"
 NAN_TOLERANCE = 2
+"""train.nan_tolerance of both runs (FINISHED_OVERRIDES)."""
 RERUN = "=== the same command, while the first driver is frozen ==="
 STALE_WAIT_S = 90
 """How long the resumed stale attempt may run on before it is killed (it is expected to give up sooner)."""
@@ -83,31 +84,9 @@ class Run:
         return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
-class ManifestWatch(threading.Thread):
-    """Records every (sha256, ap) each best artifact takes while a run trains."""
-
-    def __init__(self, watched: Run):
-        super().__init__(daemon=True)
-        self.watched, self.done = watched, threading.Event()
-
-    def run(self):
-        while not self.done.is_set():
-            try:
-                artifacts = self.watched.manifest["artifacts"]
-            except (OSError, ValueError):
-                artifacts = {}
-            for name in ("best_stg1", "best_stg2"):
-                rec = artifacts.get(name)
-                seen = self.watched.best_history.setdefault(name, [])
-                if rec and (not seen or seen[-1][0] != rec["sha256"]):
-                    seen.append((rec["sha256"], rec["ap"]))
-            time.sleep(0.2)
-
-
 def _command(storage: Path, name: str, data_root: Path) -> list[str]:
     return [sys.executable, "-m", "deim_ray", "train", "-c", TINY, "--storage", str(storage), "--name", name,
-            "--workers", "2", "--max-failures", "4", "-u", *data_overrides(data_root),
-            f"train.nan_tolerance={NAN_TOLERANCE}"]
+            "--workers", "2", "--max-failures", "4", "-u", *data_overrides(data_root), *FINISHED_OVERRIDES]
 
 
 def _env(faults: str, fault_dir: Path) -> dict[str, str]:
@@ -171,7 +150,7 @@ def _train(tmp: Path, name: str, data_root: Path, faults: str = "", pause_driver
     run = Run(tmp / "runs" / name, tmp / f"faults-{name}")
     run.fault_dir.mkdir(parents=True)
     cmd, env, log = _command(tmp / "runs", name, data_root), _env(faults, run.fault_dir), tmp / f"{name}.log"
-    watch = ManifestWatch(run)
+    watch = ManifestWatch(run.run_dir / "manifest.json", run.best_history)
     watch.start()
     started = time.monotonic()
     stale, frozen = None, []
@@ -233,10 +212,16 @@ def _in_stage2_after_epoch2(run: Run) -> bool:
     return bool(last) and (last["stage"], last["epoch"]) == (2, 2)
 
 
+def _uninterrupted(finished) -> Run:
+    """The shared finished run, seen as a Run of this module (no faults, so no fault markers)."""
+    return Run(finished.run_dir, finished.run_dir.parent / "no-faults", wall_s=finished.wall_s,
+               best_history=finished.best_history)
+
+
 @pytest.fixture(scope="module")
-def runs(tiny_data_root, tmp_path_factory):
+def runs(finished_run, tiny_data_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chaos")
-    out = {"uninterrupted": _train(tmp, "base", tiny_data_root),
+    out = {"uninterrupted": _uninterrupted(finished_run),
            "chaos": _train(tmp, "chaos", tiny_data_root, FAULTS, pause_driver_when=_in_stage2_after_epoch2)}
     _print_summary(out)
     return out

@@ -12,7 +12,8 @@ import pytest
 from deim_ray.cli.main import main
 from deim_ray.driver.console import BoardHook, Console, _bar, epoch_line
 from deim_ray.driver.plots import PLOT_KEY, redraw, render_metrics
-from deim_ray.driver.tensorboard import COCO_STAT_NAMES, epoch_scalars
+from deim_ray.driver.tensorboard import epoch_scalars
+from deim_ray.engine.evaluator import COCO_STAT_NAMES
 from deim_ray.storage import Manifest, RunStore, open_storage
 
 

@@ -1,13 +1,13 @@
-"""What a restarted worker or driver continues from, without starting Ray (the killed-process runs themselves are
-in test_chaos.py):
+"""What a restarted worker or driver continues from, without starting Ray of its own (the killed-process runs
+themselves are in test_chaos.py):
 
 - an epoch's commit records `last` (the one stored TrainState) and the best together, so a resume from `last`
   has nothing to reconcile; a worker killed between the commit's two steps leaves the manifest naming complete
   bytes, and the next stage start publishes the best's copy; metrics come from the history the state carries;
 - workers of a stale generation stop before training;
-- a Trainer resumed from a TrainState holds exactly that state: epoch, stage, model, EMA and its update count,
-  optimizer, best history (stage-2 restart state included); the LR needs no state (a pure function of the
-  epoch and iteration, engine/lr.py);
+- a Trainer resumed from a TrainState (those the session's finished run saved in stage 1) holds exactly that
+  state: epoch, stage, model, EMA and its update count, optimizer, best history (stage-2 restart state
+  included); the LR needs no state (a pure function of the epoch and iteration, engine/lr.py);
 - re-running a finished run prints its result and starts no Ray; --restart opens a new attempt; the FaultHook
   reads several faults from its environment.
 """
@@ -26,13 +26,12 @@ from deim_ray.cli.main import main
 from deim_ray.driver.checkpoint_hook import CheckpointHook
 from deim_ray.driver.fault_injection import Fault, FaultHook
 from deim_ray.driver.run import RunRequest, open_run
-from deim_ray.engine.hooks import Hook
 from deim_ray.config.schedule import Stage
 from deim_ray.engine.stages import BestTracker
 from deim_ray.engine.state import load_train_state, make_train_state, save_train_state
 from deim_ray.engine.trainer import StageStart, Trainer
 from deim_ray.storage import BEST_STG1, LAST, Manifest, RunState, RunStore, artifact_key, open_storage
-from tests.driver.conftest import TINY, data_overrides
+from tests.driver.conftest import FINISHED_OVERRIDES, TINY, data_overrides
 
 
 def _line(epoch: int, ap: float, stage: int = 1) -> dict:
@@ -128,20 +127,14 @@ def test_workers_of_a_stale_generation_stop_before_training(store, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_cfg):
-    """A real Trainer after stage 1 of the tiny config, and the TrainState it saved after each epoch."""
-    torch.set_num_threads(1)
-    cfg = tiny_cfg()
-
-    class Saved(Hook):
-        states: list[dict] = []
-
-        def after_epoch(self, trainer, record, decision):
-            self.states.append(copy.deepcopy(trainer.state_dict()))  # state_dict() holds live tensors
-
-    trainer = Trainer(cfg, "sha", hooks=[Saved()])
-    trainer.run_stage(StageStart(Stage.ONE))
-    return cfg, Saved.states
+def trained(finished_run, tiny_cfg):
+    """The TrainStates rank 0 of the session's finished run saved after each stage-1 epoch (its stage-1 Ray run's
+    checkpoints, kept: keep_checkpoints 2), and that run's config with absolute data paths."""
+    torch.set_num_threads(1)  # as in a Ray worker (OMP_NUM_THREADS=1)
+    stage1 = sorted((finished_run.run_dir / "ray").glob("stage1-g*/epoch_*/state.pt"))
+    states = [load_train_state(path) for path in stage1]
+    assert [s["last_epoch"] for s in states] == [0, 1], stage1
+    return tiny_cfg(*FINISHED_OVERRIDES), states
 
 
 def _equal(a, b) -> bool:
@@ -159,7 +152,7 @@ def test_trainer_resumes_exactly_the_saved_state(trained, tmp_path):
     cfg, states = trained
     saved = load_train_state(save_train_state(states[-1], tmp_path / "s.pt"))  # through the file, as Ray does
     assert saved["ema"]["updates"] == 2 * 8 and saved["last_epoch"] == 1
-    resumed = Trainer(cfg, "sha")
+    resumed = Trainer(cfg, saved["config_sha256"])
     resumed.run_stage(StageStart(Stage.ONE, resume=saved))  # stage 1 is complete: nothing left to train
     again = resumed.state_dict()
     for key in ("model", "ema", "optimizer", "scaler", "last_epoch", "stage", "best", "config_sha256"):

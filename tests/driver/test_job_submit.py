@@ -1,6 +1,7 @@
 """`ray job submit` against a real local head started from the venv, with token auth as Ray 2.60 enables it:
-the checkout travels as the working dir with cluster/runtime_env.yaml, the job runs `deim-ray train`, and the
-run ends DONE with a verified final. The head is this test's own process group and is always torn down."""
+the checkout travels as the working dir with cluster/runtime_env.yaml, the job runs `deim-ray train` (one epoch
+per stage), and the run ends DONE with a verified final. The head is this test's own process group and is always
+torn down."""
 
 import hashlib
 import json
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.driver.conftest import TINY, data_overrides
+from tests.driver.conftest import TINY, TWO_EPOCHS, data_overrides
 from tests.fixtures_s3 import _free_ports
 
 pytestmark = pytest.mark.slow
@@ -94,7 +95,7 @@ def test_submitted_train_job_ends_done_with_a_verified_final(head, tiny_data_roo
     storage = tmp_path / "runs"
     where = 'python -c "import deim_ray; print(\'deim_ray from\', deim_ray.__file__)"'
     train = ["deim-ray", "train", "-c", TINY, "--storage", str(storage), "--name", "job1", "--workers", "2",
-             "--max-failures", "1", "-u", *data_overrides(tiny_data_root)]
+             "--max-failures", "1", "-u", *data_overrides(tiny_data_root), *TWO_EPOCHS]
     submission_id = f"job1-{secrets.token_hex(4)}"
     submit = _ray(["job", "submit", "--address", address, "--submission-id", submission_id, "--working-dir", ".",
                    "--runtime-env", "cluster/runtime_env.yaml", "--", "sh", "-c", f"{where} && {shlex.join(train)}"],

@@ -6,6 +6,7 @@ temp dir and download) and the synthetic dataset all live there, so a path writt
 on the other. The driver (`deim-ray train --workers 2` on S3) runs in the head's namespace, like a job driver
 on the head. Only the code (checkout + venv), the network and the S3 server are common to both nodes.
 With 1 CPU per node and 1 CPU per worker, Ray can only place the two workers of a stage on different nodes.
+The run is the shortest two-stage schedule (one epoch per stage): the switch is what crosses the nodes.
 
 Checked: the two Train workers of each stage ran on different node ids; each node generated its own dataset
 copy; both workers started stage 2 from bit-identical weights equal to best_stg1 as stored in the bucket."""
@@ -28,7 +29,7 @@ import pytest
 from deim_ray.engine.state import load_train_state
 from deim_ray.engine.trainer import state_digest
 from deim_ray.models.build import build_model
-from tests.driver.conftest import TINY, data_overrides
+from tests.driver.conftest import TINY, TWO_EPOCHS, data_overrides
 from tests.fixtures_s3 import _free_ports, s3_client, temporary_bucket
 
 pytestmark = pytest.mark.slow
@@ -158,7 +159,7 @@ def trained(cluster, bucket, s3_endpoint):
     `-v` keeps the workers' own log lines, which show where each node's Train worker wrote its log."""
     argv = ["nsenter", f"--target={cluster.head.pid}", "--mount", "--", sys.executable, "-m", "deim_ray", "-v", "train",
             "-c", str(ROOT / TINY), "--storage", f"s3://{bucket}/runs", "--name", NAME, "--workers", "2",
-            "--max-failures", "0", "-u", *data_overrides(cluster.base / "node" / "data" / "shapes")]
+            "--max-failures", "0", "-u", *data_overrides(cluster.base / "node" / "data" / "shapes"), *TWO_EPOCHS]
     proc = subprocess.run(argv, env=cluster.env | {"RAY_ADDRESS": cluster.gcs_address}, cwd=ROOT,
                           capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -19,7 +19,8 @@ import torch
 
 from deim_ray.models.export import load_final
 from deim_ray.storage import RunStore, open_storage
-from tests.driver.conftest import TINY, data_overrides
+from deim_ray.config.loader import load_config
+from tests.driver.conftest import TINY, TWO_EPOCHS, data_overrides
 from tests.fixtures_s3 import ACCESS_KEY, SECRET_KEY, s3_client, temporary_bucket
 
 pytestmark = pytest.mark.slow
@@ -27,6 +28,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "s3run"
 TRAIN_TIMEOUT_S = 900
+SCHEDULE = load_config(ROOT / TINY, list(TWO_EPOCHS)).schedule
+"""The run's two-stage schedule: one epoch per stage (this test is about where things are stored)."""
 
 
 def _deim_ray(argv: list[str], env: dict, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -50,7 +53,7 @@ def trained(bucket, tiny_data_root, tmp_path_factory):
         "TMPDIR": str(tmp), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     # -v: Ray's and the workers' own lines too, so the secret scan below covers the most output there is
     argv = ["-v", "train", "-c", str(ROOT / TINY), "--storage", f"s3://{bucket}/runs", "--name", NAME, "--workers", "2",
-            "--max-failures", "1", "-u", *data_overrides(tiny_data_root)]
+            "--max-failures", "1", "-u", *data_overrides(tiny_data_root), *TWO_EPOCHS]
     proc = _deim_ray(argv, env, cwd, timeout=TRAIN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     yield proc, tmp, cwd
@@ -139,16 +142,17 @@ def test_bucket_holds_manifest_artifacts_and_ray_checkpoints(trained, manifest, 
         assert obj["Metadata"]["sha256"] == record["sha256"]
         assert hashlib.sha256(obj["Body"].read()).hexdigest() == record["sha256"]
     # `last` is the epoch's one stored TrainState, which is also Ray's checkpoint of the last stage run
-    assert recorded["last"]["key"] == f"ray/stage2-g{manifest['generation']}/epoch_0003/state.pt"
+    last_epoch = SCHEDULE.epochs - 1
+    assert recorded["last"]["key"] == f"ray/stage2-g{manifest['generation']}/epoch_{last_epoch:04d}/state.pt"
     assert f"{run}artifacts/last.pth" not in objects
     for stage in (1, 2):  # Ray Train's own storage: snapshot + one checkpoint dir per reported epoch (kept 2)
         ray_run = f"{run}ray/stage{stage}-g{stage + 1}/"  # generation 1 opened the run, each stage run claims one
         assert ray_run + "checkpoint_manager_snapshot.json" in objects, sorted(objects)
         epochs = sorted(k for k in objects if k.startswith(ray_run + "epoch_") and k.endswith("/state.pt"))
-        last_epoch = 1 if stage == 1 else 3
+        last_epoch = SCHEDULE.stop_epoch - 1 if stage == 1 else SCHEDULE.epochs - 1
         assert epochs and epochs[-1] == f"{ray_run}epoch_{last_epoch:04d}/state.pt", sorted(objects)
     metrics = [json.loads(line) for line in objects[run + "metrics.jsonl"]["Body"].read().splitlines()]
-    assert [m["epoch"] for m in metrics] == [0, 1, 2, 3]
+    assert [m["epoch"] for m in metrics] == list(range(SCHEDULE.epochs))
 
 
 def test_the_secret_key_appears_nowhere(trained, bucket, s3_endpoint):

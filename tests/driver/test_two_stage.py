@@ -4,9 +4,7 @@ EMA restart decay in effect, and a final artifact that reproduces its recorded A
 `deim-ray eval`, in PyTorch and exported to ONNX."""
 
 import hashlib
-import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from deim_ray.driver.console import Console
 from deim_ray.driver.evaluation import detect_all, open_detector, val_split_of
 from deim_ray.driver.run import RunError, RunRequest, run_training
 from deim_ray.engine.data import build_data
-from deim_ray.engine.evaluator import STAT_NAMES, DetectionCollector, coco_evaluation, merge_detections
+from deim_ray.engine.evaluator import COCO_STAT_NAMES, DetectionCollector, coco_evaluation, merge_detections
 from deim_ray.engine.loop import evaluate
 from deim_ray.engine.state import load_train_state
 from deim_ray.engine.trainer import state_digest
@@ -28,40 +26,27 @@ from deim_ray.models.build import build_model
 from deim_ray.models.export import load_final
 from deim_ray.models.postprocess import postprocess
 
-from tests.driver.conftest import TINY, data_overrides
+from tests.driver.conftest import FINISHED_OVERRIDES, TINY, data_overrides, relative_cfg, tracking_overrides
 from tests.engine.test_evaluator import one_category_ap
 from tests.models.conftest import matched_box_error
 
 pytestmark = pytest.mark.slow
 
 RESTART_DECAY = 0.9995
-
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _relative_cfg(tiny_data_root, *overrides):
-    return load_config(REPO / TINY, [*data_overrides(tiny_data_root.name), *overrides])
+"""The shared run's `schedule.ema_restart_decay` (FINISHED_OVERRIDES)."""
 
 
 @pytest.fixture(scope="module")
-def run(ray_local, tiny_data_root, tmp_path_factory, mlflow_server):
-    """The module runs from the data's parent folder with RELATIVE data paths, as the README allows: the driver
-    generates the synthetic set there once and hands the workers (other working directories) absolute paths.
-    The run logs to TensorBoard and to a real MLflow server."""
-    storage = tmp_path_factory.mktemp("runs")
-    cwd = os.getcwd()
-    os.chdir(tiny_data_root.parent)
-    try:
-        cfg = _relative_cfg(tiny_data_root, f"schedule.ema_restart_decay={RESTART_DECAY}",
-                            "train.trackers=[tensorboard,mlflow]", f"train.mlflow_tracking_uri={mlflow_server}")
-        console = Console(stream=io.StringIO())
-        manifest = run_training(RunRequest(cfg=cfg, storage_uri=str(storage), name="t1", workers=2,
-                                           console=console))
-        (storage / "console.txt").write_text(console.stream.getvalue())
-        yield cfg, storage / "t1", manifest
-    finally:
-        os.chdir(cwd)
+def run(finished_run):
+    """The session's finished run (tests/driver/conftest.py), read only: (config, run dir, manifest)."""
+    assert finished_run.cfg.schedule.ema_restart_decay == RESTART_DECAY
+    return finished_run.cfg, finished_run.run_dir, finished_run.manifest
+
+
+@pytest.fixture(autouse=True)
+def _in_the_runs_folder(finished_run, monkeypatch):
+    """The run's data paths are relative to the folder it was started from: every test works from there too."""
+    monkeypatch.chdir(finished_run.data_root.parent)
 
 
 def _sha(path: Path) -> str:
@@ -148,15 +133,14 @@ def test_rerun_of_a_done_run_trains_nothing(run):
 
 def test_other_config_under_same_name_is_refused(run, tiny_data_root):
     cfg, run_dir, _ = run
-    other = _relative_cfg(tiny_data_root, f"schedule.ema_restart_decay={RESTART_DECAY}", "optimizer.lr=0.001",
-                          "train.trackers=[tensorboard,mlflow]", f"train.mlflow_tracking_uri={cfg.train.mlflow_tracking_uri}")
+    other = relative_cfg(tiny_data_root, *FINISHED_OVERRIDES, "optimizer.lr=0.001", *tracking_overrides(
+        cfg.train.mlflow_tracking_uri))
     with pytest.raises(RunError, match="optimizer.lr"):
         run_training(RunRequest(cfg=other, storage_uri=str(run_dir.parent), name="t1", workers=2))
 
 
-def test_console_printed_each_epoch_once_in_order(run):
-    _, run_dir, _ = run
-    lines = (run_dir.parent / "console.txt").read_text().splitlines()
+def test_console_printed_each_epoch_once_in_order(finished_run):
+    lines = finished_run.console.splitlines()
     assert [line.split()[:4] for line in lines] == [["epoch", f"{e}/3", "stage", str(s)]
                                                     for e, s in [(0, 1), (1, 1), (2, 2), (3, 2)]]
     assert "saved best_stg1" in lines[0]
@@ -221,7 +205,7 @@ def test_eval_reproduces_the_final_ap_in_pytorch_and_onnx(run, tiny_data_root, t
                  "--plots", str(tmp_path / "plots")]) == 0
     out = capsys.readouterr().out
     doc = json.loads(torch_json.read_text())
-    assert list(doc["stats"]) == list(STAT_NAMES) and doc["images"] == 12
+    assert list(doc["stats"]) == list(COCO_STAT_NAMES) and doc["images"] == 12
     assert doc["stats"]["AP"] == pytest.approx(manifest.final["ap"], abs=1e-3)
     trained = _final_row(run_dir, manifest)["per_class"]
     assert [(c["name"], c["category_id"], c["instances"]) for c in doc["per_class"]] == \

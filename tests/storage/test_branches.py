@@ -8,7 +8,7 @@ import pytest
 from deim_ray.storage import (BEST_STG1, BEST_STG2, LAST, ArtifactRecord, BadStorageURI, Manifest, ManifestError,
                               ObjectNotFound, ResolveError, RunState, RunStore, describe_run, fetch, list_runs,
                               resolve_final)
-from deim_ray.storage.manifest import BranchRecord
+from deim_ray.storage.manifest import BranchRecord, BranchState
 
 from tests.storage.payloads import sha256
 
@@ -27,7 +27,7 @@ def _rec(stage, ap, epoch, where="artifacts/best_stg2.pth"):
 def _branches(*aps):
     out = []
     for i, ap in enumerate(aps):
-        b = BranchRecord(name=f"b{i}", params=PARAMS[i], state="DONE")
+        b = BranchRecord(name=f"b{i}", params=PARAMS[i], state=BranchState.DONE)
         b.artifacts[BEST_STG2] = None if ap is None else _rec(2, ap, 9 + i, f"stage2/b{i}/artifacts/best_stg2.pth")
         out.append(b)
     return out

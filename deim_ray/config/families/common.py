@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from deim_ray.config.errors import ConfigError
-from deim_ray.config.upstream_model import (_DECODER_FIELDS, _DECODER_KW, _ENCODER_KW, Reader, _compare_section,
-                                            _convert_matcher, _section)
+from deim_ray.config.upstream_model import (DECODER_FIELDS, DECODER_KW, ENCODER_KW, Reader, compare_section,
+                                            convert_matcher, section_of)
 
 # Upstream DEIMCriterion weight -> transformers config keyword (MAL and VFL share the classification weight).
 _WEIGHTS = {"loss_mal": "weight_loss_vfl", "loss_vfl": "weight_loss_vfl", "loss_bbox": "weight_loss_bbox",
@@ -60,13 +60,13 @@ def convert_family(r: Reader, fam: UpstreamFamily) -> str:
     r.put("model.variant", variant, f"{backbone}.name" if backbone == "HGNetv2" else f"{backbone}.depth")
     _convert_backbone(r, backbone, fam.backbone_keys[variant])
     _convert_backbone_weights(r, backbone, fam)
-    _compare_section(r, encoder, fam.encoder_keys[variant], {}, _ENCODER_KW)
+    compare_section(r, encoder, fam.encoder_keys[variant], {}, ENCODER_KW)
     decoder_keys = _normalise_decoder(r, fam.decoder, fam.decoder_keys[variant])
-    keywords = {k: v for k, v in {**_DECODER_KW, **fam.decoder_kw}.items() if v is not None}
+    keywords = {k: v for k, v in {**DECODER_KW, **fam.decoder_kw}.items() if v is not None}
     for key, default in fam.decoder_defaults.items():
         if not r.has(f"{fam.decoder}.{key}"):
             r.put(f"model.extra.{keywords[key]}", default, fam.decoder)
-    _compare_section(r, fam.decoder, decoder_keys, _DECODER_FIELDS, keywords)
+    compare_section(r, fam.decoder, decoder_keys, DECODER_FIELDS, keywords)
     for unused in {"HGNetv2", "PResNet", "DINOv3STAs", "LiteEncoder", "DEIMTransformer"} - {backbone}:
         r.ignore(unused)  # sections upstream's base files define but this model does not build
     if r.has("PostProcessor.num_top_queries"):
@@ -82,7 +82,7 @@ def _convert_backbone(r: Reader, section: str, expected: dict[str, Any]) -> None
         if value != expected.get(key):
             r.put(f"model.extra.{keyword}", cast(value), path)
     _convert_freeze(r, section)
-    for key in _section(r, section):
+    for key in section_of(r, section):
         if key in expected and key not in (*_BACKBONE_KW, "freeze_at"):
             r.expect(f"{section}.{key}", expected[key])
 
@@ -139,7 +139,7 @@ def _convert_criterion(r: Reader, fam: UpstreamFamily) -> None:
         if r.get(f"{c}.{key}", default) != default:
             r.put(f"model.extra.{keyword}", r.get(f"{c}.{key}"), f"{c}.{key}")
         r.ignore(f"{c}.{key}")
-    _convert_matcher(r, f"{c}.matcher")
+    convert_matcher(r, f"{c}.matcher")
 
 
 def translate_family_regex(fam: UpstreamFamily, pattern: str) -> str | None:
