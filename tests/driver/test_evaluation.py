@@ -10,7 +10,7 @@ import torch
 from deim_ray.cli.main import main
 from deim_ray.config.schema import ModelConfig, SyntheticConfig
 from deim_ray.data.synthetic import generate_shapes
-from deim_ray.engine.evaluator import STAT_NAMES
+from deim_ray.engine.evaluator import COCO_STAT_NAMES
 from deim_ray.models import build_model, make_final_checkpoint
 
 from tests.driver.conftest import TINY, data_overrides
@@ -42,7 +42,7 @@ def test_eval_reports_stats_and_per_class_rows_of_the_val_split(shapes, final_pa
     console = capsys.readouterr().out
     doc = json.loads(out.read_text())
     ann = json.loads((shapes / "annotations" / "val.json").read_text())
-    assert list(doc["stats"]) == list(STAT_NAMES) and doc["images"] == 6
+    assert list(doc["stats"]) == list(COCO_STAT_NAMES) and doc["images"] == 6
     assert doc["preprocess"]["size_hw"] == [160, 160]
     for row, cat in zip(doc["per_class"], ann["categories"]):
         boxes = [a for a in ann["annotations"] if a["category_id"] == cat["id"]]
