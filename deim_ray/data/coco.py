@@ -53,7 +53,7 @@ from torchvision import tv_tensors
 from deim_ray.config.schema import SplitConfig
 from deim_ray.data.annotations import read_split, split_source
 from deim_ray.data.errors import DataError
-from deim_ray.data.images import check_image
+from deim_ray.data.images import ORIENTATION, check_image
 
 log = logging.getLogger("deim_ray.data")
 
@@ -272,7 +272,7 @@ def decode_upright(path: str, at_least: tuple[int, int] | None = None) -> tuple[
     """The image as a viewer shows it (EXIF orientation applied, 8-bit RGB) and the reduction it was decoded
     at: 1, or 2, 4 or 8 for a JPEG whose upright size stays at least `at_least` (width, height) after it."""
     with Image.open(path) as im:
-        orientation = im.getexif().get(_ORIENTATION)
+        orientation = im.getexif().get(ORIENTATION)
         reduction = _draft(im, at_least, orientation in (5, 6, 7, 8))
         im.load()
         # exif_transpose copies an image it does not turn; turn only the ones that need it

@@ -15,7 +15,8 @@ _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 MAX_IMAGE_PIXELS = 40_000_000
 """Largest image (width x height) a dataset uses, e.g. 8000 x 5000; larger ones are refused at preflight and
 skipped by the dataset: ZoomOut alone makes a canvas up to 16 times the image."""
-_ORIENTATION = 0x0112
+ORIENTATION = 0x0112
+"""The EXIF tag of the orientation a viewer applies."""
 """EXIF tag: values 5..8 mean the stored pixels are transposed relative to the upright image."""
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 """File suffixes (lower case) taken for images where a layout lists a folder instead of file names."""
@@ -38,7 +39,7 @@ def too_large(width: int, height: int) -> bool:
 def upright_size(im: Image.Image) -> tuple[int, int]:
     """(width, height) of the image as shown, i.e. after its EXIF orientation."""
     w, h = im.size
-    return (h, w) if im.getexif().get(_ORIENTATION) in (5, 6, 7, 8) else (w, h)
+    return (h, w) if im.getexif().get(ORIENTATION) in (5, 6, 7, 8) else (w, h)
 
 
 def check_image(path: Path) -> tuple[str | None, tuple[int, int]]:

@@ -129,5 +129,4 @@ def test_predict_skips_unreadable_images_with_a_count(tmp_path, final_path, imag
     assert "skipped 2 of 5 image(s)" in warning and "d_truncated.jpg" in warning and "e_empty.png" in warning
     names = {row["file_name"].rsplit("/", 1)[-1] for row in json.loads((out / "detections.json").read_text())}
     assert names == {"a_rotated.jpg", "b_gray.png", "c_rgba.png"}
-    assert sorted(p.name for p in out.iterdir()) == ["0000_a_rotated.jpg", "0001_b_gray.jpg", "0002_c_rgba.jpg",
-                                                     "detections.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_rotated.jpg", "b_gray.jpg", "c_rgba.jpg", "detections.json"]
