@@ -9,9 +9,9 @@
 Trials are named as their runs are (`trial-<n>`, n counted from 0 in the order Tune created them). Epoch lines come
 every `every` epochs and at each trial's last one. Ray's own output (status tables every 30 s, result tables with
 internal fields, the trial actors' stdout and stderr, which include Python's "Exception ignored ... SystemExit"
-when ASHA kills a trial) stays out of the console unless -v: `ray_output` gives the Tuner's settings for that (the
-trial processes' output also needs a driver connected with `log_to_driver=False`: Tune's `log_to_file` copies it to
-the trial folder but still prints it).
+when ASHA kills a trial) stays out of the console unless -v: `ray_output` gives the Tuner's settings for that, and
+the search's driver connects with `log_to_driver=False`, which keeps the trial processes' output in Ray's session
+logs.
 """
 
 from __future__ import annotations
@@ -103,9 +103,8 @@ def error_line(error: BaseException) -> str:
 
 @contextmanager
 def ray_output() -> Iterator[dict]:
-    """The Tuner's RunConfig settings for Ray's own output (unless -v: no progress reporting, each trial's
-    stdout/stderr in its folder), with Ray Tune's legacy reporter (the one verbose=0 silences) and its logger kept
-    to errors while the search runs."""
+    """The Tuner's RunConfig settings for Ray's own output (unless -v: no progress reporting), with Ray Tune's
+    legacy reporter (the one verbose=0 silences) and its logger kept to errors while the search runs."""
     if is_verbose():
         yield {}
         return
@@ -114,7 +113,7 @@ def ray_output() -> Iterator[dict]:
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     tune_log.setLevel(logging.ERROR)
     try:
-        yield {"verbose": 0, "log_to_file": True}
+        yield {"verbose": 0}
     finally:
         tune_log.setLevel(old_level)
         if old_env is None:
