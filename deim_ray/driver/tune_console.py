@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
-from ray import tune
+from ray import cloudpickle, tune
 
 from deim_ray.driver.console import epoch_line
 from deim_ray.logs import is_verbose
@@ -86,12 +86,22 @@ class TrialConsole(tune.Callback):
             self._print(trial, f" finished: {run} epochs, best AP {last.get('best_ap', 0.0):.4f}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        error = trial.get_pickled_error() or trial.get_error()
-        self._print(trial, f" failed: {error_line(error) if error else 'no error recorded'}")
+        error = _raised(trial)
+        self._print(trial, f" failed: {error_line(error) if error else 'its error is in the table below'}")
 
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else json.dumps(value)
+
+
+def _raised(trial) -> BaseException | None:
+    """What a failed trial raised: Tune pickles it into the trial's local folder before the callbacks run (its
+    copy in the search's storage comes later)."""
+    path = trial.pickled_error_file
+    if not path or not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return cloudpickle.load(f)
 
 
 def error_line(error: BaseException) -> str:
@@ -104,14 +114,14 @@ def error_line(error: BaseException) -> str:
 @contextmanager
 def ray_output() -> Iterator[dict]:
     """The Tuner's RunConfig settings for Ray's own output (unless -v: no progress reporting), with Ray Tune's
-    legacy reporter (the one verbose=0 silences) and its logger kept to errors while the search runs."""
+    legacy reporter (the one verbose=0 silences) and its logger quiet while the search runs."""
     if is_verbose():
         yield {}
         return
     tune_log = logging.getLogger("ray.tune")
     old_level, old_env = tune_log.level, os.environ.get("RAY_AIR_NEW_OUTPUT")
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    tune_log.setLevel(logging.ERROR)
+    tune_log.setLevel(logging.CRITICAL)  # its "Trials did not complete: [_trial_main_...]": the failed lines say it
     try:
         yield {"verbose": 0}
     finally:
