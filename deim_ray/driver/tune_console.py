@@ -80,8 +80,9 @@ class TrialConsole(tune.Callback):
         last = trial.last_result or {}
         run = int(last.get("epoch", -1)) + 1
         if run < self.epochs.get(trial.trial_id, 0):
-            self._print(trial, f" stopped by ASHA after epoch {run - 1}: its {self.metric} {last.get(self.metric, 0):.4g}"
-                               f" was not among the best 1/{self.reduction_factor} of the trials at that rung")
+            value = last.get(self.metric, 0.0)
+            self._print(trial, f" stopped by ASHA after epoch {run - 1}: its {self.metric} {value:.4g} was not "
+                               f"among the best 1/{self.reduction_factor} of the trials at that rung")
         else:
             self._print(trial, f" finished: {run} epochs, best AP {last.get('best_ap', 0.0):.4f}")
 

@@ -137,7 +137,8 @@ def test_rerun_of_a_done_run_trains_nothing(run):
 def test_other_config_under_same_name_is_refused(run, tiny_data_root):
     cfg, run_dir, _ = run
     other = _relative_cfg(tiny_data_root, f"schedule.ema_restart_decay={RESTART_DECAY}", "optimizer.lr=0.001",
-                          "train.trackers=[tensorboard,mlflow]", f"train.mlflow_tracking_uri={cfg.train.mlflow_tracking_uri}")
+                          "train.trackers=[tensorboard,mlflow]",
+                          f"train.mlflow_tracking_uri={cfg.train.mlflow_tracking_uri}")
     with pytest.raises(RunError, match="optimizer.lr"):
         run_training(RunRequest(cfg=other, storage_uri=str(run_dir.parent), name="t1", workers=2))
 
