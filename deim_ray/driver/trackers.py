@@ -213,8 +213,8 @@ def open_search_tracking(cfg: Config, name: str, params: dict[str, str]) -> Trac
     tracking = Tracking(name=name)
     if "mlflow" in trackers:
         uri = mlflow_uri(cfg)
-        tracking = dataclasses.replace(tracking, mlflow_uri=uri,
-                                       mlflow_run=start_mlflow_run(uri, cfg.train.mlflow_experiment, name, params, None))
+        run_id = start_mlflow_run(uri, cfg.train.mlflow_experiment, name, params, None)
+        tracking = dataclasses.replace(tracking, mlflow_uri=uri, mlflow_run=run_id)
     return tracking
 
 

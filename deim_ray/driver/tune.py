@@ -1,7 +1,7 @@
 """driver layer: `deim-ray tune`, a Ray Tune search whose every trial is a full two-stage deim_ray run.
 
     <storage>/<name>/trial-<n>/          one run per trial: manifest.json, artifacts/final.pth, ... (as `train`)
-                     ray/search/         Ray Tune's experiment state (trial logs included)
+                     ray/search/         Ray Tune's experiment state
                      tune_summary.json   best trial, its params and final artifact URI, every trial
 
 Each trial is a Tune function trainable that acts as the Train driver: it applies its sampled values to the
@@ -154,8 +154,8 @@ def _scheduler(kind: str, epochs: int, grace_period: int):
 
 
 def _connect(max_concurrent: int) -> None:
-    # the trial drivers' own output (Tune's per-trial stdout/stderr, Python's "Exception ignored ... SystemExit"
-    # when ASHA kills one) stays in the trial folders and Ray's logs: the console has a line per trial event
+    # the trial drivers' own output (Python's "Exception ignored ... SystemExit" when ASHA kills one, Ray's
+    # warnings) stays in Ray's session logs: the console has a line per trial event
     ensure_ray(resources={DRIVER_RESOURCE: float(max_concurrent)}, log_to_driver=is_verbose())
     have = ray.cluster_resources().get(DRIVER_RESOURCE, 0.0)
     if have < 1:

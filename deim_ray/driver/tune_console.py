@@ -9,9 +9,9 @@
 Trials are named as their runs are (`trial-<n>`, n counted from 0 in the order Tune created them). Epoch lines come
 every `every` epochs and at each trial's last one. Ray's own output (status tables every 30 s, result tables with
 internal fields, the trial actors' stdout and stderr, which include Python's "Exception ignored ... SystemExit"
-when ASHA kills a trial) stays out of the console unless -v: `ray_output` gives the Tuner's settings for that (the
-trial processes' output also needs a driver connected with `log_to_driver=False`: Tune's `log_to_file` copies it to
-the trial folder but still prints it).
+when ASHA kills a trial) stays out of the console unless -v: `ray_output` gives the Tuner's settings for that, and
+the search's driver connects with `log_to_driver=False`, which keeps the trial processes' output in Ray's session
+logs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
-from ray import tune
+from ray import cloudpickle, tune
 
 from deim_ray.driver.console import epoch_line
 from deim_ray.logs import is_verbose
@@ -80,18 +80,29 @@ class TrialConsole(tune.Callback):
         last = trial.last_result or {}
         run = int(last.get("epoch", -1)) + 1
         if run < self.epochs.get(trial.trial_id, 0):
-            self._print(trial, f" stopped by ASHA after epoch {run - 1}: its {self.metric} {last.get(self.metric, 0):.4g}"
-                               f" was not among the best 1/{self.reduction_factor} of the trials at that rung")
+            value = last.get(self.metric, 0.0)
+            self._print(trial, f" stopped by ASHA after epoch {run - 1}: its {self.metric} {value:.4g} was not "
+                               f"among the best 1/{self.reduction_factor} of the trials at that rung")
         else:
             self._print(trial, f" finished: {run} epochs, best AP {last.get('best_ap', 0.0):.4f}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        error = trial.get_pickled_error() or trial.get_error()
-        self._print(trial, f" failed: {error_line(error) if error else 'no error recorded'}")
+        error = _raised(trial)
+        self._print(trial, f" failed: {error_line(error) if error else 'its error is in the table below'}")
 
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else json.dumps(value)
+
+
+def _raised(trial) -> BaseException | None:
+    """What a failed trial raised: Tune pickles it into the trial's local folder before the callbacks run (its
+    copy in the search's storage comes later)."""
+    path = trial.pickled_error_file
+    if not path or not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return cloudpickle.load(f)
 
 
 def error_line(error: BaseException) -> str:
@@ -103,18 +114,17 @@ def error_line(error: BaseException) -> str:
 
 @contextmanager
 def ray_output() -> Iterator[dict]:
-    """The Tuner's RunConfig settings for Ray's own output (unless -v: no progress reporting, each trial's
-    stdout/stderr in its folder), with Ray Tune's legacy reporter (the one verbose=0 silences) and its logger kept
-    to errors while the search runs."""
+    """The Tuner's RunConfig settings for Ray's own output (unless -v: no progress reporting), with Ray Tune's
+    legacy reporter (the one verbose=0 silences) and its logger quiet while the search runs."""
     if is_verbose():
         yield {}
         return
     tune_log = logging.getLogger("ray.tune")
     old_level, old_env = tune_log.level, os.environ.get("RAY_AIR_NEW_OUTPUT")
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    tune_log.setLevel(logging.ERROR)
+    tune_log.setLevel(logging.CRITICAL)  # its "Trials did not complete: [_trial_main_...]": the failed lines say it
     try:
-        yield {"verbose": 0, "log_to_file": True}
+        yield {"verbose": 0}
     finally:
         tune_log.setLevel(old_level)
         if old_env is None:

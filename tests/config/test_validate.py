@@ -243,6 +243,7 @@ def test_trackers_are_known_names_and_the_older_tensorboard_flag_still_works():
     assert make().train.active_trackers == ("tensorboard",)
     assert make(train__trackers=["mlflow", "wandb"]).train.active_trackers == ("mlflow", "wandb")
     assert make(train__tensorboard=False).train.active_trackers == ()
-    assert make(train__tensorboard=False, train__trackers=["tensorboard", "mlflow"]).train.active_trackers == ("mlflow",)
+    both = make(train__tensorboard=False, train__trackers=["tensorboard", "mlflow"])
+    assert both.train.active_trackers == ("mlflow",)
     assert make(train__tensorboard=True, train__trackers=["mlflow"]).train.active_trackers == ("tensorboard", "mlflow")
     bad(r"unknown tracker 'mlfow' in `train.trackers` — did you mean 'mlflow'\?", train__trackers=["mlfow"])

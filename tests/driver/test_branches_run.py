@@ -32,7 +32,7 @@ def branched_run(tiny_data_root, tmp_path_factory, mlflow_server):
     cmd = [sys.executable, "-m", "deim_ray", "train", "-c", TINY, "--storage", str(storage), "--name", "br",
            "--stage2-branches", "3", "--max-failures", "2", "-u", *data_overrides(tiny_data_root),
            "train.trackers=[mlflow]", f"train.mlflow_tracking_uri={mlflow_server}"]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return storage / "br", json.loads((storage / "br" / "manifest.json").read_text()), faults, done.stderr
 

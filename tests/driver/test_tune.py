@@ -242,9 +242,10 @@ def search(tune_ray, tiny_data_root, tmp_path_factory, mlflow_server):
     cmd = [sys.executable, "-m", "deim_ray", "tune", "-c", TINY, "--space", str(space), "--samples", "1",
            "--scheduler", "asha", "--max-concurrent", "1", "--storage", str(storage), "--name", "hpo",
            "--workers-per-trial", "2", "--metric", "loss", "--max-failures", "1",
-           "-u", *data_overrides(tiny_data_root), "train.trackers=[mlflow]", f"train.mlflow_tracking_uri={mlflow_server}"]
+           "-u", *data_overrides(tiny_data_root), "train.trackers=[mlflow]",
+           f"train.mlflow_tracking_uri={mlflow_server}"]
     env = os.environ | {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     console = done.stdout + done.stderr
     assert done.returncode == 0, console[-3000:]
     written = json.loads((storage / "hpo" / "tune_summary.json").read_text())
