@@ -12,6 +12,7 @@ import sys
 import traceback
 
 from deim_ray.cli import commands
+from deim_ray.driver.interrupts import stop_on_signals
 from deim_ray.logs import setup_logging
 from deim_ray.redact import redact
 
@@ -229,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0
     setup_logging(quiet=args.quiet, verbose=args.verbose)
     try:
-        return int(args.func(args) or 0)
+        with stop_on_signals(lambda: commands.interrupted_at(args)):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("deim-ray: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -8,7 +8,7 @@ One function per state a run can be re-entered in; a FAILED run says so and cont
 
 from __future__ import annotations
 
-from deim_ray.config.schedule import BEST_STG1, LAST
+from deim_ray.config.schedule import BEST_STG1, LAST, stage_of
 from deim_ray.storage import Manifest, RunState
 from deim_ray.storage.manifest import BranchRecord
 
@@ -46,3 +46,14 @@ def _best(m: Manifest) -> str:
 def _branch(b: BranchRecord) -> str:
     last = b.artifacts.get(LAST)
     return f"{b.name} {b.state}" + (f" at epoch {last.epoch}" if last is not None and b.state != "DONE" else "")
+
+
+def position(manifest: Manifest | None) -> str:
+    """Where a run stands for the line of an interrupted command: `epoch E of stage S`, E the epoch in progress
+    (the one after the last committed, of the run or any stage-2 branch), or `start-up` before a manifest."""
+    if manifest is None:
+        return "start-up"
+    lasts = [r for r in (manifest.artifacts.get(LAST), *(b.artifacts.get(LAST) for b in manifest.stage2_branches
+                                                         or ())) if r is not None]
+    epoch = max((r.epoch + 1 for r in lasts), default=0)
+    return f"epoch {epoch} of stage {int(stage_of(epoch, manifest.stop_epoch))}"

@@ -26,6 +26,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from deim_ray.config.errors import ConfigError
 from deim_ray.config.schedule import Stage
 from deim_ray.data.errors import DataError
+from deim_ray.driver.interrupts import keep_handlers
 from deim_ray.engine.optim import ParamGroupError
 from deim_ray.engine.loop import NonFiniteLossError
 from deim_ray.engine.state import CheckpointError
@@ -123,6 +124,7 @@ def ensure_ray(address: str | None = None, resources: dict[str, float] | None = 
     if address and address != "local":  # a cluster (or `ray job submit`): its runtime_env stays in charge
         check_reachable(address, source)
         ray.init(address=address, logging_level=level)
+        keep_handlers()  # ray.init replaced the SIGTERM handler with one that prints stack lines
         return
     dashboard_port = _free_port()
     env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
@@ -135,6 +137,7 @@ def ensure_ray(address: str | None = None, resources: dict[str, float] | None = 
     with _quiet_token_notice():
         ray.init(address="local", logging_level=level, resources=resources, dashboard_port=dashboard_port,
                  runtime_env={"env_vars": env})
+    keep_handlers()
 
 
 def _free_port() -> int:
