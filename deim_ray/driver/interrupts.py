@@ -30,6 +30,27 @@ STOP_TIMEOUT = 10.0
 """Seconds each stop step (the callbacks, the Ray disconnect) may take before the process exits anyway."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM in a command that is not a training one: it unwinds like Ctrl-C, so half-written outputs are
+    removed on the way out (`deim_ray.outputs`)."""
+
+
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """For commands that write outputs (predict, export, fetch, ...): SIGTERM raises `Terminated` in the main
+    thread, as SIGINT raises KeyboardInterrupt, instead of ending the process where it stands."""
+    def terminate(signum, frame):
+        raise Terminated()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class _Stop:
     """The watcher's state for one `stop_on_signals` block."""
 
