@@ -26,7 +26,7 @@ def _progress(m: Manifest) -> tuple[str, str]:
     if m.switch is None:  # stage 1 unfinished (NEW, STAGE1_RUNNING or failed in stage 1)
         if last is None:
             return "no epoch committed yet", "stage 1 from epoch 0"
-        return (f"epochs 0-{last.epoch} of stage 1 committed{_best(m)}",
+        return (f"{_epochs(0, last.epoch)} of stage 1 committed{_best(m)}",
                 f"stage 1 at epoch {last.epoch + 1} from the last committed epoch")
     stage1 = f"stage 1 (best_stg1 epoch {m.switch.get('best_stg1_epoch')}, AP {m.switch.get('best_stg1_ap', 0):.4f})"
     if m.stage2_branches:
@@ -34,8 +34,12 @@ def _progress(m: Manifest) -> tuple[str, str]:
             f"the {sum(b.state != 'DONE' for b in m.stage2_branches)} unfinished stage-2 branch(es)"
     if last is None or last.stage != 2:
         return stage1, f"stage 2 at epoch {m.stop_epoch} from best_stg1"
-    return (f"{stage1}, epochs {m.stop_epoch}-{last.epoch} of stage 2 committed",
+    return (f"{stage1}, {_epochs(m.stop_epoch, last.epoch)} of stage 2 committed",
             f"stage 2 at epoch {last.epoch + 1} from the last committed epoch")
+
+
+def _epochs(first: int, last: int) -> str:
+    return f"epoch {first}" if first == last else f"epochs {first}-{last}"
 
 
 def _best(m: Manifest) -> str:

@@ -80,7 +80,7 @@ def stops(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("interrupts")
     results = {}
     first = Driver(tmp, "startup")
-    time.sleep(3)  # arguments parsed, the run's checks under way
+    first.wait_for("generating synthetic shapes")  # the driver's checks, before Ray starts
     results["start-up"] = (signal.SIGINT, *first.stop(signal.SIGINT), None)
     mid = Driver(tmp, "stage1")
     mid.wait_for("epoch  0/", delay=1)
