@@ -5,10 +5,10 @@ the middle of Ray's C code surfaces as SystemError tracebacks, or not at all): t
 to a wakeup pipe, and a watcher thread ends the command from there, whatever the main thread is doing:
 
 1. it silences the console (Ray's and Python's complaints while everything stops), runs the callbacks
-   registered with `on_stop` (the driver's hold on its run is released, so the re-run starts at once) and
-   disconnects from Ray (the Ray Train runs and their workers end; a local instance shuts down), each bounded;
-2. it prints one line — `deim-ray: interrupted at epoch E of stage S; re-run the same command to resume` —
-   and exits with 128 + the signal (130, 143), skipping the interpreter's shutdown hooks.
+   registered with `on_stop` (the driver's hold on its run is released, so the re-run starts at once);
+2. it prints one line — `deim-ray: interrupted at epoch E of stage S; re-run the same command to resume` —,
+   disconnects from Ray (the Ray Train runs and their workers end; a local instance shuts down), each step
+   bounded, and exits with 128 + the signal (130, 143), skipping the interpreter's shutdown hooks.
 
 Nothing needs undoing: every file the run stores is written whole and the manifest records only complete
 epochs, so it is consistent at any moment and the re-run resumes from its `last`. A second signal skips the
@@ -153,7 +153,7 @@ def _end(stop: _Stop) -> None:
     _bounded(lambda: where.append(stop.where()), stop)
     for callback in list(stop.callbacks):
         _bounded(callback, stop)
-    _bounded(_disconnect_ray, stop)
     at = f" at {where[0]}" if where and where[0] else ""
     os.write(console, f"deim-ray: interrupted{at}; re-run the same command to resume\n".encode())
+    _bounded(_disconnect_ray, stop)  # last: a Ray that fails to shut down cleanly may end the process itself
     os._exit(128 + signum)

@@ -209,6 +209,9 @@ def run_stage(*, stage: Stage, args: dict, store: RunStore, ray_run: str, worker
     )
     # debug: the epoch lines (and the switch line) already say which stage runs
     log.debug("stage %d: starting %d worker(s) (%s)", int(stage), workers, "GPU/NCCL" if gpu else "CPU/gloo")
+    # Ray Train's fit installs a SIGINT handler that aborts the run and lets the driver carry on (to the next
+    # stage); our interrupt handling (interrupts.py) stops the whole command instead, so it keeps SIGINT
+    trainer._register_sigint_handler = lambda controller: None
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as e:
