@@ -6,9 +6,11 @@ to a wakeup pipe, and a watcher thread ends the command from there, whatever the
 
 1. it silences the console (Ray's and Python's complaints while everything stops), runs the callbacks
    registered with `on_stop` (the driver's hold on its run is released, so the re-run starts at once);
-2. it prints one line — `deim-ray: interrupted at epoch E of stage S; re-run the same command to resume` —,
-   disconnects from Ray (the Ray Train runs and their workers end; a local instance shuts down), each step
-   bounded, and exits with 128 + the signal (130, 143), skipping the interpreter's shutdown hooks.
+2. it prints one line — `deim-ray: interrupted at epoch E of stage S; re-run the same command to resume` —
+   and exits with 128 + the signal (130, 143) at once, skipping the interpreter's shutdown hooks. The Ray
+   Train runs and their workers end with the driver: actors belong to the job of the driver that created them,
+   and a local instance's processes share the driver's fate. (`ray.shutdown` from here would race the main
+   thread's `ray.get` and end the process with status 1.)
 
 Nothing needs undoing: every file the run stores is written whole and the manifest records only complete
 epochs, so it is consistent at any moment and the re-run resumes from its `last`. A second signal skips the
@@ -27,7 +29,7 @@ from contextlib import contextmanager
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STOP_TIMEOUT = 10.0
-"""Seconds each stop step (the callbacks, the Ray disconnect) may take before the process exits anyway."""
+"""Seconds each stop step (reading the position, each callback) may take before the process exits anyway."""
 
 
 class Terminated(KeyboardInterrupt):
@@ -134,11 +136,6 @@ def _bounded(step: Callable[[], None], stop: _Stop) -> None:
     worker.join(STOP_TIMEOUT)
 
 
-def _disconnect_ray() -> None:
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        sys.modules["ray"].shutdown()
-
-
 def _end(stop: _Stop) -> None:
     """Steps 1 and 2 of the module docstring; the first signal's thread does them, a later one only hurries it."""
     if not stop.ending.acquire(blocking=False):
@@ -155,5 +152,4 @@ def _end(stop: _Stop) -> None:
         _bounded(callback, stop)
     at = f" at {where[0]}" if where and where[0] else ""
     os.write(console, f"deim-ray: interrupted{at}; re-run the same command to resume\n".encode())
-    _bounded(_disconnect_ray, stop)  # last: a Ray that fails to shut down cleanly may end the process itself
     os._exit(128 + signum)
