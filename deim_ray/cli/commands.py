@@ -29,8 +29,23 @@ def _check_run_args(args: argparse.Namespace, cfg) -> None:
     check_branch_count(cfg, args.stage2_branches)
 
 
+def interrupted_at(args: argparse.Namespace) -> str:
+    """Where the run of an interrupted `train`/`demo` stood (its manifest, read with the run's storage
+    settings); "" for other commands."""
+    if getattr(args, "stage2_branches", None) is None:
+        return ""
+    from deim_ray.driver.pickup import position
+    from deim_ray.storage import RunStore, open_storage
+
+    cfg = getattr(args, "loaded_config", None)
+    if cfg is None:
+        return "start-up"
+    return position(RunStore(open_storage(args.storage, cfg.storage), args.name).read_manifest())
+
+
 def _run(args: argparse.Namespace, cfg, explicit: frozenset[str] = frozenset()) -> int:
     _check_run_args(args, cfg)
+    args.loaded_config = cfg  # for the line of an interrupt (`interrupted_at`)
     from deim_ray.driver.console import Console
     from deim_ray.driver.run import RunRequest, run_training
     from deim_ray.storage import format_resolution

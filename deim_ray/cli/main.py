@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 import traceback
 
 from deim_ray import __version__
 from deim_ray.cli import commands
+from deim_ray.driver.interrupts import Terminated, sigterm_unwinds, stop_on_signals
 from deim_ray.logs import setup_logging
 from deim_ray.redact import redact
 
@@ -278,11 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help, or a usage error already printed as one line
         return e.code if isinstance(e.code, int) else 0
     setup_logging(quiet=args.quiet, verbose=args.verbose)
+    training = args.command in ("train", "demo", "tune")
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+        with stop_on_signals(lambda: commands.interrupted_at(args)) if training else sigterm_unwinds():
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as e:  # before the handlers were in place, or a command that is not a training one
         print("deim-ray: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     except Exception as e:
         return report_error(e)
 

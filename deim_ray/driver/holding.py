@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from deim_ray.driver.interrupts import on_stop
 from deim_ray.storage import RunStore, StorageError
 from deim_ray.storage.holder import HEARTBEAT_SECONDS
 from deim_ray.storage.manifest import utc_now
@@ -36,11 +37,15 @@ def holding(store: RunStore) -> Iterator[None]:
     beat = threading.Thread(target=_beat, args=(store, stop), name="deim_ray-holder", daemon=True)
     beat.start()
     try:
-        yield
+        with on_stop(lambda: _release(store)):  # an interrupted driver lets go too
+            yield
     finally:
         stop.set()
-        beat.join(timeout=5)
-        try:
-            store.update_manifest(lambda m: setattr(m, "holder", None))
-        except StorageError:
-            pass  # taken over: the holder recorded is the newer driver's
+        _release(store)
+
+
+def _release(store: RunStore) -> None:
+    try:
+        store.update_manifest(lambda m: setattr(m, "holder", None))
+    except StorageError:
+        pass  # taken over: the holder recorded is the newer driver's

@@ -26,6 +26,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from deim_ray.config.errors import ConfigError
 from deim_ray.config.schedule import Stage
 from deim_ray.data.errors import DataError
+from deim_ray.driver.interrupts import keep_handlers
 from deim_ray.engine.optim import ParamGroupError
 from deim_ray.engine.loop import NonFiniteLossError
 from deim_ray.engine.state import CheckpointError
@@ -126,6 +127,7 @@ def ensure_ray(address: str | None = None, resources: dict[str, float] | None = 
     if address and address != "local":  # a cluster (or `ray job submit`): its runtime_env stays in charge
         check_reachable(address, source)
         ray.init(address=address, logging_level=level, log_to_driver=log_to_driver)
+        keep_handlers()  # ray.init replaced the SIGTERM handler with one that prints stack lines
         capture_worker_output(is_verbose())
         return
     dashboard_port = _free_port()
@@ -144,6 +146,7 @@ def ensure_ray(address: str | None = None, resources: dict[str, float] | None = 
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ClusterUnreachable(f"could not start a local Ray instance ({reason}); the machine may be short of "
                                      "CPU or memory: retry, or start one with `ray start --head`") from None
+    keep_handlers()
     capture_worker_output(is_verbose())
 
 
@@ -216,6 +219,9 @@ def run_stage(*, stage: Stage, args: dict, store: RunStore, ray_run: str, worker
     )
     # debug: the epoch lines (and the switch line) already say which stage runs
     log.debug("stage %d: starting %d worker(s) (%s)", int(stage), workers, "GPU/NCCL" if gpu else "CPU/gloo")
+    # Ray Train's fit installs a SIGINT handler that aborts the run and lets the driver carry on (to the next
+    # stage); our interrupt handling (interrupts.py) stops the whole command instead, so it keeps SIGINT
+    trainer._register_sigint_handler = lambda controller: None
     try:
         return trainer.fit()
     except ray.train.TrainingFailedError as e:

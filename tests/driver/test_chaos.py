@@ -169,7 +169,8 @@ def _train(tmp: Path, name: str, data_root: Path, faults: str = "", pause_driver
             stale, proc = proc, None
             with open(log, "a") as out:
                 out.write(f"\n{RERUN}\n")
-            proc = _start(cmd, env, log)  # the same command again, while the old attempt is frozen
+            # the same command again while the old attempt is frozen: its driver still holds the run
+            proc = _start([*cmd, "--take-over"], env, log)
         rc = _wait(proc, RUN_TIMEOUT_S)
         _end_group(proc)
         if stale is not None:
