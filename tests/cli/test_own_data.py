@@ -6,7 +6,6 @@ end-to-end test (tests/driver); here nothing trains."""
 from __future__ import annotations
 
 import json
-import logging
 import re
 from pathlib import Path
 
@@ -24,15 +23,6 @@ from deim_ray.storage import RunState, RunStore, open_storage
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_ARGS = ["--model", "deimv2-atto", "--epochs", "15", "--image-size", "160", "--backbone-weights", "none"]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_log_handler():
-    """`main` binds deim_ray's log handler to the stderr of its first call; capsys replaces that per test."""
-    yield
-    logger = logging.getLogger("deim_ray")
-    for handler in [h for h in logger.handlers if getattr(h, "_deim_ray", False)]:
-        logger.removeHandler(handler)
 
 
 @pytest.fixture(scope="module")
