@@ -128,6 +128,7 @@ def config_and_existing_run(tmp: Path, data: Path) -> tuple[Path, Path]:
     (tmp / "state.pt").write_bytes(b"a committed epoch")
     store.put_artifact("last", tmp / "state.pt", epoch=0, stage=1, ap=0.1)
     (tmp / "state.pt").unlink()
+    store.update_manifest(lambda m: setattr(m, "holder", None))  # its driver has ended: no live holder
     return config, storage
 
 
