@@ -167,8 +167,6 @@ def write_plots(report: EvalReport, folder: str | os.PathLike) -> list[Path]:
 def resolved_per_class(store, manifest) -> list[dict]:
     """The per-class rows of a finished run's final artifact: its epoch's metrics.jsonl line (a run with stage-2
     branches holds the winning branch's lines); empty when that line has none (runs older than per_class)."""
-    from deim_ray.driver.checkpoint_hook import read_metrics
-
     final = manifest.final or {}
-    rows = [r for r in read_metrics(store) if (r["epoch"], r["stage"]) == (final.get("epoch"), final.get("stage"))]
+    rows = [r for r in store.read_metrics() if (r["epoch"], r["stage"]) == (final.get("epoch"), final.get("stage"))]
     return rows[-1].get("per_class", []) if rows else []
