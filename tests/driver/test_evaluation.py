@@ -64,6 +64,8 @@ def _with_extra_category(shapes, tmp_path):
     root = tmp_path / "other"
     (root / "annotations").mkdir(parents=True)
     (root / "val").symlink_to(shapes / "val")
+    (root / "train").symlink_to(shapes / "train")  # a dataset folder has both splits (`detect_layout`)
+    (root / "annotations" / "train.json").write_text((shapes / "annotations" / "train.json").read_text())
     ann = json.loads((shapes / "annotations" / "val.json").read_text())
     ann["categories"].append({"id": 99, "name": "unicorn"})
     (root / "annotations" / "val.json").write_text(json.dumps(ann))
@@ -74,7 +76,7 @@ def _with_extra_category(shapes, tmp_path):
                                   "bad-image-size", "no-data"])
 def test_eval_refuses_what_a_user_can_fix_in_one_line(case, shapes, final_path, tmp_path, capsys):
     model, data = str(final_path), ["--data", str(shapes)]
-    expected = {"no-val-split": "has no val split", "update-without-config": "pass -c CONFIG",
+    expected = {"no-val-split": "is in no dataset layout", "update-without-config": "pass -c CONFIG",
                 "missing-onnx": "does not exist", "unknown-category": "not trained on",
                 "bad-image-size": "not a multiple of 32", "no-data": "one of the arguments --data -c"}[case]
     if case == "no-val-split":
