@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from deim_ray.atomic import atomic_path
+
 
 def _first_missing(folder: Path) -> Path | None:
     """The outermost folder of `folder`'s path that does not exist yet (None when `folder` exists)."""
@@ -42,13 +44,8 @@ def output_dir(folder: str | os.PathLike) -> Iterator[Path]:
 @contextmanager
 def output_file(target: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside `target` (same suffix, so writers that go by it pick the same format) to write
-    the whole file to; moved onto `target` when the block ends, removed (with the folders made for it) if it
-    raises."""
+    the whole file to; moved onto `target` when the block ends (`atomic.atomic_path`), removed (with the folders
+    made for it) if it raises."""
     target = Path(target)
-    with output_dir(target.parent):
-        partial = target.with_name(f".{target.stem}.partial-{os.getpid()}{target.suffix}")
-        try:
-            yield partial
-            os.replace(partial, target)
-        finally:
-            partial.unlink(missing_ok=True)
+    with output_dir(target.parent), atomic_path(target) as partial:
+        yield partial

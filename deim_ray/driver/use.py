@@ -21,7 +21,6 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from deim_ray.atomic import write_atomically
 from deim_ray.config.schema import StorageConfig
 from deim_ray.outputs import output_dir, output_file
 

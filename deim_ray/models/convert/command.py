@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 
-from deim_ray.atomic import write_atomically
 from deim_ray.config.loader import load_config
 from deim_ray.config.yaml_tree import resolve_file
 from deim_ray.models.build import build_from_config, build_model_config
