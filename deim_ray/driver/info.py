@@ -149,10 +149,10 @@ def _stage2_search(cfg: Config) -> str:
 
 
 def describe_loader(cfg: Config, consumed_per_s: float | None, images: int = 32) -> str:
-    """Images/s of one loader process per phase, measured here, and the workers a training worker needs."""
+    """Images/s of one loader process per phase, measured here on `cfg`'s data (local: `describe_checked` made
+    a synthetic set's copy already), and the workers a training worker needs."""
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            rates = phase_rates(_with_local_data(cfg, Path(tmp)), images)
+        rates = phase_rates(cfg, images)
     except (DataError, OSError) as e:
         return f"loader: not measured ({e})"
     lines = [f"loader: one worker process, measured here on {images} images per phase (images per CPU-second)"]
